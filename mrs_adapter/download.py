@@ -1,0 +1,82 @@
+"""Verified downloads into a cache folder: URL + sha256 + atomic rename.
+
+A file is streamed to a temporary name beside its final path, hashed on the way, and renamed
+only when its sha256 matches; an interrupted or corrupt download never leaves a file that
+looks complete. A cached file whose hash is wrong is fetched again.
+"""
+import hashlib
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+
+CACHE_ENV = "MRS_ADAPTER_CACHE"
+
+
+def cache_dir(download_root: str = None) -> str:
+    """`download_root`, else $MRS_ADAPTER_CACHE, else ~/.cache/clip (the folder OpenAI's package uses)."""
+    return os.path.expanduser(download_root or os.environ.get(CACHE_ENV) or "~/.cache/clip")
+
+
+def sha256_of(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _progress(done: int, total: int, start: float, name: str, last: list):
+    """One status line on stderr: a redrawn line on a terminal, every 10% otherwise."""
+    now = time.time()
+    pct = 100.0 * done / total if total else 0.0
+    tty = sys.stderr.isatty()
+    if tty and now - last[0] < 0.2 and done != total:
+        return
+    if not tty and int(pct // 10) == last[1] and done != total:
+        return
+    last[0], last[1] = now, int(pct // 10)
+    speed = done / max(now - start, 1e-6) / 2 ** 20
+    size = f"{done / 2 ** 20:.1f}/{total / 2 ** 20:.1f} MiB ({pct:.0f}%)" if total else f"{done / 2 ** 20:.1f} MiB"
+    start_of_line = "\r" if tty else ""
+    end_of_line = "" if tty and done != total else "\n"
+    sys.stderr.write(f"{start_of_line}downloading {name}: {size} {speed:.1f} MiB/s{end_of_line}")
+    sys.stderr.flush()
+
+
+def download(url: str, sha256: str, root: str = None, filename: str = None, timeout: float = 60.0) -> str:
+    """Path of `url`'s file in the cache, fetched and verified against `sha256` if needed."""
+    root = cache_dir(root)
+    os.makedirs(root, exist_ok=True)
+    target = os.path.join(root, filename or os.path.basename(url))
+    if os.path.isfile(target):
+        if sha256_of(target) == sha256:
+            return target
+        print(f"{target} exists but its sha256 does not match {sha256}; downloading it again", file=sys.stderr)
+
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".part", dir=root)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as src:
+            total, done, start, last = int(src.headers.get("Content-Length") or 0), 0, time.time(), [0.0, -1]
+            while True:
+                block = src.read(1 << 20)
+                if not block:
+                    break
+                out.write(block)
+                h.update(block)
+                done += len(block)
+                _progress(done, total, start, os.path.basename(target), last)
+            out.flush()
+            os.fsync(out.fileno())
+        if total and done != total:
+            raise RuntimeError(f"download of {url} ended after {done} of {total} bytes")
+        if h.hexdigest() != sha256:
+            raise RuntimeError(f"sha256 of the file downloaded from {url} is {h.hexdigest()}, expected "
+                               f"{sha256}; nothing was written to {target}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
