@@ -9,6 +9,7 @@ feature-dropout view (method.md 3): dropout on the embeddings that enter the fir
 a local archive or plain state dict, and returns the model with OpenAI's preprocessing.
 """
 import os
+import warnings
 import zipfile
 from collections import OrderedDict
 from typing import Callable, List, Tuple
@@ -268,7 +269,9 @@ def read_state_dict(path: str) -> dict:
         n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
     try:
         if is_torchscript:
-            return torch.jit.load(path, map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # TorchScript is deprecated, but it is the official format
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(path, map_location="cpu").state_dict()
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path} is neither a TorchScript CLIP archive nor a readable state dict: {e}") from e

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny CLIP models built in the test (no downloads)."""
+"""Shared fixtures: tiny CLIP models built in the test (no downloads), OpenAI-style archives."""
+import warnings
+
 import pytest
 import torch
 
@@ -18,3 +20,35 @@ def make_tiny_clip(seed: int = 0, embed_dim: int = 32, image_resolution: int = 3
 @pytest.fixture
 def tiny_clip() -> CLIP:
     return make_tiny_clip()
+
+
+def as_torchscript_archive(state_dict: dict, path):
+    """Write tensors the way the OpenAI archives hold them: a scripted module whose state_dict has
+    the official nested names, fp16 weights and the three integer entries."""
+    root = torch.nn.Module()
+    for name, tensor in state_dict.items():
+        *parents, leaf = name.split(".")
+        module = root
+        for part in parents:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(tensor.half(), requires_grad=False))
+
+    class Archive(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, child in root.named_children():
+                self.add_module(name, child)
+            for name, tensor in root.named_parameters(recurse=False):
+                self.register_parameter(name, tensor)
+            self.register_buffer("input_resolution", torch.tensor(32))
+            self.register_buffer("context_length", torch.tensor(77))
+            self.register_buffer("vocab_size", torch.tensor(49408))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with warnings.catch_warnings():  # TorchScript is deprecated, but it is the official format
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(Archive()), str(path))

@@ -1,0 +1,117 @@
+"""Verified downloads against a local HTTP server on 127.0.0.1: cache, hash check, atomic write."""
+import hashlib
+import http.server
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from mrs_adapter import clip
+from mrs_adapter.download import download
+from conftest import as_torchscript_archive
+
+
+class Server:
+    """Serves `files` (url path -> bytes); `truncate` paths announce their full length, send half."""
+
+    def __init__(self):
+        self.files, self.truncate, self.hits = {}, set(), []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits.append(self.path)
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if self.path in server.truncate else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+@pytest.fixture
+def served_vit(server, tiny_clip, tmp_path, monkeypatch):
+    """The tiny CLIP as an OpenAI-style archive, served where `load("ViT-B/32")` looks for it."""
+    archive = tmp_path / "archive.pt"
+    as_torchscript_archive(tiny_clip.state_dict(), archive)
+    body = archive.read_bytes()
+    sha = hashlib.sha256(body).hexdigest()
+    server.files[f"/{sha}/ViT-B-32.pt"] = body
+    monkeypatch.setattr(clip, "_URL", server.url + "/{}/{}")
+    monkeypatch.setitem(clip._MODELS, "ViT-B/32", (sha, "ViT-B-32.pt"))
+    return body
+
+
+def test_right_hash_is_cached_and_loaded(server, served_vit, tiny_clip, tmp_path):
+    cache = tmp_path / "cache"
+    model, _ = clip.load("ViT-B/32", download_root=str(cache))
+    assert os.listdir(cache) == ["ViT-B-32.pt"] and (cache / "ViT-B-32.pt").read_bytes() == served_vit
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = tiny_clip.half().float().encode_image(images)
+        assert torch.equal(model.encode_image(images), expected)
+    clip.load("ViT-B/32", download_root=str(cache))
+    assert len(server.hits) == 1  # the second load is served from the cache
+
+
+def test_environment_variable_sets_the_cache(server, served_vit, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRS_ADAPTER_CACHE", str(tmp_path / "env-cache"))
+    clip.load("ViT-B/32")
+    assert os.listdir(tmp_path / "env-cache") == ["ViT-B-32.pt"]
+
+
+def test_wrong_hash_raises_and_leaves_nothing(server, tmp_path):
+    server.files["/model.pt"] = b"not the expected bytes"
+    with pytest.raises(RuntimeError, match="sha256.*expected " + "0" * 64):
+        download(server.url + "/model.pt", "0" * 64, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_download_leaves_nothing(server, tmp_path):
+    body = os.urandom(4096)
+    server.files["/model.pt"] = body
+    server.truncate.add("/model.pt")
+    with pytest.raises(Exception):
+        download(server.url + "/model.pt", hashlib.sha256(body).hexdigest(), str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_cached_file_is_fetched_again(server, served_vit, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "ViT-B-32.pt").write_bytes(served_vit[:1000])  # e.g. a copy cut short by hand
+    clip.load("ViT-B/32", download_root=str(cache))
+    assert len(server.hits) == 1 and (cache / "ViT-B-32.pt").read_bytes() == served_vit
+
+
+def test_official_urls_carry_their_hash():
+    for name in clip.available_models():
+        sha, filename = clip._MODELS[name]
+        assert clip.model_url(name) == f"https://openaipublic.azureedge.net/clip/models/{sha}/{filename}"
+
+
+def test_no_network_at_import():
+    code = ("import socket\n"
+            "def refuse(*a, **k): raise AssertionError('network used at import')\n"
+            "socket.socket.connect = refuse\nsocket.create_connection = refuse\n"
+            "import mrs_adapter.clip, mrs_adapter.tokenizer\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
