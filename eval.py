@@ -1,0 +1,156 @@
+"""Evaluate zero-shot CLIP or a trained checkpoint on remote sensing image-text retrieval (method.md 6).
+
+Every image of the split is embedded once and every caption once; the cosine similarity matrix
+gives the paper's row (i2t R@1/5/10 | t2i R@1/5/10 | mR, Tables II-IV), printed and written
+as JSON. --visualize draws a few text queries with their top-5 images.
+
+    python eval.py --dataset rsitmd --data-root data --zero-shot
+    python eval.py --dataset rsitmd --data-root data --checkpoint runs/rsitmd/best.pt
+"""
+import argparse
+import json
+import os
+import tempfile
+import textwrap
+from typing import Dict, List, Optional
+
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+from mrs_adapter import clip
+from mrs_adapter.adapter import load_trainable_state_dict
+from mrs_adapter.data import DATASETS, Split, eval_loaders, load_splits
+from mrs_adapter.methods import apply_method
+from mrs_adapter.metrics import encode_dataset, recall_at_k
+
+WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overwrite
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--data-root", required=True, help="folder holding the dataset (see README 'Data')")
+    p.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
+    p.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="best.pt written by train.py (trainable tensors + config)")
+    what.add_argument("--zero-shot", action="store_true", help="plain CLIP, the paper's zero-shot rows")
+    p.add_argument("--clip", help="CLIP name (the paper: ViT-B/32) or a local weights file; "
+                                  "default: the checkpoint's, else ViT-B/32")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--batch-size", type=int, default=64, help="eval batch 64, as published (method.md 4)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="metrics file; default: beside the checkpoint, or under results/")
+    p.add_argument("--visualize", metavar="OUT.png", help="draw text queries with their top-5 images")
+    return p.parse_args(argv)
+
+
+def apply_checkpoint(model: torch.nn.Module, ckpt: Dict) -> torch.nn.Module:
+    """Compose the PETL method named in ckpt["config"] into `model` (as train.py built it) and load
+    ckpt["trainable"] strictly: a missing, unexpected or mis-shaped tensor is an error."""
+    config = ckpt.get("config") or {}
+    if "trainable" not in ckpt or "method" not in config:
+        raise ValueError(f"not a train.py checkpoint: expected 'trainable' and config['method'], "
+                         f"found {sorted(ckpt)} and config keys {sorted(config)}")
+    model = apply_method(model, config["method"], config.get("method_options") or {})
+    load_trainable_state_dict(model, ckpt["trainable"])
+    return model
+
+
+def build_model_for_eval(args: argparse.Namespace):
+    """(model in eval mode on args.device, its preprocess) for --zero-shot or --checkpoint."""
+    if args.zero_shot:
+        args.clip = args.clip or "ViT-B/32"
+        return clip.load(args.clip, args.device)
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    args.clip = args.clip or ckpt.get("config", {}).get("clip", "ViT-B/32")
+    model, preprocess = clip.load(args.clip, "cpu")
+    return apply_checkpoint(model, ckpt).to(args.device).eval(), preprocess
+
+
+def default_json_path(args: argparse.Namespace) -> str:
+    if args.checkpoint:
+        return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.dataset}_{args.split}.json")
+    clip_name = args.clip or "ViT-B/32"
+    name = (os.path.splitext(os.path.basename(clip_name))[0] if os.path.isfile(clip_name)
+            else clip_name.replace("/", "-").replace("@", "-"))
+    return os.path.join("results", f"zeroshot_{name}_{args.dataset}_{args.split}.json")
+
+
+def write_json(path: str, payload: Dict):
+    """Atomic write (temp file + os.replace); refuses to replace a file this script did not write."""
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                ours = json.load(f).get("written_by") == WRITTEN_BY
+        except (ValueError, AttributeError, OSError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{path} exists and was not written by eval.py; choose another --json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is meant to be read by others
+    os.replace(tmp, path)
+
+
+def format_row(m: Dict[str, float]) -> str:
+    """The paper's table row: i2t R@1/5/10 | t2i R@1/5/10 | mR."""
+    head = f"{'i2t R@1':>8} {'R@5':>6} {'R@10':>6} | {'t2i R@1':>8} {'R@5':>6} {'R@10':>6} | {'mR':>6}"
+    row = (f"{m['i2t_r1']:8.2f} {m['i2t_r5']:6.2f} {m['i2t_r10']:6.2f} | "
+           f"{m['t2i_r1']:8.2f} {m['t2i_r5']:6.2f} {m['t2i_r10']:6.2f} | {m['mR']:6.2f}")
+    return head + "\n" + row
+
+
+def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k: int = 5, thumb: int = 96):
+    """A PNG: for evenly spaced text queries, the caption and its top-k images; the correct image
+    is framed green, the others grey."""
+    n_cap = sims.shape[1]
+    queries = sorted({round(q * (n_cap - 1) / max(1, n_queries - 1)) for q in range(min(n_queries, n_cap))})
+    pad, text_h = 6, 40
+    row_h = text_h + thumb + 2 * pad
+    canvas = Image.new("RGB", (pad + k * (thumb + pad), row_h * len(queries)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, j in enumerate(queries):
+        y = r * row_h + pad
+        lines = textwrap.wrap(f"{j}: {split.captions[j]}", width=(canvas.width - 2 * pad) // 6)[:3]
+        draw.text((pad, y), "\n".join(lines), fill="black")
+        for c, i in enumerate(sims[:, j].topk(min(k, sims.shape[0])).indices.tolist()):
+            with Image.open(split.image_paths[i]) as image:
+                tile = ImageOps.fit(image.convert("RGB"), (thumb - 6, thumb - 6))
+            framed = ImageOps.expand(tile, border=3, fill="lime" if i == split.txt2img[j] else "grey")
+            canvas.paste(framed, (pad + c * (thumb + pad), y + text_h))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
+    os.close(fd)
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    args = parse_args(argv)
+    model, preprocess = build_model_for_eval(args)
+    split = load_splits(args.dataset, args.data_root, args.layout, args.image_dir)[args.split]
+    image_loader, caption_loader = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)
+    img, txt = encode_dataset(model, image_loader, caption_loader, args.device)  # each image / caption once
+    sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
+    metrics = recall_at_k(sims, torch.tensor(split.txt2img))
+    what = "zero-shot" if args.zero_shot else args.checkpoint
+    print(f"{args.dataset} {split} | CLIP {args.clip} {what}\n{format_row(metrics)}")
+    path = args.json or default_json_path(args)
+    write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics, "dataset": args.dataset, "split": args.split,
+                      "n_images": len(split.image_paths), "n_captions": len(split.captions),
+                      "clip": args.clip, "checkpoint": args.checkpoint, "zero_shot": args.zero_shot})
+    print(f"wrote {path}")
+    if args.visualize:
+        visualize(sims, split, args.visualize)
+        print(f"wrote {args.visualize}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

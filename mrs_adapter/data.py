@@ -1,0 +1,421 @@
+"""Remote sensing image-caption data: readers, the validation split, torch Datasets (method.md 4-5).
+
+Two layouts on disk: "precomp" (RSITMD, RSICD, UCM as released with AMFMN / GaLR: caption and
+file-name lists) and Karpathy-style JSON (Sydney-Captions; other releases of the rest). Both give
+`Split`s (image paths, captions, each caption's image). The published runs validate on 20% of
+the precomp training images (`validation_split`); training items are one per caption, and
+evaluation embeds each image and each caption once. `check_dataset` lists every problem of a
+dataset before training (also `python -m mrs_adapter.data check --dataset D --data-root DIR`).
+"""
+import json
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from .tokenizer import tokenize
+
+_QU = "Qu et al. 2016; download links in https://github.com/201528014227051/RSICD_optimal"
+_PRECOMP = "precomp text files from https://github.com/xiaoyuan1996/GaLR or AMFMN"
+DATASETS = {  # name -> (default layout, where the data comes from)
+    "rsitmd": ("precomp", "https://github.com/xiaoyuan1996/AMFMN (images and precomp annotations)"),
+    "rsicd": ("precomp", f"images from https://github.com/201528014227051/RSICD_optimal; {_PRECOMP}"),
+    "ucm": ("precomp", f"UCM-Captions images ({_QU}); {_PRECOMP}"),
+    "sydney": ("json", f"Sydney-Captions images and dataset.json ({_QU})"),
+    "demo": ("precomp", "generated on the fly by mrs_adapter.demo.make_demo (no download)"),
+}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """One split: image i is `image_paths[i]`; caption j describes image `txt2img[j]`."""
+    name: str
+    image_paths: List[str]
+    captions: List[str]
+    txt2img: List[int]
+
+    def subset(self, name: str, image_indices: Sequence[int]) -> "Split":
+        """The images `image_indices` (in that order) with their captions, re-indexed."""
+        new_index = {old: new for new, old in enumerate(image_indices)}
+        keep = [j for j, i in enumerate(self.txt2img) if i in new_index]
+        return Split(name, [self.image_paths[i] for i in image_indices], [self.captions[j] for j in keep],
+                     [new_index[self.txt2img[j]] for j in keep])
+
+    def __str__(self) -> str:
+        return f"{self.name}: {len(self.image_paths)} images, {len(self.captions)} captions"
+
+
+@dataclass
+class Problem:
+    """A problem found in a dataset; `fatal` ones stop loading, the others are warnings."""
+    fatal: bool
+    file: str
+    line: Optional[int]
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{'error' if self.fatal else 'warning'}: {where}: {self.message}"
+
+
+@dataclass
+class _Listing:  # a split as read from disk, before any image is opened
+    names: List[str]
+    captions: List[str]
+    txt2img: List[int]
+    origins: List[Tuple[str, Optional[int]]]  # (file, line) that names each image
+
+
+def validation_split(n: int, seed: int = 2, train_fraction: float = 0.8) -> Tuple[List[int], List[int]]:
+    """The published rule (method.md 4): shuffle range(n) as `random.seed(2); random.shuffle` does,
+    first int(0.8 n) train, the rest validate. A local Random(2) gives the same permutation as
+    the global seed without touching the global RNG."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    cut = int(train_fraction * n)
+    return idx[:cut], idx[cut:]
+
+
+def locate(dataset: str, data_root: str, layout: Optional[str] = None,
+           image_dir: Optional[str] = None) -> Tuple[str, str, str]:
+    """(layout, text path, image folder). precomp: <root>/<name>_precomp/ and <root>/<name>_images/;
+    json: <root>/dataset_<name>.json (any case) and <root>/<name>_images/."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+    default_layout, source = DATASETS[dataset]
+    layout = layout or default_layout
+    if layout not in ("precomp", "json"):
+        raise ValueError(f"unknown layout {layout!r}; expected 'precomp' or 'json'")
+    image_dir = image_dir or os.path.join(data_root, f"{dataset}_images")
+    if layout == "precomp":
+        text = os.path.join(data_root, f"{dataset}_precomp")
+        expected = f"{text}/{{train,test}}_caps.txt, {{train,test}}_filename.txt"
+        found = os.path.isdir(text)
+    else:
+        wanted = f"dataset_{dataset}.json"
+        names = os.listdir(data_root) if os.path.isdir(data_root) else []
+        text = os.path.join(data_root, next((n for n in names if n.lower() == wanted), wanted))
+        expected, found = text, os.path.isfile(text)
+    for what, path, ok in (("annotations", expected, found), ("images", image_dir, os.path.isdir(image_dir))):
+        if not ok:
+            other = "json" if layout == "precomp" else "precomp"
+            hint = f" (or choose layout='{other}' / --layout {other})" if what == "annotations" else ""
+            raise FileNotFoundError(f"{dataset}: {what} not found. The {layout} layout expects {path}{hint}, "
+                                    f"images in {image_dir} (override with image_dir / --image-dir). "
+                                    f"Data: {source}. See README 'Data'.")
+    return layout, text, image_dir
+
+
+def _read_lines(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file {path} (a precomp folder holds {{train,test}}_caps.txt "
+                                f"and {{train,test}}_filename.txt)")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = f.read().split("\n")  # not splitlines(): it also splits at \x0b, \x1c, \u2028...
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+    if lines[-1] == "":
+        lines.pop()  # the final newline ends the last line, it does not start a new one
+    return [line.rstrip("\r") for line in lines]
+
+
+def _read_precomp(text_dir: str, split: str) -> Tuple[_Listing, List[Problem]]:
+    """`<split>_caps.txt` (one caption a line) and `<split>_filename.txt`, which may hold one
+    name per caption (test_filename.txt: each name repeated, collapsed here) or one name per
+    image with the same number of consecutive captions each (train_filename.txt)."""
+    caps_path, names_path = (os.path.join(text_dir, f"{split}_{f}.txt") for f in ("caps", "filename"))
+    captions, names = _read_lines(caps_path), [n.strip() for n in _read_lines(names_path)]
+    while names and not names[-1]:
+        names.pop()  # a trailing empty line is not an image
+    problems = [Problem(True, names_path, i + 1, "blank file name") for i, n in enumerate(names) if not n]
+    if len(names) == len(captions):  # one name per caption: an image = a run of equal names
+        image_lines, txt2img = [], []
+        for i, name in enumerate(names):
+            if i == 0 or name != names[i - 1]:
+                image_lines.append(i + 1)
+            txt2img.append(len(image_lines) - 1)
+    elif names and len(captions) % len(names) == 0:  # one name per image, k captions each
+        k = len(captions) // len(names)
+        image_lines, txt2img = list(range(1, len(names) + 1)), [j // k for j in range(len(captions))]
+    else:
+        problems.append(Problem(True, names_path, None, f"{len(names)} file names do not fit the {len(captions)} "
+                                f"captions of {caps_path}: expected one name per caption, or one per image "
+                                f"with the same number of captions each (5 in the public datasets)"))
+        return _Listing([], [], [], []), problems
+    image_names = [names[line - 1] for line in image_lines]
+    problems += [Problem(False, caps_path, j + 1, f"blank caption of {image_names[txt2img[j]]} (kept, as in "
+                         f"the published runs)") for j, c in enumerate(captions) if not c.strip()]
+    first = {}
+    for name, line in zip(image_names, image_lines):
+        if name in first:
+            problems.append(Problem(True, names_path, line, f"duplicate image name {name!r} (first at line {first[name]})"))
+        first.setdefault(name, line)
+    counts = np.bincount(txt2img, minlength=len(image_names)) if txt2img else np.zeros(0, int)
+    usual = int(np.bincount(counts).argmax()) if len(counts) else 0
+    problems += [Problem(False, names_path, line, f"{name} has {c} captions, most images have {usual}")
+                 for name, line, c in zip(image_names, image_lines, counts) if c != usual]
+    return _Listing(image_names, captions, txt2img, [(names_path, line) for line in image_lines]), problems
+
+
+def _json_entry(item, first: Dict[str, str]) -> Tuple[str, str, List[str]]:
+    """(filename, split, captions) of one JSON image entry, or a ValueError saying what is wrong."""
+    try:
+        name, split, raws = item["filename"], item["split"], [s["raw"] for s in item["sentences"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"expected filename, split and sentences[].raw ({type(e).__name__}: {e})") from None
+    split = "train" if split == "restval" else split  # Karpathy's name for extra training images
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    if not raws:
+        raise ValueError("no sentences")
+    if name in first:
+        raise ValueError(f"duplicate image name {name!r} (first at {first[name]})")
+    return name, split, raws
+
+
+def _read_json(path: str) -> Tuple[Dict[str, _Listing], List[Problem]]:
+    """Karpathy-style `{"images": [{"filename", "split", "sentences": [{"raw"}]}]}`."""
+    listings, problems, first = {s: _Listing([], [], [], []) for s in SPLITS}, [], {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        return listings, [Problem(True, path, e.lineno, f"not valid JSON: {e.msg}")]
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        return listings, [Problem(True, path, None, 'expected an object {"images": [...]}')]
+    for i, item in enumerate(images):
+        try:
+            name, split, raws = _json_entry(item, first)
+        except ValueError as e:
+            problems.append(Problem(True, path, None, f"images[{i}]: {e}"))
+            continue
+        first[name] = f"images[{i}]"
+        problems += [Problem(False, path, None, f"images[{i}].sentences[{k}]: blank caption of {name}")
+                     for k, raw in enumerate(raws) if not raw.strip()]
+        listing = listings[split]
+        listing.txt2img += [len(listing.names)] * len(raws)
+        listing.names.append(name)
+        listing.captions += raws
+        listing.origins.append((path, None))
+    return listings, problems
+
+
+def _read_listings(layout: str, text: str) -> Tuple[Dict[str, _Listing], List[Problem]]:
+    if layout == "json":
+        return _read_json(text)
+    (train, p_train), (test, p_test) = _read_precomp(text, "train"), _read_precomp(text, "test")
+    return {"train": train, "test": test}, p_train + p_test
+
+
+def _raise_fatal(problems: List[Problem], hint: str):
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        shown = "\n  ".join(str(p) for p in fatal[:10])
+        raise ValueError(f"{len(fatal)} problem(s) in the data, e.g.\n  {shown}\n{hint}")
+
+
+def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
+                image_dir: Optional[str] = None, verbose: bool = True) -> Dict[str, Split]:
+    """{'train', 'val', 'test'} Splits of `dataset` under `data_root` (see `locate` for the tree).
+    precomp: val = 20% of the training images by `validation_split`; json: the file's own splits
+    (and `validation_split` when it has no 'val' images). Missing images raise before training."""
+    if dataset == "demo" and not os.path.isdir(os.path.join(data_root, "demo_precomp")):
+        from .demo import make_demo  # generated once with the default parameters
+        make_demo(data_root)
+    layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
+    listings, problems = _read_listings(layout, text)
+    hint = f"run `python -m mrs_adapter.data check --dataset {dataset} --data-root {data_root}` for every problem"
+    _raise_fatal(problems, hint)
+    splits = {name: Split(name, [os.path.join(image_dir, n) for n in listing.names], listing.captions,
+                          listing.txt2img) for name, listing in listings.items()}
+    note = ""
+    if not splits.get("val") or not splits["val"].image_paths:  # carve val out of the training images
+        pool = splits["train"]
+        note = f"train pool {len(pool.image_paths)} images / {len(pool.captions)} captions -> "
+        train_idx, val_idx = validation_split(len(pool.image_paths))
+        splits["train"], splits["val"] = pool.subset("train", train_idx), pool.subset("val", val_idx)
+    missing = [p for s in splits.values() for p in s.image_paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) missing from {image_dir}, e.g. {missing[:3]}; {hint}")
+    if verbose:
+        blanks = sum("blank caption" in p.message for p in problems)
+        print(f"{dataset} ({layout}, {text}): {note}" + "; ".join(str(splits[s]) for s in SPLITS)
+              + (f"; {blanks} blank captions kept" if blanks else ""))
+    return {s: splits[s] for s in SPLITS}
+
+
+def read_image(path: str, transform: Callable):
+    """`transform(PIL image)`, with errors that name the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return transform(image)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def split_at_to_tensor(preprocess) -> Tuple[Callable, Callable]:
+    """(steps before ToTensor: decode, resize, crop -> PIL; steps after it, applied to a float
+    CHW tensor in [0, 1]). The cache stores the first part's output as uint8."""
+    steps = getattr(preprocess, "transforms", None) or []
+    at = next((i for i, t in enumerate(steps) if isinstance(t, T.ToTensor)), None)
+    if at is None:
+        raise ValueError(f"cache=True needs a torchvision Compose with a ToTensor step (such as "
+                         f"mrs_adapter.clip.transform); got {preprocess!r}")
+    return T.Compose(steps[:at]), T.Compose(steps[at + 1:])
+
+
+def _decode_uint8(path: str, decode: Callable) -> torch.Tensor:
+    array = np.array(read_image(path, decode), dtype=np.uint8, copy=True)  # (H, W[, C])
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W), as ToTensor
+
+
+def cache_images(paths: Sequence[str], decode: Callable, threads: int = 8, name: str = "") -> torch.Tensor:
+    """(N, C, H, W) uint8: every image decoded once, in a thread pool, before any DataLoader
+    worker starts (forked workers then share the one tensor instead of each decoding again)."""
+    start = time.time()
+    first = _decode_uint8(paths[0], decode)
+    cache = torch.empty((len(paths),) + tuple(first.shape), dtype=torch.uint8)
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL releases the GIL while decoding
+        for i, image in enumerate(pool.map(lambda p: _decode_uint8(p, decode), paths)):
+            if image.shape != first.shape:
+                raise ValueError(f"{paths[i]} gives shape {tuple(image.shape)} after resize and crop, "
+                                 f"{paths[0]} gives {tuple(first.shape)}: the preprocess must fix the size")
+            cache[i] = image
+    print(f"cached {len(paths)} {name} images as uint8 {tuple(first.shape)}: "
+          f"{cache.numel() / 2 ** 20:.1f} MiB in {time.time() - start:.1f}s")
+    return cache
+
+
+class ImageDataset(Dataset):
+    """Each image of a split once, preprocessed (for evaluation; also the images of TrainDataset).
+
+    cache=True decodes every image up front (the recipe applies no image augmentation, so the
+    Resize + CenterCrop output never changes) and runs only ToTensor + Normalize per item; the
+    tensors are identical to the uncached path."""
+
+    def __init__(self, split: Split, preprocess: Callable, cache: bool = False, threads: int = 8):
+        self.paths, self.preprocess, self.cache = split.image_paths, preprocess, None
+        if cache:
+            decode, self.finish = split_at_to_tensor(preprocess)
+            self.cache = cache_images(self.paths, decode, threads, split.name)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.cache is None:
+            return read_image(self.paths[i], self.preprocess)
+        return self.finish(self.cache[i].to(torch.get_default_dtype()).div(255))  # exactly ToTensor's scaling
+
+
+class CaptionDataset(Dataset):
+    """Each caption of a split once, as CLIP token ids (context_length,)."""
+
+    def __init__(self, split: Split, context_length: int = 77):
+        self.captions, self.context_length = split.captions, context_length
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return tokenize(self.captions[j], self.context_length)[0]
+
+
+class TrainDataset(Dataset):
+    """One item per caption, with its image (method.md 4): (image, token ids, image index)."""
+
+    def __init__(self, split: Split, preprocess: Callable, context_length: int = 77, cache: bool = False,
+                 threads: int = 8):
+        self.images = ImageDataset(split, preprocess, cache, threads)
+        self.captions = CaptionDataset(split, context_length)
+        self.txt2img = split.txt2img
+
+    def __len__(self) -> int:
+        return len(self.txt2img)
+
+    def __getitem__(self, j: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        i = self.txt2img[j]
+        return self.images[i], self.captions[j], i
+
+
+def eval_loaders(split: Split, preprocess: Callable, context_length: int = 77, batch_size: int = 64,
+                 workers: int = 0, cache: bool = False) -> Tuple[DataLoader, DataLoader]:
+    """(image loader, caption loader) in split order, for `metrics.evaluate`; cache=True pays off
+    when the split is evaluated again and again (validation every epoch)."""
+    return tuple(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+                 for ds in (ImageDataset(split, preprocess, cache), CaptionDataset(split, context_length)))
+
+
+def _check_images(listings: Dict[str, _Listing], image_dir: str, threads: int) -> List[Problem]:
+    """Every listed image must exist and decode; an image listed in two splits is a leak."""
+    seen, problems = {}, []
+    for split, listing in listings.items():
+        for name, origin in zip(listing.names, listing.origins):
+            if name in seen and seen[name][0] != split:
+                problems.append(Problem(False, *origin, f"{name} is in both {seen[name][0]} and {split}"))
+            seen.setdefault(name, (split, origin))
+
+    def check(name: str) -> Optional[str]:
+        try:
+            read_image(os.path.join(image_dir, name), lambda image: None)
+        except (FileNotFoundError, ValueError) as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for (name, (_, origin)), error in zip(seen.items(), pool.map(check, list(seen))):
+            if error:
+                problems.append(Problem(True, *origin, f"{name}: {error}"))
+    return problems
+
+
+def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None, image_dir: Optional[str] = None,
+                  verify_images: bool = True, threads: int = 8) -> List[Problem]:
+    """Every problem of a dataset, each with its file and line: missing folders, caption / file-name
+    count mismatches, blank captions (a warning: RSITMD's 20 are kept, as published), duplicate
+    names, images listed in two splits (warning), missing or unreadable images (verify_images)."""
+    try:
+        layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
+        listings, problems = _read_listings(layout, text)
+    except (FileNotFoundError, ValueError) as e:
+        return [Problem(True, data_root, None, str(e))]
+    if verify_images:
+        problems += _check_images(listings, image_dir, threads)
+    return problems
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m mrs_adapter.data", description=check_dataset.__doc__)
+    parser.add_argument("command", choices=["check"])
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
+    parser.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
+    parser.add_argument("--no-verify-images", action="store_true", help="skip decoding every image")
+    args = parser.parse_args(argv)
+    problems = check_dataset(args.dataset, args.data_root, args.layout, args.image_dir, not args.no_verify_images)
+    for p in problems:
+        print(p)
+    fatal = sum(p.fatal for p in problems)
+    print(f"{args.dataset}: {fatal} error(s), {len(problems) - fatal} warning(s)")
+    return 1 if fatal else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

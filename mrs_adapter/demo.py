@@ -1,0 +1,145 @@
+"""A procedurally generated aerial-scene captioning dataset, for trying the pipeline without downloads.
+
+Each scene has a ground cover (green fields, brown farmland or sandy desert), maybe a river or a
+lake, maybe roads, and zero to four buildings of one colour grouped in one part of the image.
+Five template captions describe it, so a small CLIP can learn to retrieve it. `make_demo`
+writes the "precomp" layout of method.md 5 (`demo_precomp/`, `demo_images/*.tif`), so the
+readers of data.py run on it unchanged. Deterministic given the seed; no image augmentation.
+"""
+import json
+import os
+import random
+import shutil
+import tempfile
+from typing import Dict, List
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+_VERSION = 1  # bump when the generator changes, so old folders are regenerated
+GROUNDS = {"fields": ((70, 140, 60), "green fields"), "farmland": ((150, 115, 70), "brown farmland"),
+           "desert": ((215, 190, 140), "a sandy desert")}
+WATERS = {"none": None, "river": "a river", "lake": "a lake"}
+ROADS = {"none": None, "horizontal": "a road running from east to west",
+         "vertical": "a road running from north to south", "cross": "two roads crossing"}
+COLOURS = {"red": (200, 40, 40), "blue": (50, 80, 210), "white": (245, 245, 245), "black": (25, 25, 25)}
+PLACES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+NUMBERS = ["no", "one", "two", "three", "four"]
+
+
+def sample_scene(rng: random.Random) -> Dict:
+    return {"ground": rng.choice(list(GROUNDS)), "water": rng.choice(list(WATERS)), "road": rng.choice(list(ROADS)),
+            "count": rng.randint(0, 4), "colour": rng.choice(list(COLOURS)), "place": rng.choice(list(PLACES))}
+
+
+def _building_boxes(scene: Dict, size: int, rng: random.Random) -> List[tuple]:
+    """Non-overlapping squares of about size/7 inside the half of the image named by 'place'."""
+    s, half = max(4, size // 7), size // 2
+    x0, y0, x1, y1 = {"left": (0, 0, half, size), "right": (half, 0, size, size),
+                      "top": (0, 0, size, half), "bottom": (0, half, size, size)}[scene["place"]]
+    boxes = []
+    for _ in range(200):  # rejection sampling; four squares always fit in a half
+        if len(boxes) == scene["count"]:
+            break
+        x, y = rng.randint(x0 + 2, x1 - s - 2), rng.randint(y0 + 2, y1 - s - 2)
+        if all(x + s + 2 <= a or a + s + 2 <= x or y + s + 2 <= b or b + s + 2 <= y for a, b, _, _ in boxes):
+            boxes.append((x, y, x + s, y + s))
+    return boxes
+
+
+def render(scene: Dict, size: int, rng: random.Random) -> Image.Image:
+    """An RGB size x size aerial-like image of `scene`: ground texture, water, roads, roofs on top."""
+    base = np.array(GROUNDS[scene["ground"]][0], dtype=np.float32)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 8, (size, size, 1))  # field texture
+    stripes = 10 * np.sin(np.arange(size) * rng.uniform(0.3, 0.8))[None, :, None] if scene["ground"] != "desert" else 0
+    image = Image.fromarray(np.clip(base + noise + stripes, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    water, w = (40, 90, 160), max(3, size // 10)
+    if scene["water"] == "river":  # a meandering band across the image
+        c = rng.uniform(0.3, 0.7) * size
+        points = [(c + 0.15 * size * np.sin(t / size * 6 + rng.random()), t) for t in range(0, size + 8, 8)]
+        if rng.random() < 0.5:
+            points = [(y, x) for x, y in points]
+        draw.line(points, fill=water, width=w)
+    elif scene["water"] == "lake":
+        cx, cy, r = rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size, rng.uniform(0.15, 0.25) * size
+        draw.ellipse((cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r), fill=water)
+    road = (120, 120, 120)
+    if scene["road"] in ("horizontal", "cross"):
+        y = rng.randint(size // 3, 2 * size // 3)
+        draw.rectangle((0, y - w // 2, size, y + w // 2), fill=road)
+    if scene["road"] in ("vertical", "cross"):
+        x = rng.randint(size // 3, 2 * size // 3)
+        draw.rectangle((x - w // 2, 0, x + w // 2, size), fill=road)
+    for box in _building_boxes(scene, size, rng):
+        draw.rectangle(box, fill=COLOURS[scene["colour"]], outline=(60, 60, 60))
+    return image
+
+
+def captions(scene: Dict, rng: random.Random) -> List[str]:
+    """Five captions in different words; each names most of the scene, as human captions do."""
+    n, colour = scene["count"], scene["colour"]
+    noun = "building" if n == 1 else "buildings"
+    bld = f"{NUMBERS[n]} {colour} {noun}" if n else "no buildings"
+    place = f" {PLACES[scene['place']]}" if n else ""
+    ground, water, road = GROUNDS[scene["ground"]][1], WATERS[scene["water"]], ROADS[scene["road"]]
+    extras = [x for x in (water, road) if x]
+    with_extras = f" with {' and '.join(extras)}" if extras else ""
+    out = [f"{bld}{place} in {ground}{with_extras}",
+           f"an aerial view of {ground}{with_extras}, {bld}{place}" if n else f"an aerial view of {ground}{with_extras}",
+           f"there {'is' if n == 1 else 'are'} {bld}{place}" + (f" near {extras[0]}" if extras else "") + f" in {ground}",
+           f"{ground} seen from above" + (f": {', '.join(extras)}" if extras else "") + f" and {bld}",
+           f"{' and '.join(extras)} and {bld}{place}" if extras else f"{ground} with {bld}{place}"]
+    rng.shuffle(out)  # caption order carries no information
+    return out
+
+
+def _params(seed: int, n_train: int, n_test: int, size: int) -> Dict:
+    return {"seed": seed, "n_train": n_train, "n_test": n_test, "size": size, "version": _VERSION}
+
+
+def make_demo(root: str, seed: int = 0, n_train: int = 800, n_test: int = 200, size: int = 64) -> str:
+    """Write `<root>/demo_precomp/` and `<root>/demo_images/` (skipped if already there with the
+    same parameters) and return root. Built in a temporary folder and renamed into place; the
+    parameter file inside demo_precomp is the last thing to appear, so a half-written dataset is
+    rebuilt, never used."""
+    params = _params(seed, n_train, n_test, size)
+    text_dir, image_dir = os.path.join(root, "demo_precomp"), os.path.join(root, "demo_images")
+    marker = os.path.join(text_dir, "demo.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == params:
+                return root
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo-", dir=root)
+    try:
+        _write(tmp, params)
+        for path in (text_dir, image_dir):
+            if os.path.exists(path):
+                shutil.rmtree(path)
+        os.rename(os.path.join(tmp, "demo_images"), image_dir)
+        os.rename(os.path.join(tmp, "demo_precomp"), text_dir)  # holds the marker: renamed last
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _write(tmp: str, params: Dict):
+    rng = random.Random(params["seed"])
+    os.makedirs(os.path.join(tmp, "demo_images"))
+    os.makedirs(os.path.join(tmp, "demo_precomp"))
+    for split, n in (("train", params["n_train"]), ("test", params["n_test"])):
+        names, caps = [], []
+        for i in range(n):
+            scene = sample_scene(rng)
+            name = f"{split}_{i:04d}.tif"
+            render(scene, params["size"], rng).save(os.path.join(tmp, "demo_images", name))
+            names.append(name)
+            caps += captions(scene, rng)
+        # as the public releases: train_filename one line per image, test_filename one per caption
+        listed = names if split == "train" else [name for name in names for _ in range(5)]
+        for kind, lines in (("caps", caps), ("filename", listed)):
+            with open(os.path.join(tmp, "demo_precomp", f"{split}_{kind}.txt"), "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+    with open(os.path.join(tmp, "demo_precomp", "demo.json"), "w") as f:
+        json.dump(params, f)

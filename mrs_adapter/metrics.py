@@ -1,0 +1,133 @@
+"""Retrieval metrics of remote sensing image-text retrieval: R@1/5/10 both ways and mR (method.md 6).
+
+Every test image is embedded once and every caption once; S[i, j] is the cosine similarity of
+image i and caption j. Image->text ranks an image by its best-placed own caption; text->image
+ranks each caption's own image; mR is the mean of the six recalls (the paper's Tables II-IV).
+Ties are resolved pessimistically (see `retrieval_ranks`). Imports only torch and the stdlib,
+so this file can be copied into another project on its own.
+"""
+import math
+from typing import Dict, Iterable, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def retrieval_ranks(sims: torch.Tensor, txt2img: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks (i2t (N_img,), t2i (N_cap,)) of the correct items; 0 = retrieved first.
+
+    sims: (N_img, N_cap) similarities; txt2img: (N_cap,) index of each caption's image. An image
+    may own any number (>= 1) of captions.
+    Tie rule (pessimistic, deterministic, independent of the order of the items): every WRONG
+    item whose score is >= the correct score is ranked before it. So rank = the number of wrong
+    items scoring at least as high as the best correct one, and a constant similarity matrix
+    retrieves nothing at R@1 instead of everything. Ties among an image's own captions do not
+    matter (only the best own caption counts).
+    """
+    if sims.dim() != 2:
+        raise ValueError(f"sims must be (N_img, N_cap), got shape {tuple(sims.shape)}")
+    n_img, n_cap = sims.shape
+    txt2img = torch.as_tensor(txt2img, dtype=torch.long, device=sims.device)
+    if txt2img.shape != (n_cap,):
+        raise ValueError(f"txt2img must have one entry per caption ({n_cap}), got shape {tuple(txt2img.shape)}")
+    if n_cap and (txt2img.min() < 0 or txt2img.max() >= n_img):
+        raise ValueError(f"txt2img holds image indices outside [0, {n_img})")
+    if torch.isnan(sims).any():
+        raise ValueError("sims contains NaN")
+    counts = torch.bincount(txt2img, minlength=n_img)
+    if (counts == 0).any():
+        raise ValueError(f"images without any caption: {torch.nonzero(counts == 0).flatten()[:10].tolist()}")
+    sims = sims.float()
+    own = txt2img[None, :] == torch.arange(n_img, device=sims.device)[:, None]  # (N_img, N_cap)
+
+    # text -> image: the caption's own image against all others (only one correct item)
+    correct = sims[txt2img, torch.arange(n_cap, device=sims.device)]  # (N_cap,)
+    t2i = (sims >= correct[None, :]).sum(0) - 1  # minus the correct image itself
+
+    # image -> text: the best own caption against every caption of other images
+    best = sims.masked_fill(~own, -math.inf).amax(1)  # (N_img,)
+    i2t = ((sims >= best[:, None]) & ~own).sum(1)
+    return i2t, t2i
+
+
+def _median_rank(ranks: torch.Tensor) -> float:
+    # 1-based, as in VSE++: floor of the median 0-based rank (mean of the middle two), plus one
+    return float(math.floor(torch.quantile(ranks.double(), 0.5).item()) + 1)
+
+
+def recall_at_k(sims: torch.Tensor, txt2img: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """R@K in percent both ways, their mean mR, and median ranks.
+
+    sims: (N_img, N_cap); txt2img: (N_cap,) long. Returns `i2t_r{k}` (fraction of IMAGES with an
+    own caption in the top k), `t2i_r{k}` (fraction of CAPTIONS whose image is in the top k),
+    `mR` (mean of all those recalls) and `i2t_medr`, `t2i_medr` (1-based median ranks).
+    """
+    i2t, t2i = retrieval_ranks(sims, txt2img)
+    out = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in ks:
+            out[f"{name}_r{k}"] = 100.0 * (ranks < k).double().mean().item()
+    out["mR"] = sum(out.values()) / len(out)
+    out["i2t_medr"], out["t2i_medr"] = _median_rank(i2t), _median_rank(t2i)
+    return out
+
+
+def chance_recall(txt2img: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """Expected `recall_at_k` (percent) of random, tie-free scores: the floor a model must beat.
+
+    t2i: the own image is equally likely at any of N_img ranks, so R@K = K / N_img. i2t: an image
+    with c of the N_cap captions misses the top K with probability C(N_cap - c, K) / C(N_cap, K).
+    """
+    txt2img = torch.as_tensor(txt2img, dtype=torch.long)
+    counts = torch.bincount(txt2img).tolist()
+    n_img, n_cap = len(counts), len(txt2img)
+    out = {f"i2t_r{k}": 100.0 * sum(1 - math.comb(n_cap - c, k) / math.comb(n_cap, k) for c in counts) / n_img
+           for k in ks}
+    out.update({f"t2i_r{k}": 100.0 * min(k, n_img) / n_img for k in ks})
+    out["mR"] = sum(out.values()) / len(out)
+    return out
+
+
+def _first(batch):
+    # loaders may yield a tensor or a tuple whose first element is the input
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+@torch.no_grad()
+def _encode(encode, loader: Iterable, device: torch.device, amp_dtype) -> torch.Tensor:
+    chunks = []
+    for batch in loader:
+        x = _first(batch).to(device, non_blocking=True)
+        # bf16 autocast on CUDA only; the CPU path stays fp32 (and bit-reproducible)
+        with torch.autocast("cuda", dtype=amp_dtype, enabled=device.type == "cuda" and amp_dtype is not None):
+            chunks.append(F.normalize(encode(x).float(), dim=-1))
+    return torch.cat(chunks)
+
+
+def encode_dataset(model: torch.nn.Module, image_loader: Iterable, caption_loader: Iterable, device,
+                   amp_dtype=torch.bfloat16) -> Tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised fp32 embeddings (N_img, E) and (N_cap, E), each image and caption once.
+
+    `model` has `encode_image` / `encode_text` (CLIP, with or without adapters); it runs in eval
+    mode (dropout off) under no_grad and its previous train/eval mode is restored. `amp_dtype`
+    is the autocast dtype used on CUDA (None: fp32); it is ignored on CPU.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        img = _encode(model.encode_image, image_loader, device, amp_dtype)
+        txt = _encode(model.encode_text, caption_loader, device, amp_dtype)
+    finally:
+        model.train(was_training)
+    return img, txt
+
+
+def evaluate(model: torch.nn.Module, image_loader: Iterable, caption_loader: Iterable, txt2img, device,
+             amp_dtype=torch.bfloat16, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """`recall_at_k` of the cosine similarities of `encode_dataset`'s embeddings (method.md 6)."""
+    img, txt = encode_dataset(model, image_loader, caption_loader, device, amp_dtype)
+    txt2img = torch.as_tensor(txt2img, dtype=torch.long)
+    if len(txt) != len(txt2img):
+        raise ValueError(f"encoded {len(txt)} captions, but txt2img lists {len(txt2img)}")
+    return recall_at_k(img @ txt.t(), txt2img.to(img.device), ks)

@@ -1,0 +1,100 @@
+"""eval.py end to end: zero-shot tiny CLIP on the generated demo dataset, JSON and PNG outputs."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_clip
+from mrs_adapter.adapter import save_trainable
+from mrs_adapter.clip import transform
+from mrs_adapter.data import load_splits, read_image
+from mrs_adapter.demo import make_demo
+from mrs_adapter.methods import apply_method
+from mrs_adapter.metrics import recall_at_k
+from mrs_adapter.tokenizer import tokenize
+
+_spec = importlib.util.spec_from_file_location("eval_script", os.path.join(os.path.dirname(__file__), "..", "eval.py"))
+eval_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(eval_script)
+KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    weights = str(root / "tiny.pt")
+    torch.save(make_tiny_clip().state_dict(), weights)
+    make_demo(str(root / "data"), n_train=10, n_test=12, size=64)
+    return root, weights
+
+
+def test_zero_shot_end_to_end(setup):
+    root, weights = setup
+    out, png = str(root / "out" / "m.json"), str(root / "vis.png")
+    metrics = eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"), "--zero-shot",
+                                "--clip", weights, "--workers", "0", "--batch-size", "5", "--device", "cpu",
+                                "--json", out, "--visualize", png])
+    assert KEYS <= set(metrics)
+    saved = json.load(open(out))
+    assert KEYS <= set(saved["metrics"]) and saved["n_images"] == 12 and saved["n_captions"] == 60
+    assert Image.open(png).format == "PNG" and Image.open(png).size[0] > 100
+
+    want = recall_at_k(direct_sims(make_tiny_clip(), root), torch.tensor(demo_test_split(root).txt2img))
+    assert all(metrics[k] == pytest.approx(want[k]) for k in KEYS)
+
+
+def demo_test_split(root):
+    return load_splits("demo", str(root / "data"), verbose=False)["test"]
+
+
+def direct_sims(model, root):
+    """All images x all captions in one unbatched pass: what eval.py must reproduce."""
+    split = demo_test_split(root)
+    with torch.no_grad():
+        img = model.eval().encode_image(torch.stack([read_image(p, transform(32)) for p in split.image_paths]))
+        txt = model.encode_text(tokenize(split.captions))
+    return torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).t()
+
+
+def test_checkpoint_composes_the_method_and_loads_its_tensors(setup):
+    root, weights = setup
+    model = apply_method(make_tiny_clip(), "mrs_adapter", {}, verbose=False)
+    with torch.no_grad():  # trained-looking adapter weights (the up layers start at zero)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    ckpt = str(root / "run" / "best.pt")
+    save_trainable(model, ckpt, config={"clip": weights, "method": "mrs_adapter", "method_options": {}})
+    metrics = eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"), "--checkpoint", ckpt,
+                                "--workers", "0", "--device", "cpu"])
+    sims = direct_sims(model, root)
+    assert not torch.allclose(sims, direct_sims(make_tiny_clip(), root), atol=1e-3)  # the adapter matters
+    want = recall_at_k(sims, torch.tensor(demo_test_split(root).txt2img))
+    assert all(metrics[k] == pytest.approx(want[k]) for k in KEYS)
+    assert KEYS <= set(json.load(open(root / "run" / "eval_demo_test.json"))["metrics"])  # beside the checkpoint
+
+
+def test_default_json_path_and_no_overwrite_of_foreign_files(setup, tmp_path, monkeypatch):
+    root, weights = setup
+    monkeypatch.chdir(tmp_path)
+    args = ["--dataset", "demo", "--data-root", str(root / "data"), "--zero-shot", "--clip", weights, "--workers", "0",
+            "--device", "cpu"]
+    eval_script.main(args)
+    written = tmp_path / "results" / "zeroshot_tiny_demo_test.json"
+    assert KEYS <= set(json.load(open(written))["metrics"])
+    eval_script.main(args + ["--split", "val"])  # its own file again: replaced without complaint
+    eval_script.main(args)
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": 1}')
+    with pytest.raises(FileExistsError, match="notes.json"):
+        eval_script.main(args + ["--json", str(foreign)])
+    assert foreign.read_text() == '{"mine": 1}'
+
+
+def test_missing_checkpoint_is_named(setup):
+    root, _ = setup
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"), "--checkpoint", "nope.pt"])
