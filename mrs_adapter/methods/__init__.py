@@ -1,28 +1,75 @@
-"""The parameter-efficient transfer methods benchmarked by the paper (Sec. IV, Tables II-IV).
+"""The parameter-efficient transfer methods benchmarked by the paper (Sec. IV, Tables II-IV; method.md 7).
 
-Each method is one file exposing `apply(model, **options) -> model`: it freezes what the method
-keeps frozen, composes its trainable modules into the CLIP model, and prints the trainable count.
-`METHODS` maps the `--method` names of train.py / eval.py to those files.
+Each method is one file exposing `apply(model, **options) -> model`: it freezes CLIP first, then
+composes its trainable modules in at build time (wrapper modules holding the frozen ones), and
+prints nothing. `METHODS` maps the `--method` names of train.py / eval.py to those files.
+A method's configuration is its module-level UPPERCASE constants (also the defaults of its
+`apply`); `method_config` returns them for tables, `default_lr` its Adam learning rate.
+Every method trains through `model.encode_image/encode_text/encode_*_views`, with the same loss
+and the same checkpoint format (`save_trainable`: the tensors with requires_grad).
 """
 import importlib
+from types import ModuleType
 from typing import Dict
 
 from torch import nn
 
 from ..adapter import print_trainable_parameters
 
-METHODS = {
+METHODS = {  # --method name -> file in this folder
     "zero_shot": "zero_shot",
+    "full": "full",
+    "linear_probe": "linear_probe",
+    "coop": "coop",
+    "vpt": "vpt",
+    "vl_prompt": "vl_prompt",
+    "adapter": "houlsby",
+    "clip_adapter": "clip_adapter",
+    "convpass": "convpass",
+    "adaptformer": "adaptformer",
+    "cross_modal_adapter": "cross_modal_adapter",
+    "uniadapter": "uniadapter",
     "mrs_adapter": "mrs_adapter",
+    "lora": "lora",
 }
+ADAPTER_LR = 2e-4  # the paper's Adam learning rate (method.md 4), for every method that sets no LR
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """requires_grad=False on every parameter (CLIP's projections and logit_scale included)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def method_module(name: str) -> ModuleType:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return importlib.import_module(f"{__name__}.{METHODS[name]}")
+
+
+def default_lr(name: str) -> float:
+    """The method file's `LR` if it defines one (e.g. `full`), else the paper's 2e-4."""
+    return getattr(method_module(name), "LR", ADAPTER_LR)
+
+
+def method_config(name: str) -> Dict:
+    """{constant name in lower case: value} of the method file's configuration, plus its "lr"."""
+    plain = (int, float, str, bool, tuple, type(None))
+    config = {k.lower(): v for k, v in vars(method_module(name)).items()
+              if k.isupper() and k != "LR" and isinstance(v, plain)}
+    return {**config, "lr": default_lr(name)}
 
 
 def apply_method(model: nn.Module, name: str, options: Dict = None, verbose: bool = True) -> nn.Module:
-    """Compose method `name` into `model` (in place) with its `options`; returns the model."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
-    module = importlib.import_module(f"{__name__}.{METHODS[name]}")
-    model = module.apply(model, **(options or {}))
+    """Compose method `name` into `model` with its `options`; returns the model to use from now on.
+
+    Most methods change `model` in place and return it; `linear_probe` and `clip_adapter` return a
+    wrapper holding it (their heads sit after CLIP's projections, see heads.py).
+    """
+    training = model.training
+    model = method_module(name).apply(model, **(options or {}))
+    model.train(training)  # new modules start in train mode; give them the model's mode (dropout off in eval)
     if verbose:
         print(f"method {name}: ", end="")
         print_trainable_parameters(model)

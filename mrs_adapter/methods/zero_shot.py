@@ -1,8 +1,8 @@
 """Zero-shot CLIP: every weight frozen, nothing trained (the first row of the paper's tables)."""
 from torch import nn
 
+from . import freeze
+
 
 def apply(model: nn.Module) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return freeze(model)

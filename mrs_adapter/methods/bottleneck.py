@@ -1,0 +1,22 @@
+"""The bottleneck adapter module (Houlsby et al., ICML 2019) that adapter.py-style methods place in CLIP blocks.
+
+`up(dropout(relu(down(x))))`: (B, L, D) -> (B, L, D). Down: PyTorch's default Linear weights and
+a zero bias; up: all zero, so the module outputs exactly 0 until the first step and a block that
+adds it starts as the frozen block. Used by houlsby.py and adaptformer.py; not a method itself.
+"""
+import torch
+from torch import nn
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, width: int, bottleneck: int, dropout: float = 0.0):
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(torch.relu(self.down(x))))  # (B, L, D) -> (B, L, r) -> (B, L, D)

@@ -1,0 +1,45 @@
+"""CLIP-Adapter (Gao et al., IJCV 2023) on both towers' output embeddings, CLIP frozen (paper: 0.52M).
+
+Configuration: per tower `e' = (1 - RATIO) e + RATIO * relu(W_up relu(W_down e))`, W_down:
+E -> E / REDUCTION, W_up: back to E, no biases (as CLIP-Adapter), RATIO = 0.2 (the residual ratio
+CLIP-Adapter uses for ViT features), REDUCTION = 2 (512 -> 256 -> 512 on ViT-B/32):
+2 x 2 x 512 x 256 = 524,288 trainable parameters.
+Init: PyTorch's default Linear init. The adapter ends in a ReLU, whose gradient at 0 is 0, so a
+zero-initialised W_up would never train: this method does NOT start at zero-shot CLIP (step 0
+already mixes 20% adapter output into each embedding).
+The heads sit after CLIP's projections, so `apply` returns a `CLIPWithHeads` wrapper (heads.py).
+"""
+import torch
+from torch import nn
+
+from . import freeze
+from .heads import CLIPWithHeads, embed_dim
+
+REDUCTION = 2  # bottleneck = E / REDUCTION
+RATIO = 0.2  # weight of the adapter's output in the residual mix
+PLACEMENT = "after each tower's projection (on the output embeddings)"
+INIT = "PyTorch default Linear (does not start at zero-shot)"
+
+
+class CLIPAdapter(nn.Module):
+    """e -> (1 - ratio) e + ratio * relu(up(relu(down(e)))): (B, E) -> (B, E)."""
+
+    def __init__(self, width: int, reduction: int = REDUCTION, ratio: float = RATIO):
+        super().__init__()
+        self.down = nn.Linear(width, width // reduction, bias=False)
+        self.up = nn.Linear(width // reduction, width, bias=False)
+        self.ratio = ratio
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        adapted = torch.relu(self.up(torch.relu(self.down(e))))
+        return (1 - self.ratio) * e + self.ratio * adapted
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}"
+
+
+def apply(model: nn.Module, reduction: int = REDUCTION, ratio: float = RATIO) -> nn.Module:
+    freeze(model)
+    width = embed_dim(model)
+    adapted = CLIPWithHeads(model, CLIPAdapter(width, reduction, ratio), CLIPAdapter(width, reduction, ratio))
+    return adapted.to(model.logit_scale.device)

@@ -1,0 +1,313 @@
+"""The PETL methods of the paper's benchmark (method.md 7), composed into CLIP by mrs_adapter.methods.
+
+Trainable counts on ViT-B/32 shapes (built on the meta device: shapes without memory, so one
+deep copy per method is instant); everything else on tiny CLIPs (conftest.make_tiny_clip).
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_clip
+from mrs_adapter.adapter import count_parameters, load_trainable, save_trainable
+from mrs_adapter.clip import CLIP
+from mrs_adapter.loss import hmmc_loss
+from mrs_adapter.methods import (ADAPTER_LR, METHODS, apply_method, default_lr, method_config, method_module)
+from mrs_adapter.methods.convpass import Convpass
+from mrs_adapter.methods.lora import LoRABlock
+from mrs_adapter.methods.prompts import PromptedBlock, add_prompts
+
+SOT, EOT = 49406, 49407
+# name: (the paper's trainable count on ViT-B/32 (method.md 7; None: not in the paper), ours exactly)
+COUNTS = {
+    "zero_shot": (0, 0),
+    "full": (151_000_000, 151_277_313),
+    "linear_probe": (1_050_000, 1_050_624),
+    "coop": (100_000, 98_304),
+    "vpt": (460_000, 460_800),
+    "vl_prompt": (470_000, 468_992),
+    "adapter": (170_000, 153_696),
+    "clip_adapter": (520_000, 524_288),
+    "convpass": (140_000, 140_736),
+    "adaptformer": (170_000, 169_080),
+    "cross_modal_adapter": (160_000, 169_440),
+    "uniadapter": (550_000, 571_656),
+    "mrs_adapter": (160_000, 161_088),
+    "lora": (None, 245_760),
+}
+# Methods whose design cannot start at zero-shot CLIP: extra tokens change attention (prompts);
+# CLIP-Adapter's final ReLU would never train from a zero up layer.
+NOT_AT_ZERO_SHOT = {"coop", "vpt", "vl_prompt", "clip_adapter"}
+TEXT_ONLY, VISION_ONLY = {"coop"}, {"vpt"}
+ADDS_MODULES = sorted(set(METHODS) - {"zero_shot", "full"})
+TOUCHES_TEXT = sorted(set(ADDS_MODULES) - VISION_ONLY)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread: OpenMP's overhead outweighs ~1 ms matrix products,
+    many times over on a busy machine. Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vit_b32():
+    """CLIP with ViT-B/32 shapes on the meta device (no memory, no values: for counting only)."""
+    with torch.device("meta"):
+        return CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                    context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                    transformer_layers=12)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Tiny CLIP (text 96 wide, vision 128, 2 layers each); tests deep-copy it and never change it."""
+    return make_tiny_clip(0)
+
+
+def with_method(tiny, name, seed=0):
+    """(a deep copy of `tiny` with method `name` composed in, ids of the copy's original CLIP tensors)."""
+    model = copy.deepcopy(tiny)
+    original = {id(p) for p in model.parameters()}
+    torch.manual_seed(seed)
+    return apply_method(model, name, verbose=False), original
+
+
+def randomize_new(model, original, seed=1, std=0.1):
+    """Random values in every tensor the method added, so that its modules change the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in original:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tokens(B, eot_at, seed=0):
+    """(B, 77) ids: start token, random words, end-of-text (the largest id) at `eot_at`, zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(B, 77, dtype=torch.long)
+    t[:, 0], t[:, eot_at] = SOT, EOT
+    t[:, 1:eot_at] = torch.randint(1, SOT, (B, eot_at - 1), generator=g)
+    return t
+
+
+def images(B, seed=0):
+    return torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def encode(model, img, txt):
+    return model.encode_image(img), model.encode_text(txt)
+
+
+# ---- registry ----
+
+def test_every_method_is_registered_and_configured():
+    assert set(METHODS) == set(COUNTS)
+    for name in METHODS:
+        config = method_config(name)
+        assert config["lr"] == default_lr(name)
+        assert all(isinstance(k, str) and k == k.lower() for k in config)
+    assert method_config("adaptformer") == {"bottleneck": 5, "scale": 0.1, "dropout": 0.1, "lr": ADAPTER_LR,
+                                            "placement": method_module("adaptformer").PLACEMENT,
+                                            "init": method_module("adaptformer").INIT}
+    assert method_config("vpt")["length"] == 50 and method_config("coop")["length"] == 16
+
+
+def test_default_lr_is_the_papers_except_where_a_method_sets_its_own():
+    assert ADAPTER_LR == 2e-4
+    assert all(default_lr(n) == 2e-4 for n in METHODS if n != "full")
+    assert default_lr("full") == method_module("full").LR < 2e-4
+
+
+def test_apply_method_prints_the_count_and_rejects_unknown_names(tiny, capsys):
+    model = apply_method(copy.deepcopy(tiny), "adaptformer", verbose=True)
+    trainable, total = count_parameters(model)
+    assert f"trainable params: {trainable:,d} || all params: {total:,d}" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        apply_method(copy.deepcopy(tiny), "nope")
+
+
+# ---- ViT-B/32 counts: the paper's budget, and nothing of CLIP trainable ----
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_trainable_count_on_vit_b32_matches_the_paper_and_clip_stays_frozen(name, vit_b32):
+    model = copy.deepcopy(vit_b32)
+    original = {id(p) for p in model.parameters()}
+    model = apply_method(model, name, verbose=False)
+    paper, ours = COUNTS[name]
+    trainable, total = count_parameters(model)
+    assert trainable == ours
+    if paper is not None:
+        assert abs(trainable - paper) <= 0.15 * paper, f"{name}: {trainable:,d} vs the paper's {paper:,d}"
+    added = []
+    for n, p in model.named_parameters():
+        if id(p) in original:
+            assert p.requires_grad == (name == "full"), n
+        else:
+            assert p.requires_grad, n
+            added.append(n)
+    assert bool(added) == (name in ADDS_MODULES)
+    assert total - trainable == (0 if name == "full" else 151_277_313)  # CLIP ViT-B/32 (method.md 1)
+
+
+# ---- behaviour on tiny models ----
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_apply_is_silent_and_starts_at_zero_shot_where_the_design_allows(name, tiny, capsys):
+    model = method_module(name).apply(copy.deepcopy(tiny))
+    assert capsys.readouterr().out == ""
+    img, txt = images(3), tokens(3, 9)
+    ours, plain = encode(model, img, txt), encode(tiny, img, txt)
+    same = [torch.equal(a, b) for a, b in zip(ours, plain)]
+    if name in NOT_AT_ZERO_SHOT:
+        assert not all(same), f"{name} is listed as not starting at zero-shot but does"
+    else:
+        assert all(same), f"{name} should start exactly at zero-shot CLIP"
+
+
+@pytest.mark.parametrize("name", ADDS_MODULES)
+def test_method_changes_the_towers_it_adapts_and_only_those(name, tiny):
+    model, original = with_method(tiny, name)
+    randomize_new(model, original)
+    img, txt = images(3), tokens(3, 9)
+    (v, t), (v0, t0) = encode(model, img, txt), encode(tiny, img, txt)
+    assert torch.equal(v, v0) == (name in TEXT_ONLY)
+    assert torch.equal(t, t0) == (name in VISION_ONLY)
+
+
+@pytest.mark.parametrize("name", TOUCHES_TEXT)
+def test_causal_mask_holds_through_the_method(name, tiny):
+    """With the end-of-text token at 6, changing tokens after it leaves the pooled text embedding
+    bit-identical; changing one before it does not (so the test can fail)."""
+    model, original = with_method(tiny, name)
+    randomize_new(model, original)
+    eot = 6
+    txt = tokens(1, eot).repeat(3, 1)
+    txt[1, eot + 1], txt[1, eot + 4] = 1234, 4321  # after EOT: right after it (a width-3 conv's reach) and later
+    txt[2, 3] = 1234 if txt[2, 3] != 1234 else 4321  # before EOT
+    with torch.no_grad():
+        t = model.encode_text(txt)
+    assert torch.equal(t[0], t[1]), "a token after the end-of-text token reached its embedding"
+    assert not torch.equal(t[0], t[2])
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(METHODS) if n != "zero_shot"])
+def test_adam_steps_on_hmmc_change_the_methods_tensors_and_nothing_else(name, tiny):
+    model, original = with_method(tiny, name)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    img, txt = images(4, seed=2), tokens(4, 9, seed=2)
+    pushed = set()  # trainable tensors that received a non-zero gradient
+    for _ in range(2):  # two steps: zero-initialised up layers give their down layers a gradient from step 2
+        (v, v_aug), (t, t_aug) = model.encode_image_views(img, 0.2), model.encode_text_views(txt, 0.2)
+        loss = hmmc_loss(v, t, v_aug, t_aug)
+        assert loss.item() > 0
+        optimizer.zero_grad()
+        loss.backward()
+        pushed |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        optimizer.step()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None and torch.equal(p, before[n]), f"frozen {n} changed"
+        elif not n.endswith("logit_scale"):  # HMMC never reads logit_scale (trainable only in `full`)
+            assert p.grad is not None, f"trainable {n} is not connected to the loss"
+            # A tensor stays put only if its gradient was exactly 0 all along: a bottleneck whose
+            # ReLU units are all off for the tokens that reach the loss (e.g. [CLS] in the last block).
+            assert (not torch.equal(p, before[n])) == (n in pushed), n
+    changed = [n for n in pushed if not torch.equal(model.get_parameter(n), before[n])]
+    assert len(changed) >= 0.75 * len(trainable), f"only {len(changed)} of {len(trainable)} trainable tensors moved"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_checkpoint_round_trip_reproduces_the_outputs(name, tiny, tmp_path):
+    model, original = with_method(tiny, name)
+    randomize_new(model, original)
+    model.eval()
+    path = tmp_path / "trainable.pt"
+    save_trainable(model, str(path), config={"method": name})
+    # `full` keeps every tensor, so a CLIP with other weights must come back identical; the others
+    # load into the same frozen CLIP with a freshly initialised method.
+    other = make_tiny_clip(1) if name == "full" else tiny
+    restored, _ = with_method(other, name, seed=5)
+    img, txt = images(3), tokens(3, 9)
+    expected = encode(model, img, txt)
+    if name != "zero_shot":
+        assert not all(torch.equal(a, b) for a, b in zip(encode(restored, img, txt), expected))
+    assert load_trainable(restored, str(path)) == {"config": {"method": name}}
+    assert all(torch.equal(a, b) for a, b in zip(encode(restored.eval(), img, txt), expected))
+    held = torch.load(path, weights_only=True)["trainable"]
+    if name == "full":
+        assert len(held) == len(list(tiny.parameters()))
+
+
+# ---- the mechanisms, against references ----
+
+@pytest.mark.parametrize("tower", ["text", "vision"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prompts_sit_after_token_0_and_leave_the_sequence_as_it_came(tower, depth, tiny):
+    """Prompted transformer == the plain blocks run on [token 0, prompts_l, rest] (prompts replaced
+    at each prompted layer), with the prompt positions dropped at the end."""
+    model = copy.deepcopy(tiny)
+    transformer = model.transformer if tower == "text" else model.visual.transformer
+    plain = list((tiny.transformer if tower == "text" else tiny.visual.transformer).resblocks)
+    n = 3
+    add_prompts(transformer, n, depth, lambda t: torch.nn.init.normal_(t, std=0.5))
+    prompts = [b.prompts for b in transformer.resblocks if isinstance(b, PromptedBlock) and b.prompts is not None]
+    assert len(prompts) == depth
+    x = torch.randn(2, 77 if tower == "text" else 17, transformer.width)
+    with torch.no_grad():
+        ours = transformer(x)
+        ref = torch.cat([x[:, :1], prompts[0].expand(2, -1, -1), x[:, 1:]], dim=1)
+        for i, block in enumerate(plain):
+            if 0 < i < depth:
+                ref = torch.cat([ref[:, :1], prompts[i].expand(2, -1, -1), ref[:, 1 + n:]], dim=1)
+            ref = block(ref)
+        ref = torch.cat([ref[:, :1], ref[:, 1 + n:]], dim=1)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_lora_block_equals_the_block_with_merged_weights(tiny):
+    torch.manual_seed(0)
+    block = copy.deepcopy(tiny.transformer.resblocks[0])  # causal text block
+    lora = LoRABlock(copy.deepcopy(block), rank=4, alpha=8.0)
+    for module in (lora.lora_q, lora.lora_v):
+        torch.nn.init.normal_(module.B.weight, std=0.1)
+    D = block.attn.out_proj.in_features
+    with torch.no_grad():
+        block.attn.in_proj_weight[:D] += lora.lora_q.scale * lora.lora_q.B.weight @ lora.lora_q.A.weight
+        block.attn.in_proj_weight[2 * D:] += lora.lora_v.scale * lora.lora_v.B.weight @ lora.lora_v.A.weight
+        x = torch.randn(2, 77, D)
+        torch.testing.assert_close(lora(x), block(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(lora(x), tiny.transformer.resblocks[0](x), atol=1e-3)
+
+
+def test_convpass_mixes_grid_neighbours_in_images_and_only_earlier_tokens_in_text():
+    torch.manual_seed(0)
+    image, text = Convpass(16, 4, image=True), Convpass(16, 4, image=False)
+    for module in (image, text):
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    image.eval(), text.eval()
+    # image: [CLS] + a 4x4 grid; patch (1, 1) reaches its 3x3 neighbourhood and nothing else ([CLS] included)
+    x = torch.randn(1, 17, 16)
+    y = x.clone()
+    y[0, 1 + 1 * 4 + 1] += 1.0
+    changed = (image(x) - image(y)).abs().sum(-1)[0] > 0
+    grid = math.isqrt(16)
+    expected = [False] + [abs(r - 1) <= 1 and abs(c - 1) <= 1 for r in range(grid) for c in range(grid)]
+    assert changed.tolist() == expected
+    # text: token 5 reaches tokens 5, 6, 7 (a causal width-3 conv) and no earlier one
+    x = torch.randn(1, 12, 16)
+    y = x.clone()
+    y[0, 5] += 1.0
+    changed = (text(x) - text(y)).abs().sum(-1)[0] > 0
+    assert changed.tolist() == [5 <= i <= 7 for i in range(12)]
