@@ -10,7 +10,6 @@ as JSON. --visualize draws a few text queries with their top-5 images.
 import argparse
 import json
 import os
-import tempfile
 import textwrap
 from typing import Dict, List, Optional
 
@@ -20,8 +19,9 @@ from PIL import Image, ImageDraw, ImageOps
 from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable_state_dict
 from mrs_adapter.data import DATASETS, Split, eval_loaders, load_splits
-from mrs_adapter.methods import apply_method
+from mrs_adapter.methods import METHODS, apply_method
 from mrs_adapter.metrics import encode_dataset, recall_at_k
+from mrs_adapter.runfiles import atomic_write
 
 WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overwrite
 
@@ -29,7 +29,7 @@ WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overw
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    p.add_argument("--data-root", required=True, help="folder holding the dataset (see README 'Data')")
+    p.add_argument("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
     p.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
     p.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
     what = p.add_mutually_exclusive_group(required=True)
@@ -37,6 +37,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     what.add_argument("--zero-shot", action="store_true", help="plain CLIP, the paper's zero-shot rows")
     p.add_argument("--clip", help="CLIP name (the paper: ViT-B/32) or a local weights file; "
                                   "default: the checkpoint's, else ViT-B/32")
+    p.add_argument("--method", choices=sorted(METHODS), help="optional check: the checkpoint's method must be this "
+                                                         "(--zero-shot is --method zero_shot)")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--batch-size", type=int, default=64, help="eval batch 64, as published (method.md 4)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
@@ -46,13 +48,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def apply_checkpoint(model: torch.nn.Module, ckpt: Dict) -> torch.nn.Module:
+def apply_checkpoint(model: torch.nn.Module, ckpt: Dict, method: Optional[str] = None) -> torch.nn.Module:
     """Compose the PETL method named in ckpt["config"] into `model` (as train.py built it) and load
     ckpt["trainable"] strictly: a missing, unexpected or mis-shaped tensor is an error."""
     config = ckpt.get("config") or {}
     if "trainable" not in ckpt or "method" not in config:
         raise ValueError(f"not a train.py checkpoint: expected 'trainable' and config['method'], "
                          f"found {sorted(ckpt)} and config keys {sorted(config)}")
+    if method is not None and method != config["method"]:
+        raise ValueError(f"--method {method} given, but the checkpoint was trained with {config['method']}")
     model = apply_method(model, config["method"], config.get("method_options") or {})
     load_trainable_state_dict(model, ckpt["trainable"])
     return model
@@ -60,7 +64,7 @@ def apply_checkpoint(model: torch.nn.Module, ckpt: Dict) -> torch.nn.Module:
 
 def build_model_for_eval(args: argparse.Namespace):
     """(model in eval mode on args.device, its preprocess) for --zero-shot or --checkpoint."""
-    if args.zero_shot:
+    if args.zero_shot or args.method == "zero_shot":
         args.clip = args.clip or "ViT-B/32"
         return clip.load(args.clip, args.device)
     if not os.path.isfile(args.checkpoint):
@@ -68,7 +72,7 @@ def build_model_for_eval(args: argparse.Namespace):
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     args.clip = args.clip or ckpt.get("config", {}).get("clip", "ViT-B/32")
     model, preprocess = clip.load(args.clip, "cpu")
-    return apply_checkpoint(model, ckpt).to(args.device).eval(), preprocess
+    return apply_checkpoint(model, ckpt, args.method).to(args.device).eval(), preprocess
 
 
 def default_json_path(args: argparse.Namespace) -> str:
@@ -90,12 +94,7 @@ def write_json(path: str, payload: Dict):
             ours = False
         if not ours:
             raise FileExistsError(f"{path} exists and was not written by eval.py; choose another --json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is meant to be read by others
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(payload, f, indent=2))
 
 
 def format_row(m: Dict[str, float]) -> str:
@@ -124,17 +123,13 @@ def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k
                 tile = ImageOps.fit(image.convert("RGB"), (thumb - 6, thumb - 6))
             framed = ImageOps.expand(tile, border=3, fill="lime" if i == split.txt2img[j] else "grey")
             canvas.paste(framed, (pad + c * (thumb + pad), y + text_h))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
-    os.close(fd)
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"), mode="wb")
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
+    split = load_splits(args.dataset, args.data_root, args.layout, args.image_dir)[args.split]  # data errors first
     model, preprocess = build_model_for_eval(args)
-    split = load_splits(args.dataset, args.data_root, args.layout, args.image_dir)[args.split]
     image_loader, caption_loader = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)
     img, txt = encode_dataset(model, image_loader, caption_loader, args.device)  # each image / caption once
     sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
@@ -153,4 +148,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"error: {e}")

@@ -192,6 +192,9 @@ def save_trainable(model: nn.Module, path: str, **extra) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"trainable": trainable_state_dict(model), **extra}, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.remove(tmp)

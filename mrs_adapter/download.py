@@ -7,9 +7,10 @@ looks complete. A cached file whose hash is wrong is fetched again.
 import hashlib
 import os
 import sys
-import tempfile
 import time
 import urllib.request
+
+from .runfiles import atomic_write
 
 CACHE_ENV = "MRS_ADAPTER_CACHE"
 
@@ -55,28 +56,20 @@ def download(url: str, sha256: str, root: str = None, filename: str = None, time
             return target
         print(f"{target} exists but its sha256 does not match {sha256}; downloading it again", file=sys.stderr)
 
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".part", dir=root)
-    try:
+    def fetch(out):  # streamed into atomic_write's temporary file, which is renamed only if we return
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as src:
+        with urllib.request.urlopen(url, timeout=timeout) as src:
             total, done, start, last = int(src.headers.get("Content-Length") or 0), 0, time.time(), [0.0, -1]
-            while True:
-                block = src.read(1 << 20)
-                if not block:
-                    break
+            for block in iter(lambda: src.read(1 << 20), b""):
                 out.write(block)
                 h.update(block)
                 done += len(block)
                 _progress(done, total, start, os.path.basename(target), last)
-            out.flush()
-            os.fsync(out.fileno())
         if total and done != total:
             raise RuntimeError(f"download of {url} ended after {done} of {total} bytes")
         if h.hexdigest() != sha256:
             raise RuntimeError(f"sha256 of the file downloaded from {url} is {h.hexdigest()}, expected "
                                f"{sha256}; nothing was written to {target}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(target, fetch, mode="wb")
     return target

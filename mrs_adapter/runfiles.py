@@ -15,6 +15,12 @@ from typing import Callable, List
 RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt", "results.json")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable, mode: str = "w"):
     """Call `write(file)` on a temporary file beside `path`, then rename it to `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -25,6 +31,7 @@ def atomic_write(path: str, write: Callable, mode: str = "w"):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.remove(tmp)
@@ -76,7 +83,7 @@ def environment() -> dict:
     import PIL
     import torch
     import torchvision
-    env = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+    env = {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
            "numpy": numpy.__version__, "pillow": PIL.__version__, "cuda": torch.version.cuda,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
     try:
