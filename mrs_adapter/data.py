@@ -231,7 +231,7 @@ def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
     precomp: val = 20% of the training images by `validation_split`; json: the file's own splits
     (and `validation_split` when it has no 'val' images). Missing images raise before training."""
     if dataset == "demo" and not os.path.isdir(os.path.join(data_root, "demo_precomp")):
-        from .demo import make_demo  # generated once with the default parameters
+        from .demo import make_demo  # generated once with the default parameters, then reused
         make_demo(data_root)
     layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
     listings, problems = _read_listings(layout, text)

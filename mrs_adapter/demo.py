@@ -98,7 +98,7 @@ def _params(seed: int, n_train: int, n_test: int, size: int) -> Dict:
     return {"seed": seed, "n_train": n_train, "n_test": n_test, "size": size, "version": _VERSION}
 
 
-def make_demo(root: str, seed: int = 0, n_train: int = 800, n_test: int = 200, size: int = 64) -> str:
+def make_demo(root: str, seed: int = 0, n_train: int = 300, n_test: int = 100, size: int = 64) -> str:
     """Write `<root>/demo_precomp/` and `<root>/demo_images/` (skipped if already there with the
     same parameters) and return root. Built in a temporary folder and renamed into place; the
     parameter file inside demo_precomp is the last thing to appear, so a half-written dataset is

@@ -1,0 +1,179 @@
+"""train.py end to end on the demo data with a tiny CLIP: selection, run files, resume, NaN stop, DDP."""
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import train
+from conftest import make_tiny_clip
+from mrs_adapter.adapter import add_adapters
+from mrs_adapter.demo import make_demo
+from mrs_adapter.demo_backbone import pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
+            context_length=32, vocab_size=49408, transformer_width=96, transformer_heads=1, transformer_layers=2)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(data root, backbone path): a small demo set and a tiny CLIP pre-trained on shapes for 150 steps."""
+    root = tmp_path_factory.mktemp("demo")
+    make_demo(str(root), n_train=150, n_test=60, size=32)
+    torch.manual_seed(0)
+    backbone = pretrain(arch=TINY, n_images=2000, max_steps=150, log_every=1000)
+    torch.save(backbone.state_dict(), root / "backbone.pt")
+    return str(root), str(root / "backbone.pt")
+
+
+def run(demo, output, *extra):
+    root, backbone = demo
+    return train.main(["--dataset", "demo", "--data-root", root, "--clip", backbone, "--output", str(output),
+                       "--epochs", "3", "--lr", "1e-3", "--print-freq", "10", *extra])
+
+
+def test_demo_run_selects_on_val_and_writes_the_run_folder(demo, tmp_path):
+    summary = run(demo, tmp_path / "run", "--seeds", "2", "3")
+    assert set(os.listdir(tmp_path / "run")) == {"results.json", "seed2", "seed3"}
+    assert json.load(open(tmp_path / "run" / "results.json"))["mean"] == summary["mean"]
+    for seed in (2, 3):
+        folder = tmp_path / "run" / f"seed{seed}"
+        assert sorted(os.listdir(folder)) == ["best.pt", "config.json", "last.pt", "log.jsonl", "results.json"]
+        log = [json.loads(line) for line in open(folder / "log.jsonl")]
+        val = [r for r in log if r["kind"] == "val"]
+        assert [r["epoch"] for r in val] == [0, 1, 2] and any(r["kind"] == "train" for r in log)
+        result = json.load(open(folder / "results.json"))
+        best = max(val, key=lambda r: r["mR"])  # selected on validation, the first best on ties
+        assert result["best_epoch"] == best["epoch"] and result["val"]["mR"] == best["mR"]
+        config = json.load(open(folder / "config.json"))
+        assert config["seed"] == seed and config["lr"] == 1e-3 and "torch" in config["environment"]
+        checkpoint = torch.load(folder / "best.pt", weights_only=True)
+        model = add_adapters(train.clip.load(demo[1])[0], verbose=False)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert set(checkpoint["trainable"]) == trainable and all(".adapter." in n for n in trainable)
+    per_seed = [r["test"]["mR"] for r in summary["per_seed"]]
+    assert per_seed[0] != per_seed[1] and summary["std"]["mR"] > 0  # the seeds really differ
+    assert summary["mean"]["mR"] > 2 * summary["chance"]["mR"]
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        run(demo, tmp_path / "run")
+
+
+def test_overwrite_replaces_only_run_files(demo, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    (tmp_path / "run" / "results.json").write_text("{}")
+    run(demo, tmp_path / "run", "--epochs", "1", "--overwrite")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert json.load(open(tmp_path / "run" / "results.json"))["method"] == "mrs_adapter"
+
+
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(demo, tmp_path, monkeypatch):
+    straight = run(demo, tmp_path / "straight")
+    real_epoch = train.train_one_epoch
+
+    def crash_at_epoch_2(args, epoch, *rest):
+        if epoch == 2:
+            raise KeyboardInterrupt  # e.g. the job was killed after epoch 1's checkpoint
+        return real_epoch(args, epoch, *rest)
+
+    monkeypatch.setattr(train, "train_one_epoch", crash_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(demo, tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "seed2" / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    resumed = run(demo, tmp_path / "resumed", "--resume")
+    assert resumed["per_seed"][0]["test"] == straight["per_seed"][0]["test"]
+    assert resumed["per_seed"][0]["best_epoch"] == straight["per_seed"][0]["best_epoch"]
+    a = torch.load(tmp_path / "straight" / "seed2" / "last.pt", weights_only=True)["trainable"]
+    b = torch.load(tmp_path / "resumed" / "seed2" / "last.pt", weights_only=True)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[r for r in map(json.loads, open(tmp_path / name / "seed2" / "log.jsonl")) if r["kind"] == "val"]
+            for name in ("straight", "resumed")]
+    assert [r["mR"] for r in logs[0]] == [r["mR"] for r in logs[1]]
+
+
+def test_non_finite_loss_stops_with_the_terms_and_keeps_the_last_checkpoint(demo, tmp_path, monkeypatch):
+    real_loss, calls = train.hmmc_loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        total, terms = real_loss(*a, **k)
+        if len(calls) == 50:  # in epoch 1: each epoch has 600 pairs / 16 = 38 steps
+            terms["image_text"] = terms["image_text"] * float("nan")
+            total = sum(terms.values())
+        return total, terms
+
+    monkeypatch.setattr(train, "hmmc_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"epoch 1 step 50: non-finite loss nan \(image_text = nan, "
+                                                 r"image_image = [0-9.]+, text_text = [0-9.]+\)"):
+        run(demo, tmp_path / "run", "--epochs", "5")
+    last = torch.load(tmp_path / "run" / "seed2" / "last.pt", weights_only=True)
+    assert last["epoch"] == 0 and all(torch.isfinite(t).all() for t in last["trainable"].values())
+
+
+def test_missing_data_fails_fast_naming_layout_and_source(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "rsitmd", "--data-root",
+                           "/nonexistent", "--output", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "/nonexistent/rsitmd_precomp" in proc.stderr and "github.com/xiaoyuan1996/AMFMN" in proc.stderr
+    assert not out.exists()
+
+
+def test_lr_schedule_is_the_published_step_decay():
+    args = Namespace(lr=2e-4, lr_decay=0.7, lr_decay_start=19, lr_decay_every=20)
+    lrs = [train.lr_at(e, args) for e in range(45)]
+    assert lrs[:19] == [2e-4] * 19 and lrs[19:39] == [pytest.approx(1.4e-4)] * 20
+    assert lrs[39:] == [pytest.approx(0.98e-4)] * 6
+
+
+def fixed_problem():
+    """A tiny CLIP with non-zero adapters, no dropout anywhere, and a fixed batch of 8 pairs."""
+    model = add_adapters(make_tiny_clip(), dropout=0.0, verbose=False).train()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    tokens = torch.randint(1, 49000, (8, 77), generator=g)
+    tokens[:, 12:] = 0
+    tokens[:, 11] = 49407
+    return model, images, tokens
+
+
+LOSS_ARGS = Namespace(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0), amp_dtype=None)
+
+
+def ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model, images, tokens = fixed_problem()
+    views = DistributedDataParallel(train.Views(model, 0.0, both_views=True))
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)  # this rank's share of the global batch
+    loss, _ = train.forward_backward(LOSS_ARGS, views, model, images[rows], tokens[rows],
+                                     torch.amp.GradScaler("cuda", enabled=False))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path):
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model, images, tokens = fixed_problem()
+    loss, _ = train.forward_backward(LOSS_ARGS, train.Views(model, 0.0, True), model, images, tokens,
+                                     torch.amp.GradScaler("cuda", enabled=False))
+    expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any(g.abs().max() > 0 for g in expected.values())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(got["loss"], loss.detach(), atol=1e-5)
+        for name, grad in expected.items():
+            assert torch.allclose(got["grads"][name], grad, atol=1e-5), name

@@ -1,0 +1,356 @@
+"""Train CLIP + MRS-Adapter with the HMMC loss: the recipe of the paper's tables (method.md 4).
+
+    python train.py --dataset demo                                  # offline, ~3 minutes on a CPU
+    python train.py --dataset rsitmd --data-root data --seeds 2 3 4
+    torchrun --nproc_per_node=4 train.py --dataset rsicd --data-root data
+
+Each epoch trains on the training split, validates on the validation split (never the test
+split), and keeps the checkpoint of best validation mR; the end of the run reports that
+checkpoint on test. Several seeds give mean +- std. A run folder holds config.json, log.jsonl,
+last.pt (resumable), best.pt and results.json, each written atomically.
+"""
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from mrs_adapter import clip
+from mrs_adapter.adapter import load_trainable, load_trainable_state_dict, save_trainable
+from mrs_adapter.data import TrainDataset, eval_loaders, load_splits
+from mrs_adapter.loss import hmmc_loss, info_nce
+from mrs_adapter.methods import METHODS, apply_method, default_lr
+from mrs_adapter.metrics import chance_recall, evaluate
+from mrs_adapter.runfiles import RunLog, environment, prepare_run_dir, read_jsonl, write_json
+
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", required=True, choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"])
+    a("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
+    a("--layout", choices=["precomp", "json"], help="force an annotation layout (default: the dataset's usual one)")
+    a("--image-dir", help="image folder (default: <data-root>/<dataset>_images)")
+    a("--clip", help="CLIP weights: a name of clip.available_models() or a file (default: ViT-B/32, as in the "
+                     "paper; the demo uses a tiny CLIP pre-trained offline and cached in <data-root>)")
+    a("--method", default="mrs_adapter", choices=sorted(METHODS), help="PETL method (default: the paper's)")
+    a("--objective", default="hmmc", choices=["hmmc", "info_nce"], help="loss (default: HMMC, Sec. III-C)")
+    a("--margin", type=float, default=0.2, help="HMMC hinge margin (paper: 0.2)")
+    a("--loss-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="HMMC weights (paper: 1 1 1)")
+    a("--feature-dropout", type=float, default=0.2, help="dropout of the augmented views (paper: 0.2)")
+    a("--adapter-dropout", type=float, default=0.5, help="dropout inside MRS-Adapter (paper: 0.5)")
+    a("--bottleneck", type=int, default=64, help="MRS-Adapter bottleneck (paper: 64)")
+    a("--lr", type=float, help="Adam learning rate (default: the method's, methods.default_lr: 2e-4 as in the "
+                               "paper for the PETL methods, 5e-6 for full fine-tuning)")
+    a("--lr-decay", type=float, default=0.7, help="lr factor (paper: x0.7)")
+    a("--lr-decay-start", type=int, default=19, help="first 0-indexed epoch with decayed lr (paper: 19)")
+    a("--lr-decay-every", type=int, default=20, help="epochs between decays (paper: 20)")
+    a("--epochs", type=int, default=30, help="training epochs (paper: 30)")
+    a("--batch-size", type=int, default=16, help="GLOBAL batch of caption-image pairs (paper: 16)")
+    a("--eval-batch-size", type=int, default=64, help="evaluation batch (paper: 64)")
+    a("--seeds", type=int, nargs="+", default=[2], help="one run per seed s: python s, numpy s+1, torch s+2 "
+                                                        "(paper: 2, 3, 4, i.e. --seeds 2)")
+    a("--output", help="run folder (default: runs/<dataset>-<method>)")
+    a("--resume", action="store_true", help="continue the run in --output from its last.pt")
+    a("--overwrite", action="store_true", help="replace the run files in a non-empty --output")
+    a("--precision", choices=["fp32", "bf16", "fp16"], help="autocast dtype on CUDA (default bf16); CPU: fp32")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--workers", type=int, help="DataLoader workers per process (default: min(8, CPUs) on CUDA; 0 on CPU, "
+                                  "where the model needs the cores and cached images cost little to serve)")
+    a("--no-cache-images", dest="cache_images", action="store_false",
+      help="decode images every epoch instead of once into memory (the recipe has no image augmentation)")
+    a("--separate-views", action="store_true", help="encode clean and dropout views in separate passes "
+                                                    "(same distribution as the default single batched pass)")
+    a("--print-freq", type=int, default=50, help="steps between progress lines")
+    return p
+
+
+def seed_everything(seed: int):
+    """The published seeding: python `seed`, numpy `seed + 1`, torch `seed + 2` (2, 3, 4)."""
+    random.seed(seed)
+    np.random.seed(seed + 1)
+    torch.manual_seed(seed + 2)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Views(nn.Module):
+    """One training forward (method.md 3): v, t and, for HMMC, the feature-dropout views v', t'."""
+
+    def __init__(self, model: nn.Module, feature_dropout: float, both_views: bool, separate: bool = False):
+        super().__init__()
+        self.model, self.p, self.both_views, self.separate = model, feature_dropout, both_views, separate
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        m = self.model
+        if not self.both_views:
+            return m.encode_image(images), m.encode_text(tokens)
+        if self.separate:
+            return (m.encode_image(images), m.encode_text(tokens),
+                    m.encode_image(images, self.p), m.encode_text(tokens, self.p))
+        (v, v_aug), (t, t_aug) = m.encode_image_views(images, self.p), m.encode_text_views(tokens, self.p)
+        return v, t, v_aug, t_aug
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows (world * B, D); this rank's rows keep their gradient, the others are constants."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def compute_loss(args, model: nn.Module, embeddings):
+    """(loss, {term: value}) on the global batch: with several processes the embeddings are gathered first."""
+    if dist.is_initialized():
+        embeddings = [gather_with_grad(e) for e in embeddings]
+    embeddings = [e.float() for e in embeddings]
+    if args.objective == "info_nce":
+        loss = info_nce(*embeddings, model.logit_scale)
+        return loss, {"info_nce": loss}
+    return hmmc_loss(*embeddings, margin=args.margin, weights=args.loss_weights, return_terms=True)
+
+
+def lr_at(epoch: int, args) -> float:
+    """Step decay: x lr_decay at the start of epoch lr_decay_start and every lr_decay_every after."""
+    if epoch < args.lr_decay_start:
+        return args.lr
+    return args.lr * args.lr_decay ** ((epoch - args.lr_decay_start) // args.lr_decay_every + 1)
+
+
+def build_model(args, verbose: bool = True):
+    """(CLIP with the method composed in, on args.device; preprocess; method options)."""
+    model, preprocess = clip.load(args.clip, device="cpu")
+    options = {"dropout": args.adapter_dropout, "bottleneck": args.bottleneck} if args.method == "mrs_adapter" else {}
+    model = apply_method(model, args.method, options, verbose=verbose)
+    return model.to(args.device), preprocess, options
+
+
+def forward_backward(args, views: nn.Module, model: nn.Module, images, tokens, scaler):
+    """One step's loss on the global batch and its backward; raises on a non-finite loss."""
+    with torch.autocast("cuda", dtype=args.amp_dtype or torch.float32, enabled=args.amp_dtype is not None):
+        loss, terms = compute_loss(args, model, views(images, tokens))
+    if not torch.isfinite(loss):
+        detail = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items())
+        raise FloatingPointError(f"non-finite loss {loss.item()} ({detail})")
+    # DDP averages gradients over ranks; each rank's loss is the global-batch loss whose gradient
+    # flows through its own rows only, so x world makes that average the global-batch gradient.
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    scaler.scale(loss * world).backward()
+    return loss, terms
+
+
+def train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, step):
+    """One pass over the training pairs; returns (global step, mean loss, pairs/s)."""
+    views.train()
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(epoch, args)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    start, seen, losses = time.time(), 0, []
+    for i, (images, tokens, _) in enumerate(loader):
+        images, tokens = images.to(args.device, non_blocking=True), tokens.to(args.device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        try:
+            loss, terms = forward_backward(args, views, model, images, tokens, scaler)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"epoch {epoch} step {step}: {e}; stopping. The last good checkpoint "
+                                     f"(last.pt of epoch {epoch - 1}) is kept.") from None
+        scaler.step(optimizer)
+        scaler.update()
+        seen += images.shape[0] * world
+        losses.append(loss.item())
+        if (i + 1) % args.print_freq == 0 and args.rank == 0:
+            rate = seen / (time.time() - start)
+            eta = (len(loader) - i - 1) * images.shape[0] * world / rate
+            lr, parts = optimizer.param_groups[0]["lr"], " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
+            print(f"epoch {epoch} step {i + 1}/{len(loader)} loss {loss.item():.3f} ({parts}) lr {lr:.2e} "
+                  f"{rate:.0f} pairs/s eta {eta:.0f}s", flush=True)
+            log.write(kind="train", epoch=epoch, step=step, loss=loss.item(), lr=lr, pairs_per_s=rate,
+                      **{k: v.item() for k, v in terms.items()})
+    return step, statistics.fmean(losses) if losses else float("nan"), seen / max(time.time() - start, 1e-9)
+
+
+def format_row(name: str, metrics: dict, std: dict = None) -> str:
+    cells = [f"{metrics[k]:6.2f}" + (f" +- {std[k]:4.2f}" if std else "") for k in METRICS]
+    return f"{name:<28} {' '.join(cells[:3])} | {' '.join(cells[3:6])} | {cells[6]}"
+
+
+def print_table(rows):
+    print(f"{'':<28} i2t R@1, R@5, R@10 | t2i R@1, R@5, R@10 | mR")
+    for row in rows:
+        print(format_row(*row))
+
+
+def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
+    """Train one seed in `run_dir`, select on validation, test the selected checkpoint; rank 0's results."""
+    main_rank, world = args.rank == 0, args.world_size
+    paths = {name: os.path.join(run_dir, name) for name in ("config.json", "log.jsonl", "last.pt", "best.pt",
+                                                              "results.json")}
+    resume = args.resume and os.path.isfile(paths["last.pt"])
+    seed_everything(seed)
+    model, preprocess, options = build_model(args, verbose=main_rank)
+    ctx, amp = model.context_length, args.amp_dtype
+    train_set = TrainDataset(splits["train"], preprocess, ctx, cache=args.cache_images)
+    # the shuffle order depends on (seed, epoch) alone, so a resumed run sees the same batches
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=args.rank, shuffle=True, seed=seed + 2)
+    loader = DataLoader(train_set, args.batch_size // world, sampler=sampler, num_workers=args.workers,
+                        pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                 betas=(0.9, 0.999), weight_decay=0.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp_dtype == torch.float16)
+    views = Views(model, args.feature_dropout, args.objective == "hmmc", args.separate_views)
+    if world > 1:
+        views = DistributedDataParallel(views, device_ids=[args.local_rank] if args.device.startswith("cuda") else None)
+    evals = {s: eval_loaders(splits[s], preprocess, ctx, args.eval_batch_size, args.workers, args.cache_images)
+             for s in ("val", "test")} if main_rank else {}
+
+    def score(split):
+        return evaluate(model, *evals[split], splits[split].txt2img, args.device, amp)
+
+    config = {**{k: v for k, v in vars(args).items() if k not in ("amp_dtype",)}, "seed": seed,
+              "method_options": options, "environment": environment()}
+    if resume:
+        state = load_trainable(model, paths["last.pt"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, best, initial = state["epoch"] + 1, state["step"], state["best"], state["initial"]
+        set_rng_state(state["rng"])  # last: building the model above drew from the RNGs
+        log = RunLog(paths["log.jsonl"], [r for r in read_jsonl(paths["log.jsonl"]) if r.get("epoch", -1) <= state["epoch"]])
+        if main_rank:
+            print(f"resuming {run_dir} at epoch {start_epoch} (best val mR {best['mR']:.2f} at epoch {best['epoch']})")
+    else:
+        start_epoch, step, best, log = 0, 0, {"mR": -1.0, "epoch": -1}, RunLog(paths["log.jsonl"])
+        initial = {s: score(s) for s in ("val", "test")} if main_rank else {}
+        if main_rank:
+            write_json(paths["config.json"], config)
+            log.write(kind="initial", epoch=-1, **{f"{s}_{k}": v for s, m in initial.items() for k, v in m.items()})
+            print(format_row("before training (test)", initial["test"]))
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        t0 = time.time()
+        step, mean_loss, rate = train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, step)
+        if main_rank:
+            val = score("val")
+            if val["mR"] > best["mR"]:
+                best = {"mR": val["mR"], "epoch": epoch}
+                save_trainable(model, paths["best.pt"], config=config, epoch=epoch, val=val)
+            log.write(kind="val", epoch=epoch, step=step, mean_loss=mean_loss, pairs_per_s=rate,
+                      lr=lr_at(epoch, args), **val)
+            save_trainable(model, paths["last.pt"], optimizer=optimizer.state_dict(), epoch=epoch, step=step,
+                           rng=rng_state(), best=best, initial=initial, config=config)
+            print(f"epoch {epoch}: loss {mean_loss:.4f}, {rate:.0f} pairs/s, val mR {val['mR']:.2f} "
+                  f"(best {best['mR']:.2f} at epoch {best['epoch']}), {time.time() - t0:.0f}s", flush=True)
+        if world > 1:
+            dist.barrier()
+    if not main_rank:
+        return {}
+    best_state = load_trainable(model, paths["best.pt"])
+    results = {"seed": seed, "best_epoch": best_state["epoch"], "val": best_state["val"], "test": score("test"),
+               "initial": initial, "run_dir": run_dir}
+    write_json(paths["results.json"], results)
+    return results
+
+
+def summarize(args, results: list, splits: dict) -> dict:
+    """mean +- std (sample std over seeds; 0 for one seed) of every test metric, printed as a table."""
+    mean = {k: statistics.fmean(r["test"][k] for r in results) for k in METRICS}
+    std = {k: statistics.stdev([r["test"][k] for r in results]) if len(results) > 1 else 0.0 for k in METRICS}
+    chance = chance_recall(torch.as_tensor(splits["test"].txt2img))
+    print(f"\n{args.dataset} test split, {len(results)} seed(s), model selected on validation mR:")
+    several = len(results) > 1
+    print_table([("before training", results[0]["initial"]["test"]),
+                 (f"{args.method}" + (" (mean +- std)" if several else ""), mean, std if several else None),
+                 ("chance", chance)])
+    return {"dataset": args.dataset, "method": args.method, "seeds": args.seeds, "mean": mean, "std": std,
+            "chance": chance, "per_seed": results}
+
+
+def setup(args):
+    """Start the process group under torchrun; fill in the defaults that depend on other flags."""
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.world_size > 1:
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(args.local_rank)
+            args.device = f"cuda:{args.local_rank}"
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.batch_size % args.world_size:
+            raise ValueError(f"--batch-size {args.batch_size} is the global batch; it must divide by the "
+                             f"{args.world_size} processes")
+    on_cuda = args.device.startswith("cuda")
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1) if on_cuda else 0
+    args.precision = args.precision or ("bf16" if on_cuda else "fp32")
+    args.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision] if on_cuda else None
+    args.lr = args.lr if args.lr is not None else default_lr(args.method)
+    args.output = args.output or os.path.join("runs", f"{args.dataset}-{args.method}")
+
+
+def resolve_clip(args) -> str:
+    """--clip, else ViT-B/32; the demo's default is a tiny CLIP pre-trained offline once and cached."""
+    if args.clip is not None:
+        return args.clip
+    if args.dataset != "demo":
+        return "ViT-B/32"
+    from mrs_adapter.demo_backbone import load_or_pretrain
+    path = os.path.join(args.data_root, "demo_backbone.pt")
+    if args.rank == 0:
+        load_or_pretrain(path)
+    if args.world_size > 1:
+        dist.barrier()
+    return path
+
+
+def main(argv=None) -> dict:
+    args = get_parser().parse_args(argv)
+    setup(args)
+    splits = load_splits(args.dataset, args.data_root, args.layout, args.image_dir, verbose=args.rank == 0)
+    args.clip = resolve_clip(args)
+    if args.rank == 0:
+        prepare_run_dir(args.output, args.resume, args.overwrite)
+    if args.world_size > 1:
+        dist.barrier()
+    results = []
+    for seed in args.seeds:
+        if args.rank == 0:
+            print(f"\n=== seed {seed} (python {seed}, numpy {seed + 1}, torch {seed + 2}) -> {args.output}/seed{seed}")
+        results.append(run_seed(args, seed, splits, os.path.join(args.output, f"seed{seed}")))
+    summary = summarize(args, results, splits) if args.rank == 0 else {}
+    if args.rank == 0:
+        write_json(os.path.join(args.output, "results.json"), summary)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
