@@ -83,9 +83,13 @@ class AdaptedBlock(nn.Module):
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         self.block, self.adapter, self.modality = block, adapter, modality
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    accepts_query_index = True  # as CLIP's block: the last block may compute the pooled token only
+
+    def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
         block = self.block
-        x = x + block.attn(block.ln_1(x))
+        # with query_index, x on the left is the residual stream of the pooled token only: (B, 1, D)
+        x_out = x if query_index is None else x[torch.arange(x.shape[0], device=x.device), query_index][:, None]
+        x = x_out + block.attn(block.ln_1(x), query_index)
         x = x + block.mlp(block.ln_2(x)) + self.adapter(x, self.modality)  # adapter reads the post-attention stream
         return x
 
