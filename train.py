@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable, load_trainable_state_dict, save_trainable
@@ -71,7 +71,8 @@ def get_parser() -> argparse.ArgumentParser:
       help="decode images every epoch instead of once into memory (the recipe has no image augmentation)")
     a("--separate-views", action="store_true", help="encode clean and dropout views in separate passes "
                                                     "(same distribution as the default single batched pass)")
-    a("--print-freq", type=int, default=50, help="steps between progress lines")
+    a("--compile", action="store_true", help="torch.compile the training forward (an option; see README 'Speed')")
+    a("--print-freq", type=int, default=50, help="steps between progress lines (and non-finite loss checks)")
     return p
 
 
@@ -110,11 +111,12 @@ class Views(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         m = self.model
         if not self.both_views:
-            return m.encode_image(images), m.encode_text(tokens)
+            return m.encode_image(images), m.encode_text(tokens, trim=False)
         if self.separate:
-            return (m.encode_image(images), m.encode_text(tokens),
-                    m.encode_image(images, self.p), m.encode_text(tokens, self.p))
-        (v, v_aug), (t, t_aug) = m.encode_image_views(images, self.p), m.encode_text_views(tokens, self.p)
+            return (m.encode_image(images), m.encode_text(tokens, trim=False),
+                    m.encode_image(images, self.p), m.encode_text(tokens, self.p, trim=False))
+        # the training loader trims the tokens already (collate_trimmed)
+        (v, v_aug), (t, t_aug) = m.encode_image_views(images, self.p), m.encode_text_views(tokens, self.p, trim=False)
         return v, t, v_aug, t_aug
 
 
@@ -153,17 +155,35 @@ def build_model(args, verbose: bool = True):
 
 
 def forward_backward(args, views: nn.Module, model: nn.Module, images, tokens, scaler):
-    """One step's loss on the global batch and its backward; raises on a non-finite loss."""
+    """One step's loss on the global batch (and its terms), and its backward."""
     with torch.autocast("cuda", dtype=args.amp_dtype or torch.float32, enabled=args.amp_dtype is not None):
         loss, terms = compute_loss(args, model, views(images, tokens))
-    if not torch.isfinite(loss):
-        detail = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items())
-        raise FloatingPointError(f"non-finite loss {loss.item()} ({detail})")
     # DDP averages gradients over ranks; each rank's loss is the global-batch loss whose gradient
     # flows through its own rows only, so x world makes that average the global-batch gradient.
     world = dist.get_world_size() if dist.is_initialized() else 1
     scaler.scale(loss * world).backward()
     return loss, terms
+
+
+def check_finite(window: list, epoch: int):
+    """Raise at the first non-finite loss of `window` [(step, loss, terms)], naming the step and terms.
+
+    Losses stay on the device between checks (every --print-freq steps and at the end of an
+    epoch): reading one per step would make the CPU wait for the GPU at every step."""
+    finite = torch.isfinite(torch.stack([loss for _, loss, _ in window])).tolist()
+    if not all(finite):
+        step, loss, terms = window[finite.index(False)]
+        detail = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items())
+        raise FloatingPointError(f"epoch {epoch} step {step}: non-finite loss {loss.item()} ({detail}); stopping. "
+                                 f"The last good checkpoint (last.pt, end of epoch {epoch - 1}) is kept.")
+    window.clear()
+
+
+def collate_trimmed(batch):
+    """Default collation, then the token columns after the batch's last end token are dropped
+    (on the CPU, in the loader, so the model need not read the ids on the device)."""
+    images, tokens, index = default_collate(batch)
+    return images, clip.CLIP.trim(tokens), index
 
 
 def train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, step):
@@ -172,29 +192,29 @@ def train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, s
     for g in optimizer.param_groups:
         g["lr"] = lr_at(epoch, args)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    start, seen, losses = time.time(), 0, []
+    start, seen, loss_sum, window = time.time(), 0, 0.0, []
     for i, (images, tokens, _) in enumerate(loader):
         images, tokens = images.to(args.device, non_blocking=True), tokens.to(args.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        try:
-            loss, terms = forward_backward(args, views, model, images, tokens, scaler)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"epoch {epoch} step {step}: {e}; stopping. The last good checkpoint "
-                                     f"(last.pt of epoch {epoch - 1}) is kept.") from None
+        loss, terms = forward_backward(args, views, model, images, tokens, scaler)
         scaler.step(optimizer)
         scaler.update()
         seen += images.shape[0] * world
-        losses.append(loss.item())
-        if (i + 1) % args.print_freq == 0 and args.rank == 0:
-            rate = seen / (time.time() - start)
-            eta = (len(loader) - i - 1) * images.shape[0] * world / rate
-            lr, parts = optimizer.param_groups[0]["lr"], " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
-            print(f"epoch {epoch} step {i + 1}/{len(loader)} loss {loss.item():.3f} ({parts}) lr {lr:.2e} "
-                  f"{rate:.0f} pairs/s eta {eta:.0f}s", flush=True)
-            log.write(kind="train", epoch=epoch, step=step, loss=loss.item(), lr=lr, pairs_per_s=rate,
-                      **{k: v.item() for k, v in terms.items()})
-    return step, statistics.fmean(losses) if losses else float("nan"), seen / max(time.time() - start, 1e-9)
+        loss_sum = loss_sum + loss.detach()
+        window.append((step, loss.detach(), {k: v.detach() for k, v in terms.items()}))
+        if (i + 1) % args.print_freq == 0 or i + 1 == len(loader):
+            check_finite(window, epoch)
+            if (i + 1) % args.print_freq == 0 and args.rank == 0:
+                rate = seen / (time.time() - start)
+                eta = (len(loader) - i - 1) * images.shape[0] * world / rate
+                lr, parts = optimizer.param_groups[0]["lr"], " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
+                print(f"epoch {epoch} step {i + 1}/{len(loader)} loss {loss.item():.3f} ({parts}) lr {lr:.2e} "
+                      f"{rate:.0f} pairs/s eta {eta:.0f}s", flush=True)
+                log.write(kind="train", epoch=epoch, step=step, loss=loss.item(), lr=lr, pairs_per_s=rate,
+                          **{k: v.item() for k, v in terms.items()})
+    mean_loss = float(loss_sum) / max(len(loader), 1)
+    return step, mean_loss, seen / max(time.time() - start, 1e-9)
 
 
 def format_row(name: str, metrics: dict, std: dict = None) -> str:
@@ -221,13 +241,16 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
     # the shuffle order depends on (seed, epoch) alone, so a resumed run sees the same batches
     sampler = DistributedSampler(train_set, num_replicas=world, rank=args.rank, shuffle=True, seed=seed + 2)
     loader = DataLoader(train_set, args.batch_size // world, sampler=sampler, num_workers=args.workers,
-                        pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0)
+                        collate_fn=collate_trimmed, pin_memory=args.device.startswith("cuda"),
+                        persistent_workers=args.workers > 0)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  betas=(0.9, 0.999), weight_decay=0.0)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp_dtype == torch.float16)
     views = Views(model, args.feature_dropout, args.objective == "hmmc", args.separate_views)
     if world > 1:
         views = DistributedDataParallel(views, device_ids=[args.local_rank] if args.device.startswith("cuda") else None)
+    if args.compile:
+        views = torch.compile(views, dynamic=True)  # text length varies per batch (collate_trimmed)
     evals = {s: eval_loaders(splits[s], preprocess, ctx, args.eval_batch_size, args.workers, args.cache_images)
              for s in ("val", "test")} if main_rank else {}
 
@@ -255,13 +278,15 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
         sampler.set_epoch(epoch)
         t0 = time.time()
         step, mean_loss, rate = train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, step)
+        train_seconds = time.time() - t0
         if main_rank:
             val = score("val")
+            val_seconds = time.time() - t0 - train_seconds
             if val["mR"] > best["mR"]:
                 best = {"mR": val["mR"], "epoch": epoch}
                 save_trainable(model, paths["best.pt"], config=config, epoch=epoch, val=val)
-            log.write(kind="val", epoch=epoch, step=step, mean_loss=mean_loss, pairs_per_s=rate,
-                      lr=lr_at(epoch, args), **val)
+            log.write(kind="val", epoch=epoch, step=step, mean_loss=mean_loss, pairs_per_s=rate, lr=lr_at(epoch, args),
+                      train_seconds=train_seconds, val_seconds=val_seconds, **val)
             save_trainable(model, paths["last.pt"], optimizer=optimizer.state_dict(), epoch=epoch, step=step,
                            rng=rng_state(), best=best, initial=initial, config=config)
             print(f"epoch {epoch}: loss {mean_loss:.4f}, {rate:.0f} pairs/s, val mR {val['mR']:.2f} "
@@ -271,8 +296,10 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
     if not main_rank:
         return {}
     best_state = load_trainable(model, paths["best.pt"])
-    results = {"seed": seed, "best_epoch": best_state["epoch"], "val": best_state["val"], "test": score("test"),
-               "initial": initial, "run_dir": run_dir}
+    t0 = time.time()
+    test = score("test")
+    results = {"seed": seed, "best_epoch": best_state["epoch"], "val": best_state["val"], "test": test,
+               "test_seconds": time.time() - t0, "initial": initial, "run_dir": run_dir}
     write_json(paths["results.json"], results)
     return results
 

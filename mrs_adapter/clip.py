@@ -215,9 +215,10 @@ class CLIP(nn.Module):
         x = self.transformer(x, query_index=text.argmax(dim=-1))  # (B, 1, width)
         return self.ln_final(x[:, 0]) @ self.text_projection
 
-    def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
-        """(B, L) token ids -> (B, embed_dim), not normalised."""
-        text = self.trim(text)
+    def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0, trim: bool = True) -> torch.Tensor:
+        """(B, L) token ids -> (B, embed_dim), not normalised. trim=False when `text` is trimmed
+        already (trimming reads the ids, which on a GPU waits for the device)."""
+        text = self.trim(text) if trim else text
         return self.text_head(F.dropout(self.embed_text(text), feature_dropout, self.training), text)
 
     def encode_image_views(self, image: torch.Tensor, feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -231,9 +232,10 @@ class CLIP(nn.Module):
         x = torch.cat([x, F.dropout(x, feature_dropout, self.training)])  # (2B, L, width)
         return self.visual.encode(x).chunk(2)
 
-    def encode_text_views(self, text: torch.Tensor, feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode_text_views(self, text: torch.Tensor, feature_dropout: float,
+                          trim: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Text counterpart of `encode_image_views`: (clean (B, D), dropped (B, D))."""
-        text = self.trim(text)
+        text = self.trim(text) if trim else text
         x = self.embed_text(text)
         x = torch.cat([x, F.dropout(x, feature_dropout, self.training)])  # (2B, L, width)
         return self.text_head(x, text.repeat(2, 1)).chunk(2)

@@ -40,15 +40,16 @@ class CLIPWithHeads(nn.Module):
     def encode_image(self, image: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
         return self.heads["image"](self.clip.encode_image(image, feature_dropout))  # (B, D) -> (B, D)
 
-    def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
-        return self.heads["text"](self.clip.encode_text(text, feature_dropout))
+    def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0, trim: bool = True) -> torch.Tensor:
+        return self.heads["text"](self.clip.encode_text(text, feature_dropout, trim))
 
     def encode_image_views(self, image: torch.Tensor, feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
         clean, dropped = self.clip.encode_image_views(image, feature_dropout)
         return self.heads["image"](clean), self.heads["image"](dropped)
 
-    def encode_text_views(self, text: torch.Tensor, feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        clean, dropped = self.clip.encode_text_views(text, feature_dropout)
+    def encode_text_views(self, text: torch.Tensor, feature_dropout: float,
+                          trim: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        clean, dropped = self.clip.encode_text_views(text, feature_dropout, trim)
         return self.heads["text"](clean), self.heads["text"](dropped)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
