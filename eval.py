@@ -41,7 +41,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                                          "(--zero-shot is --method zero_shot)")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--batch-size", type=int, default=64, help="eval batch 64, as published (method.md 4)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: min(8, CPUs) on CUDA; 0 on CPU, "
+                                                "where the encoder needs the cores; measured in bench.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="metrics file; default: beside the checkpoint, or under results/")
     p.add_argument("--visualize", metavar="OUT.png", help="draw text queries with their top-5 images")
@@ -128,6 +129,8 @@ def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
     split = load_splits(args.dataset, args.data_root, args.layout, args.image_dir)[args.split]  # data errors first
     model, preprocess = build_model_for_eval(args)
     image_loader, caption_loader = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)

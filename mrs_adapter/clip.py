@@ -39,9 +39,27 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
+class QuickGELUFunction(torch.autograd.Function):
+    """x * sigmoid(1.702 x), keeping only x for backward and recomputing the sigmoid there.
+
+    Written as three autograd ops it would keep x, the sigmoid and more: (B, L, 4D) tensors in
+    every block, the largest activations of a training step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * (s + 1.702 * x * s * (1 - s))  # d/dx [x s(1.702 x)]
+
+
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return QuickGELUFunction.apply(x)
 
 
 class Attention(nn.Module):
@@ -264,17 +282,20 @@ def build_model(state_dict: dict) -> CLIP:
     vision_layers = len([k for k in state_dict if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     transformer_width = state_dict["ln_final.weight"].shape[0]
-    model = CLIP(
-        embed_dim=state_dict["text_projection"].shape[1],
-        image_resolution=vision_patch_size * grid, vision_layers=vision_layers, vision_width=vision_width,
-        vision_patch_size=vision_patch_size,
-        context_length=state_dict["positional_embedding"].shape[0],
-        vocab_size=state_dict["token_embedding.weight"].shape[0], transformer_width=transformer_width,
-        transformer_heads=max(1, transformer_width // 64),
-        transformer_layers=len([k for k in state_dict if k.startswith("transformer.resblocks.")
-                                and k.endswith(".attn.in_proj_weight")]),
-        vision_heads=max(1, vision_width // 64))
-    result = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
+    with torch.device("meta"):  # no memory and no random init for tensors the state dict replaces
+        model = CLIP(
+            embed_dim=state_dict["text_projection"].shape[1],
+            image_resolution=vision_patch_size * grid, vision_layers=vision_layers, vision_width=vision_width,
+            vision_patch_size=vision_patch_size,
+            context_length=state_dict["positional_embedding"].shape[0],
+            vocab_size=state_dict["token_embedding.weight"].shape[0], transformer_width=transformer_width,
+            transformer_heads=max(1, transformer_width // 64),
+            transformer_layers=len([k for k in state_dict if k.startswith("transformer.resblocks.")
+                                    and k.endswith(".attn.in_proj_weight")]),
+            vision_heads=max(1, vision_width // 64))
+    # copies, so the model never shares memory with (and never trains) the caller's tensors
+    result = model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state_dict.items()},
+                                   strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"state dict does not match a ViT CLIP of the shapes it implies: "
                          f"missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")

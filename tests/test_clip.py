@@ -149,3 +149,9 @@ def test_feature_views_equal_plain_encoders_without_dropout(tiny_clip):
         assert torch.allclose(clean, model.encode_image(images), atol=1e-5) and torch.allclose(clean, dropped, atol=1e-5)
         clean, dropped = model.encode_text_views(tokens, 0.2)
         assert torch.allclose(clean, model.encode_text(tokens), atol=1e-5) and torch.allclose(clean, dropped, atol=1e-5)
+
+
+def test_quick_gelu_gradient():
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(clip.QuickGELU(), (x,))
+    assert torch.equal(clip.QuickGELU()(x), x * torch.sigmoid(1.702 * x))
