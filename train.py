@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable, load_trainable_state_dict, save_trainable
+from mrs_adapter.cuda_graph import GraphedStep
 from mrs_adapter.data import TrainDataset, eval_loaders, load_splits
 from mrs_adapter.loss import hmmc_loss, info_nce
 from mrs_adapter.methods import METHODS, apply_method, default_lr
@@ -57,7 +58,8 @@ def get_parser() -> argparse.ArgumentParser:
     a("--lr-decay-every", type=int, default=20, help="epochs between decays (paper: 20)")
     a("--epochs", type=int, default=30, help="training epochs (paper: 30)")
     a("--batch-size", type=int, default=16, help="GLOBAL batch of caption-image pairs (paper: 16)")
-    a("--eval-batch-size", type=int, default=64, help="evaluation batch (paper: 64)")
+    a("--eval-batch-size", type=int, help="evaluation batch (paper: 64, the CPU default; 512 on CUDA, where "
+                                          "64 leaves the GPU idle; each item is encoded alone, so results do not change)")
     a("--seeds", type=int, nargs="+", default=[2], help="one run per seed s: python s, numpy s+1, torch s+2 "
                                                         "(paper: 2, 3, 4, i.e. --seeds 2)")
     a("--output", help="run folder (default: runs/<dataset>-<method>)")
@@ -72,6 +74,9 @@ def get_parser() -> argparse.ArgumentParser:
     a("--separate-views", action="store_true", help="encode clean and dropout views in separate passes "
                                                     "(same distribution as the default single batched pass)")
     a("--compile", action="store_true", help="torch.compile the training forward (an option; see README 'Speed')")
+    a("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+      help="launch every kernel of a training step from Python instead of replaying a recorded CUDA graph "
+           "(default: graphs on one CUDA device with bf16/fp32; off on CPU, under torchrun, with fp16 or --compile)")
     a("--print-freq", type=int, default=50, help="steps between progress lines (and non-finite loss checks)")
     return p
 
@@ -156,7 +161,9 @@ def build_model(args, verbose: bool = True):
 
 def forward_backward(args, views: nn.Module, model: nn.Module, images, tokens, scaler):
     """One step's loss on the global batch (and its terms), and its backward."""
-    with torch.autocast("cuda", dtype=args.amp_dtype or torch.float32, enabled=args.amp_dtype is not None):
+    # no autocast weight cache: it cannot live inside a CUDA graph, and each weight is cast once per step anyway
+    with torch.autocast("cuda", dtype=args.amp_dtype or torch.float32, enabled=args.amp_dtype is not None,
+                        cache_enabled=False):
         loss, terms = compute_loss(args, model, views(images, tokens))
     # DDP averages gradients over ranks; each rank's loss is the global-batch loss whose gradient
     # flows through its own rows only, so x world makes that average the global-batch gradient.
@@ -186,20 +193,48 @@ def collate_trimmed(batch):
     return images, clip.CLIP.trim(tokens), index
 
 
-def train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, step):
-    """One pass over the training pairs; returns (global step, mean loss, pairs/s)."""
+def recorded_step(graphs, eager_step, optimizer, images, tokens, batch_size):
+    """The CUDA-graphed step for a full batch: recorded on first use and when the lr changes.
+    None for other batches, without --cuda-graphs, or after a recording failed (then eager)."""
+    if graphs is None or graphs.get("failed") or images.shape[0] != batch_size:
+        return None
+    if "step" not in graphs or graphs["step"].lr != optimizer.param_groups[0]["lr"]:
+        graphs.pop("step", None)  # frees the previous recording first
+        try:
+            graphs["step"] = GraphedStep(eager_step, optimizer, images, tokens)
+        except RuntimeError as e:
+            graphs["failed"] = True
+            print(f"warning: recording the training step as a CUDA graph failed ({e}); continuing without")
+            return None
+    return graphs["step"]
+
+
+def train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, step, graphs=None):
+    """One pass over the training pairs; returns (global step, mean loss, pairs/s).
+
+    graphs: a dict holding the CUDA-graphed step (--cuda-graphs), recorded at the first full batch
+    and again when the learning rate changes; other batches (the last, smaller one) run eagerly."""
     views.train()
     for g in optimizer.param_groups:
         g["lr"] = lr_at(epoch, args)
     world = dist.get_world_size() if dist.is_initialized() else 1
     start, seen, loss_sum, window = time.time(), 0, 0.0, []
-    for i, (images, tokens, _) in enumerate(loader):
-        images, tokens = images.to(args.device, non_blocking=True), tokens.to(args.device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+
+    def eager_step(images, tokens):
         loss, terms = forward_backward(args, views, model, images, tokens, scaler)
         scaler.step(optimizer)
         scaler.update()
+        return loss, terms
+
+    for i, (images, tokens, _) in enumerate(loader):
+        images, tokens = images.to(args.device, non_blocking=True), tokens.to(args.device, non_blocking=True)
+        step += 1
+        graphed = recorded_step(graphs, eager_step, optimizer, images, tokens, args.batch_size)
+        if graphed is not None:
+            loss, terms = graphed(images, tokens)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss, terms = eager_step(images, tokens)
         seen += images.shape[0] * world
         loss_sum = loss_sum + loss.detach()
         window.append((step, loss.detach(), {k: v.detach() for k, v in terms.items()}))
@@ -240,11 +275,13 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
     train_set = TrainDataset(splits["train"], preprocess, ctx, cache=args.cache_images)
     # the shuffle order depends on (seed, epoch) alone, so a resumed run sees the same batches
     sampler = DistributedSampler(train_set, num_replicas=world, rank=args.rank, shuffle=True, seed=seed + 2)
+    # a recorded step needs fixed shapes, so with CUDA graphs the text keeps its 77 columns
     loader = DataLoader(train_set, args.batch_size // world, sampler=sampler, num_workers=args.workers,
-                        collate_fn=collate_trimmed, pin_memory=args.device.startswith("cuda"),
-                        persistent_workers=args.workers > 0)
+                        collate_fn=default_collate if args.cuda_graphs else collate_trimmed,
+                        pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                 betas=(0.9, 0.999), weight_decay=0.0)
+                                 betas=(0.9, 0.999), weight_decay=0.0, capturable=args.cuda_graphs)
+    graphs = {} if args.cuda_graphs else None
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp_dtype == torch.float16)
     views = Views(model, args.feature_dropout, args.objective == "hmmc", args.separate_views)
     if world > 1:
@@ -277,7 +314,8 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         t0 = time.time()
-        step, mean_loss, rate = train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, step)
+        step, mean_loss, rate = train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, step,
+                                                graphs)
         train_seconds = time.time() - t0
         if main_rank:
             val = score("val")
@@ -331,6 +369,9 @@ def setup(args):
             raise ValueError(f"--batch-size {args.batch_size} is the global batch; it must divide by the "
                              f"{args.world_size} processes")
     on_cuda = args.device.startswith("cuda")
+    args.cuda_graphs = (args.cuda_graphs and on_cuda and args.world_size == 1 and args.precision != "fp16"
+                        and not args.compile)
+    args.eval_batch_size = args.eval_batch_size or (512 if on_cuda else 64)
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if on_cuda else 0
     args.precision = args.precision or ("bf16" if on_cuda else "fp32")

@@ -325,16 +325,18 @@ class ImageDataset(Dataset):
 
 
 class CaptionDataset(Dataset):
-    """Each caption of a split once, as CLIP token ids (context_length,)."""
+    """Each caption of a split once, as CLIP token ids (context_length,), tokenized once up front
+    (validation reads the same captions every epoch)."""
 
     def __init__(self, split: Split, context_length: int = 77):
         self.captions, self.context_length = split.captions, context_length
+        self.tokens = tokenize(self.captions, context_length)  # (N, context_length)
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, j: int) -> torch.Tensor:
-        return tokenize(self.captions[j], self.context_length)[0]
+        return self.tokens[j]
 
 
 class TrainDataset(Dataset):
@@ -358,8 +360,9 @@ def eval_loaders(split: Split, preprocess: Callable, context_length: int = 77, b
                  workers: int = 0, cache: bool = False) -> Tuple[DataLoader, DataLoader]:
     """(image loader, caption loader) in split order, for `metrics.evaluate`; cache=True pays off
     when the split is evaluated again and again (validation every epoch)."""
-    return tuple(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
-                 for ds in (ImageDataset(split, preprocess, cache), CaptionDataset(split, context_length)))
+    images = DataLoader(ImageDataset(split, preprocess, cache), batch_size=batch_size, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    return images, DataLoader(CaptionDataset(split, context_length), batch_size=batch_size)  # ids: no workers needed
 
 
 def _check_images(listings: Dict[str, _Listing], image_dir: str, threads: int) -> List[Problem]:

@@ -177,3 +177,32 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path)
         assert torch.allclose(got["loss"], loss.detach(), atol=1e-5)
         for name, grad in expected.items():
             assert torch.allclose(got["grads"][name], grad, atol=1e-5), name
+
+
+def test_cuda_graph_warm_up_leaves_no_trace():
+    """The warm-up before recording a CUDA graph runs real steps; their effect must be undone, so the
+    first recorded step equals a plain first step (checked with the eager step on the CPU)."""
+    from mrs_adapter.cuda_graph import warm_up
+    runs = []
+    for warm in (False, True):
+        model, images, tokens = fixed_problem()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=1e-3)
+        views = train.Views(model, 0.0, both_views=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+        def step(x, t):
+            loss = train.forward_backward(LOSS_ARGS, views, model, x, t, scaler)
+            optimizer.step()
+            return loss
+
+        if warm:
+            before = [p.detach().clone() for p in params]
+            warm_up(step, optimizer, [images, tokens], steps=2)
+            assert all(torch.equal(a, b) for a, b in zip(before, params))
+            assert all(torch.count_nonzero(v) == 0 for s in optimizer.state.values() for v in s.values())
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            step(images, tokens)
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

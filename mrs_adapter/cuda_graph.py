@@ -1,0 +1,73 @@
+"""A whole training step recorded once as a CUDA graph and replayed: same math, less launching.
+
+At the recipe's batch of 16 pairs a ViT-B/32 step (both towers, two views, backward, Adam) is a
+few thousand small kernels, and launching them one by one from Python takes longer than running
+them (bench.py measured ~70 ms per step on an H200). `GraphedStep` records forward, loss,
+backward and optimizer step once, after a few warm-up steps whose effect is undone, and replays
+the recording for every batch of the same shape. Used by train.py on a single CUDA device.
+"""
+import contextlib
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+
+def _state_of(optimizer: torch.optim.Optimizer) -> Tuple[List[torch.Tensor], Dict]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+             for p in params if p in optimizer.state}
+    return [p.detach().clone() for p in params], state
+
+
+@torch.no_grad()
+def _restore(optimizer: torch.optim.Optimizer, saved: Tuple[List[torch.Tensor], Dict]):
+    """Put parameters and optimizer state back in place (same tensors, so recorded addresses stay
+    valid). State the warm-up created is zeroed: zero moments and step 0 are a fresh Adam state."""
+    values, state = saved
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p, v in zip(params, values):
+        p.copy_(v)
+    for p in params:
+        for k, v in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                v.copy_(state[p][k]) if p in state else v.zero_()
+
+
+def warm_up(step: Callable, optimizer: torch.optim.Optimizer, inputs: List[torch.Tensor], steps: int = 3):
+    """Run `step(*inputs)` a few times (creates optimizer state, lets libraries pick kernels), then
+    undo every change to the parameters and the optimizer state."""
+    saved = _state_of(optimizer)
+    cuda = inputs[0].is_cuda
+    side = torch.cuda.Stream() if cuda else None
+    if cuda:
+        side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            step(*inputs)
+    if cuda:
+        torch.cuda.current_stream().wait_stream(side)
+    _restore(optimizer, saved)
+
+
+class GraphedStep:
+    """`step(*inputs) -> (loss, terms)` (forward, backward and optimizer.step() included), recorded.
+
+    The optimizer must be built with capturable=True. Its learning rate is part of the recording:
+    record again when it changes. Calls must pass inputs of the recorded shapes."""
+
+    def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, *example: torch.Tensor):
+        self.inputs = [x.clone() for x in example]  # the fixed buffers the recording reads
+        self.lr = optimizer.param_groups[0]["lr"]
+        warm_up(step, optimizer, self.inputs)
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)  # the recorded backward allocates (and then rewrites) the grads
+        with torch.cuda.graph(self.graph):
+            self.loss, self.terms = step(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor):
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x)
+        self.graph.replay()
+        # the outputs live in the recording's memory and are overwritten by the next replay
+        return self.loss.clone(), {k: v.clone() for k, v in self.terms.items()}
