@@ -151,15 +151,21 @@ def synthetic_rsitmd(root: str, n_train: int, n_test: int = 452, threads: int = 
     return root
 
 
+def random_weights(tmp: str):
+    """(path, model): ViT-B/32 shapes, random weights, saved as a plain state dict in `tmp`."""
+    torch.manual_seed(0)
+    model = CLIP(**VIT_B_32).eval()
+    path = os.path.join(tmp, "vit_b_32.pt")
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
 def eval_overhead(args, tmp: str) -> dict:
     """`python eval.py` wall time on a synthetic RSITMD test set / encoding the same tensors alone."""
     from mrs_adapter.data import eval_loaders, load_splits
     from mrs_adapter.metrics import encode_dataset
     root = synthetic_rsitmd(os.path.join(tmp, "eval"), n_train=5)
-    weights = os.path.join(tmp, "vit_b_32.pt")
-    torch.manual_seed(0)
-    model = CLIP(**VIT_B_32).eval()
-    torch.save(model.state_dict(), weights)
+    weights, model = random_weights(tmp)
     cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--dataset", "rsitmd", "--data-root", root, "--zero-shot",
            "--clip", weights, "--device", args.device, "--json", os.path.join(tmp, "eval.json")]
     end_to_end = timed(lambda: subprocess.run(cmd, check=True, capture_output=True), args.device)
@@ -183,7 +189,7 @@ def eval_overhead(args, tmp: str) -> dict:
 def recipe_projection(args, tmp: str) -> dict:
     """Minutes of the full RSITMD recipe: one measured epoch of `python train.py` on synthetic data."""
     root = synthetic_rsitmd(os.path.join(tmp, "recipe"), n_train=4291, threads=16)
-    weights = os.path.join(tmp, "vit_b_32.pt")
+    weights, _ = random_weights(tmp)
     run = os.path.join(tmp, "run")
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "rsitmd", "--data-root", root, "--clip", weights,
            "--epochs", "1", "--output", run, "--device", args.device, "--print-freq", "200"]
