@@ -48,13 +48,13 @@ class QuickGELUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return x * torch.sigmoid(1.702 * x)
+        return x.mul(1.702).sigmoid_().mul_(x)  # in place: one (B, L, 4D) buffer instead of three
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        s = torch.sigmoid(1.702 * x)
-        return grad * (s + 1.702 * x * s * (1 - s))  # d/dx [x s(1.702 x)]
+        s = x.mul(1.702).sigmoid_()
+        return (1 - s).mul_(s).mul_(x).mul_(1.702).add_(s).mul_(grad)  # d/dx [x s(1.702 x)] = s + 1.702 x s (1 - s)
 
 
 class QuickGELU(nn.Module):
