@@ -65,6 +65,9 @@ def apply_checkpoint(model: torch.nn.Module, ckpt: Dict, method: Optional[str] =
 
 def build_model_for_eval(args: argparse.Namespace):
     """(model in eval mode on args.device, its preprocess) for --zero-shot or --checkpoint."""
+    if args.clip is None and args.dataset == "demo" and args.checkpoint is None:  # offline: the demo's tiny CLIP
+        from mrs_adapter.demo_backbone import default_path, load_or_pretrain
+        args.clip = load_or_pretrain(default_path(args.data_root))
     if args.zero_shot or args.method == "zero_shot":
         args.clip = args.clip or "ViT-B/32"
         return clip.load(args.clip, args.device)

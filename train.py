@@ -386,8 +386,8 @@ def resolve_clip(args) -> str:
         return args.clip
     if args.dataset != "demo":
         return "ViT-B/32"
-    from mrs_adapter.demo_backbone import load_or_pretrain
-    path = os.path.join(args.data_root, "demo_backbone.pt")
+    from mrs_adapter.demo_backbone import default_path, load_or_pretrain
+    path = default_path(args.data_root)
     if args.rank == 0:
         load_or_pretrain(path)
     if args.world_size > 1:

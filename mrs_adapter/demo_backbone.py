@@ -87,6 +87,11 @@ def pretrain(seconds: float = 45.0, n_images: int = 4000, batch_size: int = 64, 
     return model.eval()
 
 
+def default_path(data_root: str) -> str:
+    """Where train.py / eval.py keep the demo backbone: beside the demo data."""
+    return os.path.join(data_root, "demo_backbone.pt")
+
+
 def load_or_pretrain(path: str, **kwargs) -> str:
     """Path of the cached demo backbone, pre-training and saving it (atomically) first if missing."""
     if os.path.isfile(path):

@@ -5,6 +5,11 @@ import pytest
 import torch
 
 from mrs_adapter.clip import CLIP
+from mrs_adapter.demo import make_demo
+from mrs_adapter.demo_backbone import pretrain
+
+TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
+            context_length=32, vocab_size=49408, transformer_width=96, transformer_heads=1, transformer_layers=2)
 
 
 def make_tiny_clip(seed: int = 0, embed_dim: int = 32, image_resolution: int = 32, vision_layers: int = 2,
@@ -23,6 +28,17 @@ def make_tiny_clip(seed: int = 0, embed_dim: int = 32, image_resolution: int = 3
 @pytest.fixture
 def tiny_clip() -> CLIP:
     return make_tiny_clip()
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """(data root, backbone path): a small demo set and a tiny CLIP pre-trained on shapes for 150 steps."""
+    root = tmp_path_factory.mktemp("demo")
+    make_demo(str(root), n_train=150, n_test=60, size=32)
+    torch.manual_seed(0)
+    backbone = pretrain(arch=TINY, n_images=2000, max_steps=150, log_every=1000)
+    torch.save(backbone.state_dict(), root / "backbone.pt")
+    return str(root), str(root / "backbone.pt")
 
 
 def as_torchscript_archive(state_dict: dict, path):

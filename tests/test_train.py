@@ -14,23 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 import train
 from conftest import make_tiny_clip
 from mrs_adapter.adapter import add_adapters
-from mrs_adapter.demo import make_demo
-from mrs_adapter.demo_backbone import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
-            context_length=32, vocab_size=49408, transformer_width=96, transformer_heads=1, transformer_layers=2)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """(data root, backbone path): a small demo set and a tiny CLIP pre-trained on shapes for 150 steps."""
-    root = tmp_path_factory.mktemp("demo")
-    make_demo(str(root), n_train=150, n_test=60, size=32)
-    torch.manual_seed(0)
-    backbone = pretrain(arch=TINY, n_images=2000, max_steps=150, log_every=1000)
-    torch.save(backbone.state_dict(), root / "backbone.pt")
-    return str(root), str(root / "backbone.pt")
 
 
 def run(demo, output, *extra):

@@ -1,0 +1,106 @@
+"""The paper's PETL benchmark (Tables II-IV): methods x seeds on one dataset, beside the published mR.
+
+    python benchmark.py --dataset rsitmd --data-root data --seeds 2 3 4
+    python benchmark.py --dataset demo --methods zero_shot mrs_adapter lora -- --epochs 10
+
+Each method trains through `train.main` (same loop, loss, selection on validation, checkpoints)
+into <output>/<method>; zero_shot is evaluated with `eval.main`. Flags after `--` go to train.py.
+Writes <output>/benchmark.md and benchmark.csv: our mean +- std over seeds on the test split,
+the trainable-parameter count, and the paper's count and mR for that dataset.
+"""
+import argparse
+import csv
+import io
+import os
+import sys
+
+import torch
+
+import eval as eval_script
+import train
+from mrs_adapter.runfiles import atomic_write
+
+# method -> (the paper's trainable parameters, its mR on RSICD / RSITMD / UCM); method.md 7
+PUBLISHED = {
+    "zero_shot": ("0", {"rsicd": 15.04, "rsitmd": 23.89, "ucm": 33.08}),
+    "full": ("151M", {"rsicd": 30.39, "rsitmd": 45.33, "ucm": 52.43}),
+    "linear_probe": ("1.05M", {"rsicd": 24.46, "rsitmd": 36.25, "ucm": 51.30}),
+    "coop": ("0.10M", {"rsicd": 17.29, "rsitmd": 30.51, "ucm": 44.95}),
+    "vpt": ("0.46M", {"rsicd": 21.72, "rsitmd": 34.14, "ucm": 49.77}),
+    "vl_prompt": ("0.47M", {"rsicd": 19.61, "rsitmd": 32.40, "ucm": 47.50}),
+    "adapter": ("0.17M", {"rsicd": 24.84, "rsitmd": 32.37, "ucm": 52.74}),
+    "clip_adapter": ("0.52M", {"rsicd": 21.65, "rsitmd": 32.38, "ucm": 44.82}),
+    "convpass": ("0.14M", {"rsicd": 21.38, "rsitmd": 32.55, "ucm": 52.91}),
+    "adaptformer": ("0.17M", {"rsicd": 28.10, "rsitmd": 34.81, "ucm": 53.69}),
+    "cross_modal_adapter": ("0.16M", {"rsicd": 27.96, "rsitmd": 38.06, "ucm": 53.62}),
+    "uniadapter": ("0.55M", {"rsicd": 28.84, "rsitmd": 39.23, "ucm": 54.59}),
+    "mrs_adapter": ("0.16M", {"rsicd": 31.12, "rsitmd": 44.47, "ucm": 55.71}),
+    "lora": ("-", {}),  # not in the paper
+}
+COLUMNS = ["method", "params", "paper_params", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+           "mR", "mR_std", "paper_mR", "seeds"]
+
+
+def run_method(args, method: str, train_argv: list) -> dict:
+    """{metric: mean}, {metric: std} and the trainable count of one method, trained or zero-shot."""
+    folder = os.path.join(args.output, method)
+    common = ["--dataset", args.dataset, "--data-root", args.data_root] + (["--clip", args.clip] if args.clip else [])
+    if method == "zero_shot":  # nothing to train, and deterministic: one evaluation
+        metrics = eval_script.main(common + ["--zero-shot", "--json", os.path.join(folder, "eval.json")])
+        return {"mean": metrics, "std": {k: 0.0 for k in metrics}, "params": 0, "seeds": "-"}
+    summary = train.main(common + ["--method", method, "--output", folder, "--seeds",
+                                   *map(str, args.seeds)] + train_argv)
+    best = torch.load(os.path.join(folder, f"seed{args.seeds[0]}", "best.pt"), weights_only=True)
+    return {"mean": summary["mean"], "std": summary["std"], "seeds": " ".join(map(str, args.seeds)),
+            "params": sum(t.numel() for t in best["trainable"].values())}
+
+
+def row(dataset: str, method: str, result: dict) -> dict:
+    paper_params, paper_mr = PUBLISHED.get(method, ("-", {}))
+    cells = {k: round(result["mean"][k], 2) for k in COLUMNS[3:10]}
+    return {"method": method, "params": result["params"], "paper_params": paper_params, **cells,
+            "mR_std": round(result["std"]["mR"], 2), "paper_mR": paper_mr.get(dataset, "-"), "seeds": result["seeds"]}
+
+
+def markdown(dataset: str, rows: list) -> str:
+    lines = [f"Test split of {dataset}; mean over seeds, model selected on validation mR (python benchmark.py).", "",
+             "| method | params | paper params | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | mR | paper mR |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['params']:,} | {r['paper_params']} | {r['i2t_r1']:.2f} | {r['i2t_r5']:.2f} | "
+                     f"{r['i2t_r10']:.2f} | {r['t2i_r1']:.2f} | {r['t2i_r5']:.2f} | {r['t2i_r10']:.2f} | "
+                     f"{r['mR']:.2f} +- {r['mR_std']:.2f} | {r['paper_mR']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"])
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--methods", nargs="+", default=list(PUBLISHED), choices=list(PUBLISHED),
+                   help="default: every method of the paper's tables, then LoRA")
+    p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="train.py seeds (published rows average runs)")
+    p.add_argument("--clip", help="CLIP weights for every method (default: train.py's)")
+    p.add_argument("--output", help="default: runs/benchmark-<dataset>")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, rest = p.parse_known_args(argv[:split])
+    train_argv = rest + argv[split + 1:]
+    args.output = args.output or os.path.join("runs", f"benchmark-{args.dataset}")
+    rows = []
+    for method in args.methods:
+        print(f"\n##### benchmark: {method} on {args.dataset}")
+        rows.append(row(args.dataset, method, run_method(args, method, train_argv)))
+    table = markdown(args.dataset, rows)
+    atomic_write(os.path.join(args.output, "benchmark.md"), lambda f: f.write(table))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(os.path.join(args.output, "benchmark.csv"), lambda f: f.write(buffer.getvalue()))
+    print("\n" + table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

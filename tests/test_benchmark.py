@@ -1,0 +1,29 @@
+"""benchmark.py: methods x seeds through train.main / eval.main, written as Markdown and CSV."""
+import csv
+import json
+
+import benchmark
+from mrs_adapter import clip
+from mrs_adapter.adapter import count_parameters
+from mrs_adapter.methods import apply_method
+
+
+def test_benchmark_runs_methods_and_seeds_on_the_demo(demo, tmp_path):
+    root, backbone = demo
+    out = tmp_path / "bench"
+    rows = benchmark.main(["--dataset", "demo", "--data-root", root, "--clip", backbone, "--output", str(out),
+                           "--methods", "zero_shot", "mrs_adapter", "lora", "--seeds", "2", "3",
+                           "--", "--epochs", "1", "--lr", "1e-3", "--print-freq", "100"])
+    with open(out / "benchmark.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["zero_shot", "mrs_adapter", "lora"] == [r["method"] for r in rows]
+    markdown = (out / "benchmark.md").read_text()
+    assert all(f"| {m} |" in markdown for m in ("zero_shot", "mrs_adapter", "lora"))
+    for r in table[1:]:  # trained rows: the mean and std of the seeds' results.json
+        seeds = [json.load(open(out / r["method"] / f"seed{s}" / "results.json"))["test"]["mR"] for s in (2, 3)]
+        assert float(r["mR"]) == round(sum(seeds) / 2, 2) and float(r["mR_std"]) > 0
+        expected, _ = count_parameters(apply_method(clip.load(backbone)[0], r["method"], verbose=False))
+        assert int(r["params"]) == expected > 0
+        assert r["paper_mR"] == "-" and r["seeds"] == "2 3"  # the paper has no demo column
+    zero_shot = json.load(open(out / "zero_shot" / "eval.json"))["metrics"]["mR"]
+    assert float(table[0]["mR"]) == round(zero_shot, 2) and table[0]["params"] == "0"
