@@ -36,7 +36,7 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     make_demo(str(root), n_train=150, n_test=60, size=32)
     torch.manual_seed(0)
-    backbone = pretrain(arch=TINY, n_images=2000, max_steps=150, log_every=1000)
+    backbone = pretrain(150, n_images=2000, log_every=1000, arch=TINY)
     torch.save(backbone.state_dict(), root / "backbone.pt")
     return str(root), str(root / "backbone.pt")
 
