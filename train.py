@@ -156,6 +156,8 @@ def build_model(args, verbose: bool = True):
     model, preprocess = clip.load(args.clip, device="cpu")
     options = {"dropout": args.adapter_dropout, "bottleneck": args.bottleneck} if args.method == "mrs_adapter" else {}
     model = apply_method(model, args.method, options, verbose=verbose)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"method {args.method} trains nothing; evaluate it with `python eval.py --zero-shot`")
     return model.to(args.device), preprocess, options
 
 

@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-import train
 from mrs_adapter.cuda_graph import GraphedStep
-from test_train import LOSS_ARGS, fixed_problem
+from test_train import adam_step, fixed_problem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -15,16 +14,7 @@ def test_replayed_steps_equal_eager_steps():
         model, images, tokens = fixed_problem()
         model = model.cuda()
         batches = [(images.cuda() * s, tokens.cuda().roll(s, 0)) for s in (1, 2, 3)]  # three different batches
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=1e-3, capturable=True)
-        views = train.Views(model, 0.0, both_views=True)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-
-        def step(x, t):
-            loss = train.forward_backward(LOSS_ARGS, views, model, x, t, scaler)
-            optimizer.step()
-            return loss
-
+        params, optimizer, step = adam_step(model, capturable=True)
         recorded = GraphedStep(step, optimizer, *batches[0]) if graphed else None
         losses = []
         for x, t in batches:

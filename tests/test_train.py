@@ -164,6 +164,21 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path)
             assert torch.allclose(got["grads"][name], grad, atol=1e-5), name
 
 
+def adam_step(model, **adam):
+    """(trainable params, Adam, step(images, tokens) -> (loss, terms)): forward, backward, Adam step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3, **adam)
+    views = train.Views(model, 0.0, both_views=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+    def step(images, tokens):
+        loss = train.forward_backward(LOSS_ARGS, views, model, images, tokens, scaler)
+        optimizer.step()
+        return loss
+
+    return params, optimizer, step
+
+
 def test_cuda_graph_warm_up_leaves_no_trace():
     """The warm-up before recording a CUDA graph runs real steps; their effect must be undone, so the
     first recorded step equals a plain first step (checked with the eager step on the CPU)."""
@@ -171,16 +186,7 @@ def test_cuda_graph_warm_up_leaves_no_trace():
     runs = []
     for warm in (False, True):
         model, images, tokens = fixed_problem()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=1e-3)
-        views = train.Views(model, 0.0, both_views=True)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-
-        def step(x, t):
-            loss = train.forward_backward(LOSS_ARGS, views, model, x, t, scaler)
-            optimizer.step()
-            return loss
-
+        params, optimizer, step = adam_step(model)
         if warm:
             before = [p.detach().clone() for p in params]
             warm_up(step, optimizer, [images, tokens], steps=2)
