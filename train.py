@@ -1,6 +1,6 @@
 """Train CLIP + MRS-Adapter with the HMMC loss: the recipe of the paper's tables (method.md 4).
 
-    python train.py --dataset demo                                  # offline, ~3 minutes on a CPU
+    python train.py --dataset demo                                  # offline, ~2 minutes on 2 CPU cores
     python train.py --dataset rsitmd --data-root data --seeds 2 3 4
     torchrun --nproc_per_node=4 train.py --dataset rsicd --data-root data
 
@@ -38,7 +38,8 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--dataset", required=True, choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"])
+    a("--dataset", required=True, choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"],
+      help="demo: generated offline (README 'Data' for the others)")
     a("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
     a("--layout", choices=["precomp", "json"], help="force an annotation layout (default: the dataset's usual one)")
     a("--image-dir", help="image folder (default: <data-root>/<dataset>_images)")
