@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageOps
 from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable_state_dict
 from mrs_adapter.data import DATASETS, Split, eval_loaders, load_splits
+from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS, apply_method
 from mrs_adapter.metrics import encode_dataset, recall_at_k
 from mrs_adapter.runfiles import atomic_write
@@ -156,5 +157,5 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, DownloadError) as e:
         raise SystemExit(f"error: {e}")

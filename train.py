@@ -27,6 +27,7 @@ from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable, load_trainable_state_dict, save_trainable
 from mrs_adapter.cuda_graph import GraphedStep
 from mrs_adapter.data import TrainDataset, eval_loaders, load_splits
+from mrs_adapter.download import DownloadError
 from mrs_adapter.loss import hmmc_loss, info_nce
 from mrs_adapter.methods import METHODS, apply_method, default_lr
 from mrs_adapter.metrics import chance_recall, evaluate
@@ -423,5 +424,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, DownloadError) as e:
         sys.exit(f"error: {e}")

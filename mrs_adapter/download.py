@@ -8,11 +8,16 @@ import hashlib
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 
 from .runfiles import atomic_write
 
 CACHE_ENV = "MRS_ADAPTER_CACHE"
+
+
+class DownloadError(RuntimeError):
+    """A download that failed or did not verify; nothing was written to the cache."""
 
 
 def cache_dir(download_root: str = None) -> str:
@@ -66,10 +71,14 @@ def download(url: str, sha256: str, root: str = None, filename: str = None, time
                 done += len(block)
                 _progress(done, total, start, os.path.basename(target), last)
         if total and done != total:
-            raise RuntimeError(f"download of {url} ended after {done} of {total} bytes")
+            raise DownloadError(f"download of {url} ended after {done} of {total} bytes")
         if h.hexdigest() != sha256:
-            raise RuntimeError(f"sha256 of the file downloaded from {url} is {h.hexdigest()}, expected "
+            raise DownloadError(f"sha256 of the file downloaded from {url} is {h.hexdigest()}, expected "
                                f"{sha256}; nothing was written to {target}")
 
-    atomic_write(target, fetch, mode="wb")
+    try:
+        atomic_write(target, fetch, mode="wb")
+    except (urllib.error.URLError, OSError) as e:  # offline, DNS, refused, timed out, a short read ...
+        raise DownloadError(f"could not download {url}: {getattr(e, 'reason', e)}. Nothing was written to the "
+                           f"cache; put the verified file at {target} yourself, or pass a local file.") from e
     return target

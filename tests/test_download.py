@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mrs_adapter import clip
-from mrs_adapter.download import download
+from mrs_adapter.download import DownloadError, download
 from conftest import as_torchscript_archive
 
 
@@ -92,6 +92,16 @@ def test_interrupted_download_leaves_nothing(server, tmp_path):
     server.truncate.add("/model.pt")
     with pytest.raises(Exception):
         download(server.url + "/model.pt", hashlib.sha256(body).hexdigest(), str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_unreachable_server_gives_a_clear_error_and_leaves_nothing(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DownloadError, match=f"could not download http://127.0.0.1:{port}/m.pt.*local file"):
+        download(f"http://127.0.0.1:{port}/m.pt", "0" * 64, str(tmp_path))
     assert os.listdir(tmp_path) == []
 
 
