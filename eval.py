@@ -21,7 +21,7 @@ from mrs_adapter.adapter import load_trainable_state_dict
 from mrs_adapter.data import DATASETS, Split, eval_loaders, load_splits
 from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS, apply_method
-from mrs_adapter.metrics import encode_dataset, recall_at_k
+from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k
 from mrs_adapter.runfiles import atomic_write
 
 WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overwrite
@@ -102,14 +102,6 @@ def write_json(path: str, payload: Dict):
     atomic_write(path, lambda f: json.dump(payload, f, indent=2))
 
 
-def format_row(m: Dict[str, float]) -> str:
-    """The paper's table row: i2t R@1/5/10 | t2i R@1/5/10 | mR."""
-    head = f"{'i2t R@1':>8} {'R@5':>6} {'R@10':>6} | {'t2i R@1':>8} {'R@5':>6} {'R@10':>6} | {'mR':>6}"
-    row = (f"{m['i2t_r1']:8.2f} {m['i2t_r5']:6.2f} {m['i2t_r10']:6.2f} | "
-           f"{m['t2i_r1']:8.2f} {m['t2i_r5']:6.2f} {m['t2i_r10']:6.2f} | {m['mR']:6.2f}")
-    return head + "\n" + row
-
-
 def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k: int = 5, thumb: int = 96):
     """A PNG: for evenly spaced text queries, the caption and its top-k images; the correct image
     is framed green, the others grey."""
@@ -142,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
     metrics = recall_at_k(sims, torch.tensor(split.txt2img))
     what = "zero-shot" if args.zero_shot else args.checkpoint
-    print(f"{args.dataset} {split} | CLIP {args.clip} {what}\n{format_row(metrics)}")
+    print(f"{args.dataset} {split} | CLIP {args.clip} {what}\n{format_table([(args.split, metrics)])}")
     path = args.json or default_json_path(args)
     write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics, "dataset": args.dataset, "split": args.split,
                       "n_images": len(split.image_paths), "n_captions": len(split.captions),

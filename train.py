@@ -30,10 +30,9 @@ from mrs_adapter.data import TrainDataset, eval_loaders, load_splits
 from mrs_adapter.download import DownloadError
 from mrs_adapter.loss import hmmc_loss, info_nce
 from mrs_adapter.methods import METHODS, apply_method, default_lr
-from mrs_adapter.metrics import chance_recall, evaluate
+from mrs_adapter.metrics import METRICS, chance_recall, evaluate, format_table
 from mrs_adapter.runfiles import RunLog, environment, prepare_run_dir, read_jsonl, write_json
 
-METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -256,17 +255,6 @@ def train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, s
     return step, mean_loss, seen / max(time.time() - start, 1e-9)
 
 
-def format_row(name: str, metrics: dict, std: dict = None) -> str:
-    cells = [f"{metrics[k]:6.2f}" + (f" +- {std[k]:4.2f}" if std else "") for k in METRICS]
-    return f"{name:<28} {' '.join(cells[:3])} | {' '.join(cells[3:6])} | {cells[6]}"
-
-
-def print_table(rows):
-    print(f"{'':<28} i2t R@1, R@5, R@10 | t2i R@1, R@5, R@10 | mR")
-    for row in rows:
-        print(format_row(*row))
-
-
 def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
     """Train one seed in `run_dir`, select on validation, test the selected checkpoint; rank 0's results."""
     main_rank, world = args.rank == 0, args.world_size
@@ -314,7 +302,7 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
         if main_rank:
             write_json(paths["config.json"], config)
             log.write(kind="initial", epoch=-1, **{f"{s}_{k}": v for s, m in initial.items() for k, v in m.items()})
-            print(format_row("before training (test)", initial["test"]))
+            print(format_table([("before training (test)", initial["test"])]))
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         t0 = time.time()
@@ -353,9 +341,9 @@ def summarize(args, results: list, splits: dict) -> dict:
     chance = chance_recall(torch.as_tensor(splits["test"].txt2img))
     print(f"\n{args.dataset} test split, {len(results)} seed(s), model selected on validation mR:")
     several = len(results) > 1
-    print_table([("before training", results[0]["initial"]["test"]),
-                 (f"{args.method}" + (" (mean +- std)" if several else ""), mean, std if several else None),
-                 ("chance", chance)])
+    print(format_table([("before training", results[0]["initial"]["test"]),
+                        (f"{args.method}" + (" (mean +- std)" if several else ""), mean, std if several else None),
+                        ("chance", chance)]))
     return {"dataset": args.dataset, "method": args.method, "seeds": args.seeds, "mean": mean, "std": std,
             "chance": chance, "per_seed": results}
 

@@ -88,6 +88,20 @@ def chance_recall(txt2img: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict
     return out
 
 
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+
+
+def format_table(rows: Sequence[tuple]) -> str:
+    """The paper's table layout: a header, then per (name, metrics[, std]) row
+    i2t R@1 R@5 R@10 | t2i R@1 R@5 R@10 | mR, each value with +- its std when std is given."""
+    lines = [f"{'':<28} i2t R@1, R@5, R@10 | t2i R@1, R@5, R@10 | mR"]
+    for name, metrics, *std in rows:
+        std = std[0] if std else None
+        cells = [f"{metrics[k]:6.2f}" + (f" +- {std[k]:4.2f}" if std else "") for k in METRICS]
+        lines.append(f"{name:<28} {' '.join(cells[:3])} | {' '.join(cells[3:6])} | {cells[6]}")
+    return "\n".join(lines)
+
+
 def _first(batch):
     # loaders may yield a tensor or a tuple whose first element is the input
     return batch[0] if isinstance(batch, (list, tuple)) else batch
