@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from mrs_adapter import clip
-from mrs_adapter.adapter import load_trainable_state_dict
+from mrs_adapter.adapter import load_trainable_state_dict, read_checkpoint
 from mrs_adapter.data import DATASETS, Split, eval_loaders, load_splits
 from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS, apply_method
@@ -72,9 +72,7 @@ def build_model_for_eval(args: argparse.Namespace):
     if args.zero_shot or args.method == "zero_shot":
         args.clip = args.clip or "ViT-B/32"
         return clip.load(args.clip, args.device)
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(args.checkpoint)
     args.clip = args.clip or ckpt.get("config", {}).get("clip", "ViT-B/32")
     model, preprocess = clip.load(args.clip, "cpu")
     return apply_checkpoint(model, ckpt, args.method).to(args.device).eval(), preprocess

@@ -205,9 +205,19 @@ def save_trainable(model: nn.Module, path: str, **extra) -> None:
         raise
 
 
+def read_checkpoint(path: str):
+    """torch.load(path) of tensors and plain values only, with errors that name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding arbitrary objects
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+
+
 def load_trainable(model: nn.Module, path: str) -> dict:
     """Load a `save_trainable` file strictly into `model`; returns its extra entries (e.g. the config)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "trainable" not in checkpoint:
         found = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path} is not a save_trainable checkpoint (no 'trainable' entry; found {found})")

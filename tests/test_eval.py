@@ -98,3 +98,14 @@ def test_missing_checkpoint_is_named(setup):
     root, _ = setup
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"), "--checkpoint", "nope.pt"])
+
+
+def test_unreadable_or_foreign_checkpoints_are_named(setup, tmp_path):
+    root, weights = setup
+    args = ["--dataset", "demo", "--data-root", str(root / "data"), "--clip", weights, "--checkpoint"]
+    truncated = tmp_path / "best.pt"
+    truncated.write_bytes(open(weights, "rb").read()[:1000])  # e.g. a copy cut short
+    with pytest.raises(ValueError, match="best.pt is not a readable checkpoint"):
+        eval_script.main(args + [str(truncated)])
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):  # a CLIP state dict, not a run's best.pt
+        eval_script.main(args + [weights])
