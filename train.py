@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from mrs_adapter import clip
-from mrs_adapter.adapter import load_trainable, load_trainable_state_dict, save_trainable
+from mrs_adapter.adapter import load_trainable, save_trainable
 from mrs_adapter.cuda_graph import GraphedStep
 from mrs_adapter.data import TrainDataset, eval_loaders, load_splits
 from mrs_adapter.download import DownloadError
@@ -361,12 +361,12 @@ def setup(args):
             raise ValueError(f"--batch-size {args.batch_size} is the global batch; it must divide by the "
                              f"{args.world_size} processes")
     on_cuda = args.device.startswith("cuda")
+    args.precision = args.precision or ("bf16" if on_cuda else "fp32")
     args.cuda_graphs = (args.cuda_graphs and on_cuda and args.world_size == 1 and args.precision != "fp16"
                         and not args.compile)
     args.eval_batch_size = args.eval_batch_size or (512 if on_cuda else 64)
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if on_cuda else 0
-    args.precision = args.precision or ("bf16" if on_cuda else "fp32")
     args.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision] if on_cuda else None
     args.lr = args.lr if args.lr is not None else default_lr(args.method)
     args.output = args.output or os.path.join("runs", f"{args.dataset}-{args.method}")

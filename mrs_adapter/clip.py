@@ -62,6 +62,11 @@ class QuickGELU(nn.Module):
         return QuickGELUFunction.apply(x)
 
 
+def pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Row i's token index[i]: (B, L, D), (B,) -> (B, 1, D)."""
+    return x[torch.arange(x.shape[0], device=x.device), index][:, None]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names, batch-first."""
 
@@ -88,7 +93,7 @@ class Attention(nn.Module):
         """Attention output of one query token per row (the token a head pools), keys from all tokens."""
         B, L, D = x.shape
         w, b = self.in_proj_weight, self.in_proj_bias
-        q = F.linear(x[torch.arange(B, device=x.device), query_index], w[:D], b[:D])  # (B, D)
+        q = F.linear(pick(x, query_index), w[:D], b[:D])  # (B, 1, D)
         kv = F.linear(x, w[D:], b[D:]).view(B, L, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         mask = None
         if self.causal:  # the query at position p sees positions <= p
@@ -114,7 +119,7 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
         # with query_index, x on the left is the residual stream of the pooled token only: (B, 1, D)
-        x_out = x if query_index is None else x[torch.arange(x.shape[0], device=x.device), query_index][:, None]
+        x_out = x if query_index is None else pick(x, query_index)
         x = x_out + self.attn(self.ln_1(x), query_index)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -140,7 +145,7 @@ class Transformer(nn.Module):
             x = block(x)
         if getattr(last, "accepts_query_index", False):
             return last(x, query_index)
-        return last(x)[torch.arange(x.shape[0], device=x.device), query_index][:, None]
+        return pick(last(x), query_index)
 
 
 class VisionTransformer(nn.Module):
