@@ -186,7 +186,10 @@ def test_method_changes_the_towers_it_adapts_and_only_those(name, tiny):
 @pytest.mark.parametrize("name", TOUCHES_TEXT)
 def test_causal_mask_holds_through_the_method(name, tiny):
     """With the end-of-text token at 6, changing tokens after it leaves the pooled text embedding
-    bit-identical; changing one before it does not (so the test can fail)."""
+    unchanged; changing one before it does not (so the test can fail).
+
+    The three captions are rows of one batch, and GEMM kernels may block rows by position, so equal
+    rows can differ in the last bits (~1e-7): the check uses a tolerance far below a leak (~1e-1)."""
     model, original = with_method(tiny, name)
     randomize_new(model, original)
     eot = 6
@@ -195,8 +198,9 @@ def test_causal_mask_holds_through_the_method(name, tiny):
     txt[2, 3] = 1234 if txt[2, 3] != 1234 else 4321  # before EOT
     with torch.no_grad():
         t = model.encode_text(txt)
-    assert torch.equal(t[0], t[1]), "a token after the end-of-text token reached its embedding"
-    assert not torch.equal(t[0], t[2])
+    leak, control = (t[0] - t[1]).abs().max().item(), (t[0] - t[2]).abs().max().item()
+    assert leak < 1e-5, f"a token after the end-of-text token reached its embedding (moved it by {leak:.2e})"
+    assert control > 1e-3, f"a token before the end-of-text token moved the embedding by only {control:.2e}"
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(METHODS) if n != "zero_shot"])
