@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_tiny_clip
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from conftest import make_tiny_clip
 from mrs_adapter.methods import METHODS
 
 # (method, objective): every method that trains, with HMMC; `full` also with InfoNCE, the one

@@ -14,7 +14,7 @@ and the same checkpoint format (`save_trainable`: the tensors with requires_grad
 import importlib
 import inspect
 from types import ModuleType
-from typing import Dict
+from typing import Dict, Optional
 
 from torch import nn
 
@@ -65,7 +65,7 @@ def method_config(name: str) -> Dict:
     return {**config, "lr": default_lr(name)}
 
 
-def method_options(name: str, overrides: Dict = None) -> Dict:
+def method_options(name: str, overrides: Optional[Dict] = None) -> Dict:
     """{keyword: value} for every keyword of the method's `apply`: `overrides` where given, else
     the default (the file's constant). A key `apply` does not take is an error naming the method."""
     keywords = list(inspect.signature(method_module(name).apply).parameters.values())[1:]  # after model
