@@ -101,3 +101,28 @@ def test_a_single_process_on_cuda_n_makes_it_current_first(device, current, monk
     args = train.get_parser().parse_args(["--dataset", "demo", "--device", device])
     train.setup(args)
     assert calls == ([current] if current else [])
+
+
+def test_the_step_is_recorded_in_a_mode_other_threads_cannot_break(monkeypatch):
+    """The pin-memory thread keeps calling CUDA while the step is recorded: the capture must reject
+    unsafe calls of the recording thread only. (The recording itself: tests/test_cuda_graph.py, GPU.)"""
+    from mrs_adapter import cuda_graph
+    from test_train import adam_step, fixed_problem
+    modes = []
+
+    class Capture:  # stands in for torch.cuda.graph on the CPU: runs the step, notes the mode
+        def __init__(self, graph, capture_error_mode="global"):
+            modes.append(capture_error_mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    model, images, tokens = fixed_problem()
+    _, optimizer, step = adam_step(model)
+    cuda_graph.GraphedStep(step, optimizer, images, tokens)
+    assert modes == ["thread_local"]
