@@ -41,8 +41,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--method", choices=sorted(METHODS), help="optional check: the checkpoint's method must be this "
                                                          "(--zero-shot is --method zero_shot)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                   help="autocast dtype on CUDA (default: the checkpoint's training precision; zero-shot: bf16); "
-                        "the CPU evaluates in fp32")
+                   help="autocast dtype on CUDA (default: the checkpoint's training precision; "
+                        "zero-shot: bf16); the CPU evaluates in fp32")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--batch-size", type=int, default=64, help="eval batch 64, as published (method.md 4)")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: min(8, CPUs) on CUDA; 0 on CPU, "
@@ -52,16 +52,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--visualize", metavar="OUT.png", help="draw text queries with their top-5 images")
     args = p.parse_args(argv)
     if args.method == "zero_shot" and args.checkpoint:
-        p.error(f"--method zero_shot evaluates plain CLIP, not --checkpoint {args.checkpoint}; give one of them")
+        p.error(f"--method zero_shot evaluates plain CLIP, not --checkpoint {args.checkpoint}; "
+                "give one of them")
     if args.zero_shot and args.method not in (None, "zero_shot"):
-        p.error(f"--zero-shot evaluates plain CLIP, not --method {args.method}; for a trained method "
-                f"give its --checkpoint")
+        p.error(f"--zero-shot evaluates plain CLIP, not --method {args.method}; "
+                "for a trained method give its --checkpoint")
     args.zero_shot = args.zero_shot or args.method == "zero_shot"
     if not (args.checkpoint or args.zero_shot):
         p.error("one of --checkpoint or --zero-shot (--method zero_shot) is required")
     if args.precision not in (None, "fp32") and not args.device.startswith("cuda"):
-        p.error(f"--precision {args.precision} needs a CUDA --device (autocast runs on CUDA only here); "
-                f"--device {args.device} evaluates in fp32")
+        p.error(f"--precision {args.precision} needs a CUDA --device (autocast runs on CUDA only "
+                f"here); --device {args.device} evaluates in fp32")
     return args
 
 
@@ -76,16 +77,17 @@ def apply_checkpoint(model: torch.nn.Module, ckpt: Dict, method: Optional[str] =
         raise ValueError(f"--method {method} given, but the checkpoint was trained with {config['method']}")
     recorded, takes = config.get("method_options") or {}, method_options(config["method"])
     if set(recorded) != set(takes):  # today's defaults would silently stand in for what was trained
-        raise ValueError(f"the checkpoint records options {sorted(recorded)} for method {config['method']}, "
-                         f"whose apply takes {sorted(takes)}: written by another version of the code")
-    model = apply_method(model, config["method"], recorded)  # the recorded values, not today's constants
-    freeze_unread(model, config.get("objective", "hmmc"))  # the trained set, as train.build_model made it
+        raise ValueError(f"the checkpoint records options {sorted(recorded)} for method "
+                         f"{config['method']}, whose apply takes {sorted(takes)}: written by "
+                         f"another version of the code")
+    model = apply_method(model, config["method"], recorded)  # recorded, not today's constants
+    freeze_unread(model, config.get("objective", "hmmc"))  # the trained set, as train.py made it
     load_trainable_state_dict(model, ckpt["trainable"])
     return model
 
 
 def eval_precision(args: argparse.Namespace, trained: str) -> str:
-    """--precision, else the training run's (train.py's default is bf16 on CUDA); fp32 on the CPU."""
+    """--precision, else the training run's (train.py's default: bf16 on CUDA); fp32 on the CPU."""
     return args.precision or (trained if args.device.startswith("cuda") else "fp32")
 
 
@@ -156,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     model, preprocess = build_model_for_eval(args)
     image_loader, caption_loader = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    img, txt = encode_dataset(model, image_loader, caption_loader, args.device, amp)  # each image / caption once
+    # each image and each caption once
+    img, txt = encode_dataset(model, image_loader, caption_loader, args.device, amp)
     sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
     metrics = recall_at_k(sims, torch.tensor(split.txt2img))
     what = "zero-shot" if args.zero_shot else args.checkpoint

@@ -163,7 +163,7 @@ def lr_at(epoch: int, args) -> float:
     return args.lr * args.lr_decay ** ((epoch - args.lr_decay_start) // args.lr_decay_every + 1)
 
 
-METHOD_FLAGS = {"bottleneck": "bottleneck", "adapter_dropout": "dropout"}  # flag -> keyword of apply
+METHOD_FLAGS = {"bottleneck": "bottleneck", "adapter_dropout": "dropout"}  # flag -> apply keyword
 
 
 def resolve_method_options(args) -> dict:
@@ -176,14 +176,14 @@ def resolve_method_options(args) -> dict:
         if value is None:
             continue
         if keyword not in defaults:
-            raise ValueError(f"--{flag.replace('_', '-')} {value}: method {args.method} has no {keyword} "
-                             f"option (its options: {', '.join(defaults) or 'none'})")
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: method {args.method} has no "
+                             f"{keyword} option (its options: {', '.join(defaults) or 'none'})")
         given[keyword] = value
     return method_options(args.method, given)
 
 
 def build_model(args, verbose: bool = True):
-    """(CLIP with the method composed in, on args.device; preprocess; method options, all of them)."""
+    """(CLIP with the method composed in, on args.device; preprocess; all the method's options)."""
     model, preprocess = clip.load(args.clip, device="cpu")
     options = resolve_method_options(args)
     model = freeze_unread(apply_method(model, args.method, options, verbose=False), args.objective)
@@ -383,9 +383,10 @@ def summarize(args, results: list, splits: dict) -> dict:
 
 def setup(args):
     """Start the process group under torchrun; fill in the defaults that depend on other flags."""
-    if args.method == "zero_shot":  # before any process group: under torchrun every rank stops alike
-        raise ValueError("--method zero_shot trains nothing; evaluate it with `python eval.py --zero-shot`")
-    resolve_method_options(args)  # a flag the method has no option for fails before any file is written
+    if args.method == "zero_shot":  # before any process group: under torchrun all ranks stop alike
+        raise ValueError("--method zero_shot trains nothing; "
+                         "evaluate it with `python eval.py --zero-shot`")
+    resolve_method_options(args)  # a flag the method lacks fails before any file is written
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device)

@@ -68,8 +68,8 @@ def method_config(name: str) -> Dict:
 def method_options(name: str, overrides: Optional[Dict] = None) -> Dict:
     """{keyword: value} for every keyword of the method's `apply`: `overrides` where given, else
     the default (the file's constant). A key `apply` does not take is an error naming the method."""
-    keywords = list(inspect.signature(method_module(name).apply).parameters.values())[1:]  # after model
-    options = {k.name: k.default for k in keywords}
+    keywords = list(inspect.signature(method_module(name).apply).parameters.values())
+    options = {k.name: k.default for k in keywords[1:]}  # keywords[0] is the model
     unknown = sorted(set(overrides or {}) - set(options))
     if unknown:
         raise ValueError(f"method {name} has no option {', '.join(unknown)}; its options: "
