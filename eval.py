@@ -20,7 +20,7 @@ from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable_state_dict, read_checkpoint
 from mrs_adapter.data import DATASETS, Split, eval_loaders, load_splits
 from mrs_adapter.download import DownloadError
-from mrs_adapter.methods import METHODS, apply_method
+from mrs_adapter.methods import METHODS, apply_method, freeze_unread, method_options
 from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k
 from mrs_adapter.runfiles import atomic_write
 
@@ -33,13 +33,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
     p.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
     p.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--checkpoint", help="best.pt written by train.py (trainable tensors + config)")
     what.add_argument("--zero-shot", action="store_true", help="plain CLIP, the paper's zero-shot rows")
     p.add_argument("--clip", help="CLIP name (the paper: ViT-B/32) or a local weights file; "
                                   "default: the checkpoint's, else ViT-B/32")
     p.add_argument("--method", choices=sorted(METHODS), help="optional check: the checkpoint's method must be this "
                                                          "(--zero-shot is --method zero_shot)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype on CUDA (default: the checkpoint's training precision; "
+                        "zero-shot: bf16); the CPU evaluates in fp32")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--batch-size", type=int, default=64, help="eval batch 64, as published (method.md 4)")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: min(8, CPUs) on CUDA; 0 on CPU, "
@@ -47,7 +50,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="metrics file; default: beside the checkpoint, or under results/")
     p.add_argument("--visualize", metavar="OUT.png", help="draw text queries with their top-5 images")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.method == "zero_shot" and args.checkpoint:
+        p.error(f"--method zero_shot evaluates plain CLIP, not --checkpoint {args.checkpoint}; "
+                "give one of them")
+    if args.zero_shot and args.method not in (None, "zero_shot"):
+        p.error(f"--zero-shot evaluates plain CLIP, not --method {args.method}; "
+                "for a trained method give its --checkpoint")
+    args.zero_shot = args.zero_shot or args.method == "zero_shot"
+    if not (args.checkpoint or args.zero_shot):
+        p.error("one of --checkpoint or --zero-shot (--method zero_shot) is required")
+    if args.precision not in (None, "fp32") and not args.device.startswith("cuda"):
+        p.error(f"--precision {args.precision} needs a CUDA --device (autocast runs on CUDA only "
+                f"here); --device {args.device} evaluates in fp32")
+    return args
 
 
 def apply_checkpoint(model: torch.nn.Module, ckpt: Dict, method: Optional[str] = None) -> torch.nn.Module:
@@ -59,9 +75,20 @@ def apply_checkpoint(model: torch.nn.Module, ckpt: Dict, method: Optional[str] =
                          f"found {sorted(ckpt)} and config keys {sorted(config)}")
     if method is not None and method != config["method"]:
         raise ValueError(f"--method {method} given, but the checkpoint was trained with {config['method']}")
-    model = apply_method(model, config["method"], config.get("method_options") or {})
+    recorded, takes = config.get("method_options") or {}, method_options(config["method"])
+    if set(recorded) != set(takes):  # today's defaults would silently stand in for what was trained
+        raise ValueError(f"the checkpoint records options {sorted(recorded)} for method "
+                         f"{config['method']}, whose apply takes {sorted(takes)}: written by "
+                         f"another version of the code")
+    model = apply_method(model, config["method"], recorded)  # recorded, not today's constants
+    freeze_unread(model, config.get("objective", "hmmc"))  # the trained set, as train.py made it
     load_trainable_state_dict(model, ckpt["trainable"])
     return model
+
+
+def eval_precision(args: argparse.Namespace, trained: str) -> str:
+    """--precision, else the training run's (train.py's default: bf16 on CUDA); fp32 on the CPU."""
+    return args.precision or (trained if args.device.startswith("cuda") else "fp32")
 
 
 def build_model_for_eval(args: argparse.Namespace):
@@ -69,11 +96,13 @@ def build_model_for_eval(args: argparse.Namespace):
     if args.clip is None and args.dataset == "demo" and args.checkpoint is None:  # offline: the demo's tiny CLIP
         from mrs_adapter.demo_backbone import default_path, load_or_pretrain
         args.clip = load_or_pretrain(default_path(args.data_root))
-    if args.zero_shot or args.method == "zero_shot":
+    if args.zero_shot:
         args.clip = args.clip or "ViT-B/32"
+        args.precision = eval_precision(args, "bf16")
         return clip.load(args.clip, args.device)
     ckpt = read_checkpoint(args.checkpoint)
     args.clip = args.clip or ckpt.get("config", {}).get("clip", "ViT-B/32")
+    args.precision = eval_precision(args, ckpt.get("config", {}).get("precision") or "bf16")
     model, preprocess = clip.load(args.clip, "cpu")
     return apply_checkpoint(model, ckpt, args.method).to(args.device).eval(), preprocess
 
@@ -128,15 +157,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     split = load_splits(args.dataset, args.data_root, args.layout, args.image_dir)[args.split]  # data errors first
     model, preprocess = build_model_for_eval(args)
     image_loader, caption_loader = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)
-    img, txt = encode_dataset(model, image_loader, caption_loader, args.device)  # each image / caption once
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    # each image and each caption once
+    img, txt = encode_dataset(model, image_loader, caption_loader, args.device, amp)
     sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
     metrics = recall_at_k(sims, torch.tensor(split.txt2img))
     what = "zero-shot" if args.zero_shot else args.checkpoint
-    print(f"{args.dataset} {split} | CLIP {args.clip} {what}\n{format_table([(args.split, metrics)])}")
+    print(f"{args.dataset} {split} | CLIP {args.clip} {what} ({args.precision})\n"
+          f"{format_table([(args.split, metrics)])}")
     path = args.json or default_json_path(args)
     write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics, "dataset": args.dataset, "split": args.split,
                       "n_images": len(split.image_paths), "n_captions": len(split.captions),
-                      "clip": args.clip, "checkpoint": args.checkpoint, "zero_shot": args.zero_shot})
+                      "clip": args.clip, "checkpoint": args.checkpoint, "zero_shot": args.zero_shot,
+                      "precision": args.precision})
     print(f"wrote {path}")
     if args.visualize:
         visualize(sims, split, args.visualize)

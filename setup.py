@@ -10,7 +10,10 @@ setup(
     packages=find_packages(include=["mrs_adapter", "mrs_adapter.*"]),
     package_data={"mrs_adapter": ["bpe_simple_vocab_16e6.txt.gz", "bpe_simple_vocab_16e6.LICENSE"]},
     python_requires=">=3.9",
-    install_requires=["torch", "torchvision", "ftfy", "regex", "numpy", "pillow"],
+    # torch 2.3: torch.amp.GradScaler("cuda") (train.py). 2.1 would do for
+    # load_state_dict(assign=True) and torch.cuda.graph(capture_error_mode=...), 2.0 for
+    # scaled_dot_product_attention and torch.compile. torchvision 0.18 is torch 2.3's release.
+    install_requires=["torch>=2.3", "torchvision>=0.18", "ftfy", "regex", "numpy", "pillow"],
     extras_require={"test": ["pytest", "open_clip_torch"]},
     license="MIT",
 )

@@ -24,12 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from mrs_adapter import clip
-from mrs_adapter.adapter import load_trainable, save_trainable
+from mrs_adapter.adapter import load_trainable, print_trainable_parameters, save_trainable
 from mrs_adapter.cuda_graph import GraphedStep
 from mrs_adapter.data import TrainDataset, eval_loaders, load_splits
 from mrs_adapter.download import DownloadError
 from mrs_adapter.loss import hmmc_loss, info_nce
-from mrs_adapter.methods import METHODS, apply_method, default_lr
+from mrs_adapter.methods import METHODS, apply_method, default_lr, freeze_unread, method_options
 from mrs_adapter.metrics import METRICS, chance_recall, evaluate, format_table
 from mrs_adapter.runfiles import RunLog, environment, prepare_run_dir, read_jsonl, write_json
 
@@ -50,8 +50,10 @@ def get_parser() -> argparse.ArgumentParser:
     a("--margin", type=float, default=0.2, help="HMMC hinge margin (paper: 0.2)")
     a("--loss-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="HMMC weights (paper: 1 1 1)")
     a("--feature-dropout", type=float, default=0.2, help="dropout of the augmented views (paper: 0.2)")
-    a("--adapter-dropout", type=float, default=0.5, help="dropout inside MRS-Adapter (paper: 0.5)")
-    a("--bottleneck", type=int, default=64, help="MRS-Adapter bottleneck (paper: 64)")
+    a("--adapter-dropout", type=float, help="the method's `dropout` option (default: the method's; "
+                                             "MRS-Adapter: 0.5, the paper's)")
+    a("--bottleneck", type=int, help="the method's `bottleneck` option (default: the method's; "
+                                     "MRS-Adapter: 64, the paper's)")
     a("--lr", type=float, help="Adam learning rate (default: the method's, methods.default_lr: 2e-4 as in the "
                                "paper for the PETL methods, 5e-6 for full fine-tuning)")
     a("--lr-decay", type=float, default=0.7, help="lr factor (paper: x0.7)")
@@ -134,13 +136,22 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def counted_once(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, whose gradient every rank takes 1/world of. A parameter the loss reads directly
+    (not through this rank's rows, like logit_scale) gets the whole gradient on every rank; after
+    forward_backward's x world and DDP's mean it must count once, not world times."""
+    if not dist.is_initialized():
+        return t
+    return t + (t.detach() - t) * (1 - 1 / dist.get_world_size())
+
+
 def compute_loss(args, model: nn.Module, embeddings):
     """(loss, {term: value}) on the global batch: with several processes the embeddings are gathered first."""
     if dist.is_initialized():
         embeddings = [gather_with_grad(e) for e in embeddings]
     embeddings = [e.float() for e in embeddings]
     if args.objective == "info_nce":
-        loss = info_nce(*embeddings, model.logit_scale)
+        loss = info_nce(*embeddings, counted_once(model.logit_scale))
         return loss, {"info_nce": loss}
     return hmmc_loss(*embeddings, margin=args.margin, weights=args.loss_weights, return_terms=True)
 
@@ -152,11 +163,33 @@ def lr_at(epoch: int, args) -> float:
     return args.lr * args.lr_decay ** ((epoch - args.lr_decay_start) // args.lr_decay_every + 1)
 
 
+METHOD_FLAGS = {"bottleneck": "bottleneck", "adapter_dropout": "dropout"}  # flag -> apply keyword
+
+
+def resolve_method_options(args) -> dict:
+    """Every keyword of the method's `apply` with its value: --bottleneck / --adapter-dropout where
+    given, else the method's default. A flag the method has no option for is an error."""
+    defaults = method_options(args.method)
+    given = {}
+    for flag, keyword in METHOD_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if keyword not in defaults:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: method {args.method} has no "
+                             f"{keyword} option (its options: {', '.join(defaults) or 'none'})")
+        given[keyword] = value
+    return method_options(args.method, given)
+
+
 def build_model(args, verbose: bool = True):
-    """(CLIP with the method composed in, on args.device; preprocess; method options)."""
+    """(CLIP with the method composed in, on args.device; preprocess; all the method's options)."""
     model, preprocess = clip.load(args.clip, device="cpu")
-    options = {"dropout": args.adapter_dropout, "bottleneck": args.bottleneck} if args.method == "mrs_adapter" else {}
-    model = apply_method(model, args.method, options, verbose=verbose)
+    options = resolve_method_options(args)
+    model = freeze_unread(apply_method(model, args.method, options, verbose=False), args.objective)
+    if verbose:
+        print(f"method {args.method}: ", end="")
+        print_trainable_parameters(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"method {args.method} trains nothing; evaluate it with `python eval.py --zero-shot`")
     return model.to(args.device), preprocess, options
@@ -350,8 +383,17 @@ def summarize(args, results: list, splits: dict) -> dict:
 
 def setup(args):
     """Start the process group under torchrun; fill in the defaults that depend on other flags."""
+    if args.method == "zero_shot":  # before any process group: under torchrun all ranks stop alike
+        raise ValueError("--method zero_shot trains nothing; "
+                         "evaluate it with `python eval.py --zero-shot`")
+    resolve_method_options(args)  # a flag the method lacks fails before any file is written
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device)
+    if args.world_size == 1 and device.type == "cuda" and device.index is not None:
+        # cuda:N: current before anything is allocated there (the pin-memory thread, GradScaler,
+        # the CUDA-graph pool and autocast all use the current device, cuda:0 until told otherwise)
+        torch.cuda.set_device(args.device)
     if args.world_size > 1:
         if args.device.startswith("cuda"):
             torch.cuda.set_device(args.local_rank)

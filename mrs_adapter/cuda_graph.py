@@ -62,7 +62,10 @@ class GraphedStep:
         warm_up(step, optimizer, self.inputs)
         self.graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)  # the recorded backward allocates (and then rewrites) the grads
-        with torch.cuda.graph(self.graph):
+        # thread_local: only this thread's unsafe CUDA calls abort the recording. The default
+        # ("global") also aborts it when another thread, e.g. the DataLoader's pin-memory thread
+        # allocating pinned memory for the next batch, makes one while we record.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.loss, self.terms = step(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor):

@@ -12,7 +12,7 @@ from mrs_adapter.adapter import save_trainable
 from mrs_adapter.clip import transform
 from mrs_adapter.data import load_splits, read_image
 from mrs_adapter.demo import make_demo
-from mrs_adapter.methods import apply_method
+from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.metrics import recall_at_k
 from mrs_adapter.tokenizer import tokenize
 
@@ -67,7 +67,8 @@ def test_checkpoint_composes_the_method_and_loads_its_tensors(setup):
             if p.requires_grad:
                 p.normal_(0, 0.3)
     ckpt = str(root / "run" / "best.pt")
-    save_trainable(model, ckpt, config={"clip": weights, "method": "mrs_adapter", "method_options": {}})
+    save_trainable(model, ckpt, config={"clip": weights, "method": "mrs_adapter",
+                                        "method_options": method_options("mrs_adapter")})
     metrics = eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"), "--checkpoint", ckpt,
                                 "--workers", "0", "--device", "cpu"])
     sims = direct_sims(model, root)

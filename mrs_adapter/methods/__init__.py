@@ -5,12 +5,16 @@ composes its trainable modules in at build time (wrapper modules holding the fro
 prints nothing. `METHODS` maps the `--method` names of train.py / eval.py to those files.
 A method's configuration is its module-level UPPERCASE constants (also the defaults of its
 `apply`); `method_config` returns them for tables, `default_lr` its Adam learning rate.
+`method_options` gives every keyword of `apply` with the value a run uses: train.py records it
+in config.json and best.pt, and eval.py passes it back whole, so a checkpoint rebuilds the
+model it was trained with even after a constant changes.
 Every method trains through `model.encode_image/encode_text/encode_*_views`, with the same loss
 and the same checkpoint format (`save_trainable`: the tensors with requires_grad).
 """
 import importlib
+import inspect
 from types import ModuleType
-from typing import Dict
+from typing import Dict, Optional
 
 from torch import nn
 
@@ -59,6 +63,28 @@ def method_config(name: str) -> Dict:
     config = {k.lower(): v for k, v in vars(method_module(name)).items()
               if k.isupper() and k != "LR" and isinstance(v, plain)}
     return {**config, "lr": default_lr(name)}
+
+
+def method_options(name: str, overrides: Optional[Dict] = None) -> Dict:
+    """{keyword: value} for every keyword of the method's `apply`: `overrides` where given, else
+    the default (the file's constant). A key `apply` does not take is an error naming the method."""
+    keywords = list(inspect.signature(method_module(name).apply).parameters.values())
+    options = {k.name: k.default for k in keywords[1:]}  # keywords[0] is the model
+    unknown = sorted(set(overrides or {}) - set(options))
+    if unknown:
+        raise ValueError(f"method {name} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(options) or 'none'}")
+    return {**options, **(overrides or {})}
+
+
+def freeze_unread(model: nn.Module, objective: str) -> nn.Module:
+    """Stop training what the objective never reads: CLIP's temperature `logit_scale` (trainable
+    under `full` only) is read by InfoNCE alone; HMMC compares embeddings. A trainable tensor
+    without a gradient would also stop DistributedDataParallel at the second step (its remedy,
+    find_unused_parameters, searches the autograd graph at every step)."""
+    if objective != "info_nce":
+        model.logit_scale.requires_grad_(False)
+    return model
 
 
 def apply_method(model: nn.Module, name: str, options: Dict = None, verbose: bool = True) -> nn.Module:

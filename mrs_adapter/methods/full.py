@@ -1,7 +1,8 @@
 """Full fine-tuning: every CLIP weight trains (the paper's "full fine-tuning" row, 151M on ViT-B/32).
 
-Configuration: all 151,277,313 parameters of ViT-B/32 trainable (`logit_scale` too, though the
-HMMC loss never reads it, so Adam leaves it alone); the checkpoint holds every tensor.
+Configuration: all 151,277,313 parameters of ViT-B/32 trainable; train.py then freezes
+`logit_scale` unless the objective is InfoNCE (HMMC never reads it; methods.freeze_unread), and
+the checkpoint holds every trained tensor.
 LR = 5e-6 (Adam, no weight decay), not the adapters' 2e-4. Adam moves each weight by up to about
 lr per step whatever the gradient's size: at 2e-4, one RSITMD epoch (215 steps of 16) could shift
 a weight by 0.04, the size of CLIP's weights themselves (std ~0.02-0.04), and erase what zero-shot
