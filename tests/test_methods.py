@@ -433,3 +433,18 @@ def test_houlsby_block_is_the_two_sequential_gelu_adapters(tiny):
         h = plain.mlp(plain.ln_2(ref))
         ref = ref + h + adapter(block.mlp_adapter, h)
         torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_convpass_block_has_the_bypass_beside_attention_reading_ln_1(tiny):
+    """Official `convpass_attn`: x + attn(ln_1 x) + s C(ln_1 x), then the plain MLP sublayer."""
+    model, original = with_method(tiny, "convpass")
+    randomize_new(model, original)
+    model.eval()
+    block, plain = model.visual.transformer.resblocks[0], tiny.visual.transformer.resblocks[0]
+    assert block.mlp_bypass is None and block.scale == method_config("convpass")["scale"]
+    x = torch.randn(2, 17, 128)
+    with torch.no_grad():
+        h = plain.ln_1(x)
+        ref = x + plain.attn(h) + block.scale * block.attn_bypass(h)
+        ref = ref + plain.mlp(plain.ln_2(ref))
+        torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
