@@ -44,8 +44,9 @@ class CrossModalAdapter(nn.Module):
     def __init__(self, text_width: int, vision_width: int, bottleneck: int, shared_dim: int,
                  dropout: float, init_std: float):
         super().__init__()
-        if not 0 <= shared_dim < min(text_width, vision_width):
-            raise ValueError(f"shared_dim {shared_dim} must be in [0, {min(text_width, vision_width)})")
+        if not 1 <= shared_dim < min(text_width, vision_width):  # sharing is the method: at least one channel
+            raise ValueError(f"cross_modal_adapter shared_dim must be in 1..{min(text_width, vision_width) - 1} "
+                             f"(some up channels shared, some per tower), got {shared_dim}")
         self.text_down, self.vision_down = nn.Linear(text_width, bottleneck), nn.Linear(vision_width, bottleneck)
         self.text_up = nn.Linear(bottleneck, text_width - shared_dim)
         self.vision_up = nn.Linear(bottleneck, vision_width - shared_dim)
