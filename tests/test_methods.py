@@ -448,3 +448,11 @@ def test_convpass_block_has_the_bypass_beside_attention_reading_ln_1(tiny):
         ref = x + plain.attn(h) + block.scale * block.attn_bypass(h)
         ref = ref + plain.mlp(plain.ln_2(ref))
         torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared_dim", [0, 96])
+def test_cross_modal_adapter_needs_shared_and_own_up_channels(tiny, shared_dim):
+    with pytest.raises(ValueError, match=f"shared_dim must be in 1..95 .* got {shared_dim}"):
+        apply_method(copy.deepcopy(tiny), "cross_modal_adapter", {"shared_dim": shared_dim}, verbose=False)
+    model = apply_method(copy.deepcopy(tiny), "cross_modal_adapter", {"shared_dim": 95}, verbose=False)
+    assert model.transformer.resblocks[0].attn_adapter.text_up.out_features == 1
