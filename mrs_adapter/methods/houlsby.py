@@ -9,8 +9,8 @@ output projection after dropout, before `layer_norm(... + layer_input)`); in CLI
     A(h) = up(gelu(down(h)))                                      (`feedforward_adapter`)
 GELU in its tanh form (their `gelu`), no dropout inside the adapter, weights truncated N(0, 1e-3)
 cut at two standard deviations and zero biases (`init_scale=1e-3`): near-identity, so step 0 is
-within ~1e-4 of zero-shot CLIP, not exactly at it.
-Departures forced by the paper's 0.17M: Houlsby also tunes every LayerNorm (61,440 parameters
+close to zero-shot CLIP (~2e-5 on the tests' tiny CLIP), not exactly at it.
+Departures forced by the paper's 0.17M: Houlsby also tunes the blocks' LayerNorms (61,440 parameters
 here, which would take the count to 0.22M), so CLIP's LayerNorms stay frozen; and their bottleneck
 of 64 becomes 2 (61,488 parameters per unit of bottleneck across 48 adapters; 3 would be 0.22M).
 Count on ViT-B/32: 24 x (2 x 512 x 2 + 2 + 512) + 24 x (2 x 768 x 2 + 2 + 768) = 153,696
@@ -26,7 +26,7 @@ BOTTLENECK = 2
 DROPOUT = 0.0
 INIT_STD = 1e-3  # Houlsby's init_scale: truncated normal std of both weights
 PLACEMENT = "sequential, on the attention output and on the MLP output, every block of both towers"
-INIT = "weights truncated N(0, 1e-3), biases zero (official near-identity; within ~1e-4 of zero-shot)"
+INIT = "weights truncated N(0, 1e-3), biases zero (official near-identity; near, not at, zero-shot)"
 
 
 class HoulsbyAdapter(nn.Module):
