@@ -1,11 +1,16 @@
-"""AdaptFormer (Chen et al., NeurIPS 2022): a scaled bottleneck adapter in parallel with each MLP.
+"""AdaptFormer (Chen et al., NeurIPS 2022): a scaled bottleneck adapter in parallel with each MLP (paper: 0.17M).
 
-Configuration: in every block of both towers, one adapter reading the residual stream after
-attention (AdaptFormer's placement, the one MRS-Adapter inherits), scaled by 0.1 (AdaptFormer's s):
+As in the official code (ShoufaChen/AdaptFormer): the adapter reads the residual stream after
+attention and its output is added beside the MLP's (`Block.forward` in models/vit_image.py,
+`ffn_option="parallel"`), `A(x) = s * up(dropout(relu(down(x))))` (`Adapter.forward` in
+models/adapter.py) with no LayerNorm (`ffn_adapter_layernorm_option="none"`), s = 0.1
+(`ffn_adapter_scalar`), dropout 0.1, down PyTorch's default with zero bias and up zero
+(`init_option="lora"`), all as main_image.py sets them; step 0 is exactly zero-shot CLIP:
     x = x + attn(ln_1(x));  x = x + mlp(ln_2(x)) + 0.1 * up(dropout(relu(down(x))))
-bottleneck 5, dropout 0.1, up zero-initialised (step 0 is exactly zero-shot CLIP); every block has
-its own adapter, no sharing. Count on ViT-B/32: 12 x (2 x 512 x 5 + 5 + 512) +
-12 x (2 x 768 x 5 + 5 + 768) = 169,080 (paper: 0.17M).
+the placement MRS-Adapter inherits. Every block of both towers has its own adapter, no sharing.
+Departure forced by the paper's 0.17M: their bottleneck (`ffn_num`) is 64; here 5.
+Count on ViT-B/32: 12 x (2 x 512 x 5 + 5 + 512) + 12 x (2 x 768 x 5 + 5 + 768) = 169,080
+(paper: 0.17M).
 """
 import torch
 from torch import nn

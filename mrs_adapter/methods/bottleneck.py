@@ -1,8 +1,9 @@
-"""The bottleneck adapter module (Houlsby et al., ICML 2019) that adapter.py-style methods place in CLIP blocks.
+"""The ReLU bottleneck adapter module (Houlsby et al., ICML 2019) as AdaptFormer builds it.
 
 `up(dropout(relu(down(x))))`: (B, L, D) -> (B, L, D). Down: PyTorch's default Linear weights and
-a zero bias; up: all zero, so the module outputs exactly 0 until the first step and a block that
-adds it starts as the frozen block. Used by houlsby.py and adaptformer.py; not a method itself.
+a zero bias; up: all zero (AdaptFormer's "lora" init), so the module outputs exactly 0 until the
+first step and a block that adds it starts as the frozen block. Used by adaptformer.py; not a
+method itself (houlsby.py builds Houlsby's own GELU adapter with its near-identity init).
 """
 import torch
 from torch import nn

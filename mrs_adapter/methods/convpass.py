@@ -1,18 +1,23 @@
 """Convpass (Jie & Deng, 2022): a convolutional bypass that gives the ViT a spatial prior, CLIP frozen (paper: 0.14M).
 
-Configuration: in every block of both towers, one bypass in parallel with the MLP, reading the
-MLP's normalised input: `h = ln_2(x); x = x + mlp(h) + 1.0 * C(h)` (Convpass also puts one beside
-attention; one per block keeps a bottleneck of 4 in the paper's budget instead of 2), with
-`C(h) = up(dropout(gelu(conv(gelu(down(h))))))`, bottleneck 4, dropout 0.1, QuickGELU.
-Vision: `conv` is a 3x3 conv over the patch grid; [CLS] has no neighbours, so it passes as a 1x1
-image through the same conv (only the centre tap reaches it). Text: a causal 1-D conv of width 3
-(token t mixes t-2, t-1, t), so no token reads a later one. Init: down PyTorch's default with zero
-bias; conv = identity on the centre (vision) / current-token (text) tap, 0 elsewhere, so the bypass
-starts as a plain adapter and learns its spatial mixing; up zero, so step 0 is exactly zero-shot.
+As in the official code (JieShibo/PETL-ViT, convpass/vtab/convpass.py): a bypass reads the
+sublayer's normalised input and is added beside it, scaled by s (`forward_block_attn`):
+    h = ln_1(x); x = x + attn(h) + s * C(h);  x = x + mlp(ln_2(x))
+    C(h) = up(dropout(gelu(conv(gelu(down(h))))))                          (`Convpass.forward`)
+QuickGELU, dropout 0.1, s = 1 (`set_Convpass` default); down Xavier-uniform with zero bias, conv
+identity on the centre tap and 0 elsewhere (`xavier_init=False`, the default), up zero, so step 0
+is exactly zero-shot CLIP. [CLS] passes through the same conv as a 1x1 image (only the centre tap
+reaches it), as theirs. Configuration: the official code has two variants, `convpass` (a bypass
+beside attention and one beside the MLP) and `convpass_attn` (beside attention only); the paper's
+0.14M fits `convpass_attn` at bottleneck 4 (140,736); `convpass` would need bottleneck 2
+(154,944, `mlp_bypass=True, bottleneck=2`). Their bottleneck is 8.
+Departure: Convpass is a vision method; the text tower gets a causal 1-D conv of width 3 instead
+(token t mixes t-2, t-1, t, so no token reads a later one), with the same init.
 Count on ViT-B/32: 12 x (768 x 4 + 4 + 4 x 4 x 9 + 4 + 4 x 768 + 768) +
 12 x (512 x 4 + 4 + 4 x 4 x 3 + 4 + 4 x 512 + 512) = 140,736 (paper: 0.14M).
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +28,12 @@ from ..clip import QuickGELU
 
 BOTTLENECK = 4
 KERNEL = 3
-SCALE = 1.0
+SCALE = 1.0  # Convpass's s
 DROPOUT = 0.1
-PLACEMENT = ("parallel to the MLP, reading ln_2(x), every block; 3x3 conv on the patch grid (vision), "
-             "causal width-3 conv (text)")
-INIT = "down default, conv identity tap, up zero (starts at zero-shot)"
+MLP_BYPASS = False  # False: official `convpass_attn`; True: `convpass`, a second bypass beside the MLP
+PLACEMENT = ("parallel to attention, reading ln_1(x), every block (and to the MLP if mlp_bypass); "
+             "3x3 conv on the patch grid (vision), causal width-3 conv (text)")
+INIT = "down Xavier-uniform, conv identity tap, up zero (starts at zero-shot)"
 
 
 class Convpass(nn.Module):
@@ -44,6 +50,7 @@ class Convpass(nn.Module):
         self.conv = conv(bottleneck, bottleneck, kernel, padding=kernel // 2 if image else 0)
         self.up = nn.Linear(bottleneck, width)
         self.gelu, self.dropout = QuickGELU(), nn.Dropout(dropout)
+        nn.init.xavier_uniform_(self.down.weight)
         nn.init.zeros_(self.down.bias)
         with torch.no_grad():  # identity on the tap of the token itself: centre (image), last (causal text)
             self.conv.weight.zero_()
@@ -78,27 +85,32 @@ class Convpass(nn.Module):
 
 
 class ConvpassBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) with a Convpass in parallel with its MLP."""
+    """A frozen CLIP block (`self.block`) with a Convpass beside attention (and one beside the MLP)."""
 
-    def __init__(self, block: nn.Module, convpass: Convpass, scale: float):
+    def __init__(self, block: nn.Module, attn_bypass: Convpass, mlp_bypass: Optional[Convpass], scale: float):
         super().__init__()
-        self.block, self.convpass, self.scale = block, convpass, scale
+        self.block, self.attn_bypass, self.mlp_bypass, self.scale = block, attn_bypass, mlp_bypass, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block = self.block
-        x = x + block.attn(block.ln_1(x))
+        h = block.ln_1(x)
+        x = x + block.attn(h) + self.scale * self.attn_bypass(h)
         h = block.ln_2(x)
-        x = x + block.mlp(h) + self.scale * self.convpass(h)
+        x = x + block.mlp(h)
+        if self.mlp_bypass is not None:
+            x = x + self.scale * self.mlp_bypass(h)
         return x
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
 
 
-def apply(model: nn.Module, bottleneck: int = BOTTLENECK, scale: float = SCALE, dropout: float = DROPOUT) -> nn.Module:
+def apply(model: nn.Module, bottleneck: int = BOTTLENECK, kernel: int = KERNEL, scale: float = SCALE,
+          dropout: float = DROPOUT, mlp_bypass: bool = MLP_BYPASS) -> nn.Module:
     freeze(model)
     for tower, image in ((model.transformer, False), (model.visual.transformer, True)):
         for i, block in enumerate(tower.resblocks):
-            convpass = Convpass(tower.width, bottleneck, image, KERNEL, dropout)
-            tower.resblocks[i] = ConvpassBlock(block, convpass, scale)
+            attn = Convpass(tower.width, bottleneck, image, kernel, dropout)
+            mlp = Convpass(tower.width, bottleneck, image, kernel, dropout) if mlp_bypass else None
+            tower.resblocks[i] = ConvpassBlock(block, attn, mlp, scale)
     return model.to(model.logit_scale.device)

@@ -1,68 +1,97 @@
-"""Cross-Modal Adapter (Jiang et al., 2022): per-tower adapters that share a middle layer across towers (paper: 0.16M).
+"""Cross-Modal Adapter (Jiang et al., 2022, "Cross-Modal Adapter for Text-Video Retrieval") (paper: 0.16M).
 
-Configuration: at every layer l, one module serves block l of BOTH towers: a modality's own down
-projection, a bottleneck-to-bottleneck layer shared by the two towers (Cross-Modal Adapter's
-weight-sharing component: both towers' gradients shape it, an encoder-level interaction that
-needs no token exchange, which a dual encoder does not have), the modality's own up projection:
-    A_m(x) = up_m(shared(dropout(relu(down_m(x)))))
-placed before attention, sequentially on the block input: `x = x + A_m(x)`, then the frozen
-block. Bottleneck 5, dropout 0.1; down and shared PyTorch's default Linear init with zero biases,
-up zero, so step 0 is exactly zero-shot CLIP. Count on ViT-B/32: 12 x (512 x 5 + 5 + 768 x 5 + 5
-+ 5 x 5 + 5 + 5 x 512 + 512 + 5 x 768 + 768) = 169,440 (paper: 0.16M).
+As in the official code (LeapLabTHU/Cross-Modal-Adapter): each adapter's up projection is
+`cat([up_m(h), up_shared(h)])`, its last SHARED_DIM output channels computed by one layer that
+both towers use (`MetaLayersUpShareAdapterController.call_adapter` in modules/adapter_controller.py)
+- the weight sharing MRS-Adapter inherits. Every layer has two adapters, one on the attention
+output and one on the MLP output, each with its own skip connection
+(`ResidualAttentionBlock.forward` and `CLIP.encode_image/encode_text` in
+modules/module_clip_jointvt_upshare_adapter.py: adapter weights indexed 2l and 2l + 1):
+    a = attn(ln_1(x));  x = x + a + A_attn(a)
+    f = mlp(ln_2(x));   x = x + f + A_mlp(f)
+    A_m(z) = cat([up_m(h), up_shared(h)]),  h = dropout(quick_gelu(down_m(z)))
+Down and the unique up part belong to one tower, the shared up part (r -> SHARED_DIM) to the layer.
+Activation QuickGELU (their train.py asserts `quick_gelu`), dropout 0 (their default), every
+weight truncated N(0, 0.01) and every bias zero (`CLIP.initialize_parameters`, std 0.01): the
+published init is not zero-output, so step 0 is close to, not exactly, zero-shot CLIP.
+Configuration: their runs use bottleneck 8 with 16 shared channels (519,168 parameters here); the
+paper's 0.16M leaves a bottleneck of 2 (3 would be 0.21M), and we keep their 16 shared channels.
+Count on ViT-B/32: 24 x (512 x 2 + 2 + 2 x 496 + 496 + 768 x 2 + 2 + 2 x 752 + 752
++ 2 x 16 + 16) = 152,544 (paper: 0.16M).
 """
 import torch
 from torch import nn
 
 from . import freeze
+from ..clip import QuickGELU
 
-BOTTLENECK = 5
-DROPOUT = 0.1
-PLACEMENT = "sequential on the block input (before attention), every block; one module per layer for both towers"
-INIT = "down and shared default, up zero (starts at zero-shot)"
+BOTTLENECK = 2
+SHARED_DIM = 16  # last up channels of every adapter, one layer for both towers
+DROPOUT = 0.0
+INIT_STD = 0.01  # truncated normal std of every weight (biases zero)
+PLACEMENT = ("sequential on the attention output and on the MLP output, every block; "
+             "the last up channels shared by the two towers per layer and sublayer")
+INIT = "weights truncated N(0, 0.01), biases zero (official; does not start exactly at zero-shot)"
 
 
 class CrossModalAdapter(nn.Module):
-    """Own down/up projections for text and vision around one shared (r, r) layer: (B, L, D_m) -> (B, L, D_m)."""
+    """Each tower's down projection and unique up channels, plus up channels shared by both towers.
 
-    def __init__(self, text_width: int, vision_width: int, bottleneck: int, dropout: float):
+    (B, L, D_m) -> (B, L, D_m): the first D_m - shared_dim output channels from `{m}_up`, the last
+    shared_dim from `shared_up`, the same tensor for text and vision.
+    """
+
+    def __init__(self, text_width: int, vision_width: int, bottleneck: int, shared_dim: int,
+                 dropout: float, init_std: float):
         super().__init__()
+        if not 1 <= shared_dim < min(text_width, vision_width):  # sharing is the method: at least one channel
+            raise ValueError(f"cross_modal_adapter shared_dim must be in 1..{min(text_width, vision_width) - 1} "
+                             f"(some up channels shared, some per tower), got {shared_dim}")
         self.text_down, self.vision_down = nn.Linear(text_width, bottleneck), nn.Linear(vision_width, bottleneck)
-        self.shared = nn.Linear(bottleneck, bottleneck)
-        self.text_up, self.vision_up = nn.Linear(bottleneck, text_width), nn.Linear(bottleneck, vision_width)
-        self.dropout = nn.Dropout(dropout)
-        for layer in (self.text_down, self.vision_down, self.shared):
-            nn.init.zeros_(layer.bias)
-        for layer in (self.text_up, self.vision_up):
-            nn.init.zeros_(layer.weight)
+        self.text_up = nn.Linear(bottleneck, text_width - shared_dim)
+        self.vision_up = nn.Linear(bottleneck, vision_width - shared_dim)
+        self.shared_up = nn.Linear(bottleneck, shared_dim)
+        self.act, self.dropout = QuickGELU(), nn.Dropout(dropout)
+        for layer in (self.text_down, self.vision_down, self.text_up, self.vision_up, self.shared_up):
+            nn.init.trunc_normal_(layer.weight, std=init_std)  # cut at +-2 (absolute), as the official init
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, modality: str) -> torch.Tensor:
         down, up = (self.text_down, self.text_up) if modality == "text" else (self.vision_down, self.vision_up)
-        return up(self.shared(self.dropout(torch.relu(down(x)))))  # D_m -> r -> r (shared) -> D_m
+        h = self.dropout(self.act(down(z)))  # (B, L, r)
+        return torch.cat([up(h), self.shared_up(h)], dim=-1)  # (B, L, D_m - s) + (B, L, s)
 
 
 class CrossModalBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) after a residual adapter on its input."""
+    """A frozen CLIP block (`self.block`) with an adapter on the output of each of its sublayers."""
 
-    def __init__(self, block: nn.Module, adapter: CrossModalAdapter, modality: str):
+    def __init__(self, block: nn.Module, attn_adapter: CrossModalAdapter, mlp_adapter: CrossModalAdapter,
+                 modality: str):
         super().__init__()
-        self.block, self.adapter, self.modality = block, adapter, modality
+        self.block, self.attn_adapter, self.mlp_adapter, self.modality = block, attn_adapter, mlp_adapter, modality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.adapter(x, self.modality)
-        return self.block(x)
+        block, m = self.block, self.modality
+        a = block.attn(block.ln_1(x))
+        x = x + a + self.attn_adapter(a, m)
+        f = block.mlp(block.ln_2(x))
+        x = x + f + self.mlp_adapter(f, m)
+        return x
 
     def extra_repr(self) -> str:
         return f"modality={self.modality!r}"
 
 
-def apply(model: nn.Module, bottleneck: int = BOTTLENECK, dropout: float = DROPOUT) -> nn.Module:
+def apply(model: nn.Module, bottleneck: int = BOTTLENECK, shared_dim: int = SHARED_DIM, dropout: float = DROPOUT,
+          init_std: float = INIT_STD) -> nn.Module:
     freeze(model)
     text, vision = model.transformer, model.visual.transformer
-    if text.layers != vision.layers:
-        raise ValueError(f"layer-wise sharing needs towers of equal depth: text {text.layers}, vision {vision.layers}")
+    if text.layers != vision.layers:  # the official code indexes the shared layers by text layer
+        raise ValueError(f"cross_modal_adapter shares up channels layer by layer and needs towers of equal "
+                         f"depth; this CLIP has {text.layers} text and {vision.layers} vision layers")
     for i in range(text.layers):
-        adapter = CrossModalAdapter(text.width, vision.width, bottleneck, dropout)  # one per layer, both towers
-        text.resblocks[i] = CrossModalBlock(text.resblocks[i], adapter, "text")
-        vision.resblocks[i] = CrossModalBlock(vision.resblocks[i], adapter, "vision")
+        attn, mlp = (CrossModalAdapter(text.width, vision.width, bottleneck, shared_dim, dropout, init_std)
+                     for _ in range(2))
+        text.resblocks[i] = CrossModalBlock(text.resblocks[i], attn, mlp, "text")
+        vision.resblocks[i] = CrossModalBlock(vision.resblocks[i], attn, mlp, "vision")
     return model.to(model.logit_scale.device)

@@ -1,87 +1,97 @@
-"""UniAdapter (Lu et al., ICLR 2024): adapters in both towers with a down projection unified across them (paper: 0.55M).
+"""UniAdapter (Lu et al., ICLR 2024): one adapter per layer for both towers, its down projection unified (paper: 0.55M).
 
-Configuration: at every layer l and each of its two sublayers, one module serves block l of BOTH
-towers; UniAdapter shares the down projection across modalities and keeps an up projection per
-modality. CLIP's towers differ in width (512 / 768), so the unified down projection reads the
-first 512 channels of either stream, and the wider tower adds its own bias-free projection of its
-remaining 256 channels:
-    h = dropout(relu(down(x[..., :512]) + rest_m(x[..., 512:])));  A_m(x) = up_m(h)
-each in parallel with its sublayer, reading the sublayer's normalised input:
-    h = ln_1(x); x = x + attn(h) + A_attn(h);  h = ln_2(x); x = x + mlp(h) + A_mlp(h)
-Bottleneck 11, dropout 0.1; down PyTorch's default init with zero bias, ups zero, so step 0 is
-exactly zero-shot CLIP. UniAdapter's other parts act on a fusion encoder (its cross-modal adapter
-and the query-residual adaptation of cross-attention); CLIP is a dual encoder with no fusion
-encoder or cross-attention, so they have nothing to attach to and are left out.
-Count on ViT-B/32: 24 x (512 x 11 + 11 + 256 x 11 + 11 x 512 + 512 + 11 x 768 + 768) = 571,656
-(paper: 0.55M).
+As in the official code (RERV/UniAdapter): one module per layer serves block l of BOTH encoders
+(`blip_retrieval.BLIP_Retrieval.__init__` hands the same `adapters[l]` to the ViT and to BERT);
+it normalises its input with its own LayerNorm, shares LayerNorm and down projection across
+modalities, keeps an up projection per modality, and scales its output by 0.1
+(`UniAdapter.forward` in models/adapter.py, `adapter_layernorm_option="in"`, `adapter_scalar=0.1`):
+    A_m(x) = 0.1 * up_m(dropout(relu(down(LN(x)))))
+It reads the residual stream after attention and is added beside the FFN
+(`Block.forward` in models/vit.py, `BertLayer.forward` in models/med.py):
+    x = x + attn(ln_1(x));  x = x + mlp(ln_2(x)) + A_m(x)
+Dropout 0 (their default). Init (`UniAdapter.init_adapter_weights`, called by train_retrieval.py):
+down PyTorch's default with zero bias, text up zero. Their script leaves the visual up at BERT's
+N(0, 0.02) (init_adapter_weights resets only the text up); we zero both ups, the rule their init
+states, so step 0 is exactly zero-shot CLIP.
+Unequal widths: BLIP's towers are both 768 wide; CLIP's are 512 (text) and 768 (vision). The
+shared LayerNorm affine and down projection are built at the wider width, and the narrower tower
+reads their leading channels (the same function as zero-padding its normalised input), so every
+tensor UniAdapter shares stays one tensor; LayerNorm statistics use each tower's own width.
+The towers' channels correspond in no way, so no mapping of one into the other is more natural.
+Left out: the multimodal up branch and cross-attention query-residual adapter act on BLIP's fusion
+encoder, which a dual encoder like CLIP does not have. Configuration: their runs use bottleneck
+512; the paper's 0.55M leaves 21. Count on ViT-B/32: 12 x (2 x 768 + 768 x 21 + 21 + 21 x 512
++ 512 + 21 x 768 + 768) = 550,140 (paper: 0.55M).
 """
-from typing import Optional
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import freeze
 
-BOTTLENECK = 11
-DROPOUT = 0.1
-PLACEMENT = ("parallel to attention and to the MLP, reading ln_1(x) / ln_2(x), every block; "
-             "one module per layer and sublayer for both towers")
-INIT = "down default, up zero (starts at zero-shot)"
+BOTTLENECK = 21
+SCALE = 0.1  # UniAdapter's fixed output scale
+DROPOUT = 0.0
+PLACEMENT = ("parallel to the MLP, reading the post-attention stream through its own LayerNorm, every block; "
+             "one module per layer for both towers")
+INIT = "LayerNorm 1/0, down default, ups zero (starts at zero-shot)"
 
 
 class UniAdapter(nn.Module):
-    """One down projection for both towers (on their first min(D_text, D_vision) channels), an up projection each."""
+    """LayerNorm and down projection shared by both towers, an up projection each: (B, L, D_m) -> (B, L, D_m).
 
-    def __init__(self, text_width: int, vision_width: int, bottleneck: int, dropout: float):
+    The shared tensors are max(D_text, D_vision) wide; a narrower tower reads their first D_m channels.
+    """
+
+    def __init__(self, text_width: int, vision_width: int, bottleneck: int, scale: float, dropout: float):
         super().__init__()
-        self.common = min(text_width, vision_width)
-        self.down = nn.Linear(self.common, bottleneck)  # unified across modalities
-        self.text_rest = self._rest(text_width, bottleneck)  # None where the tower is the narrower one
-        self.vision_rest = self._rest(vision_width, bottleneck)
+        width = max(text_width, vision_width)
+        self.norm = nn.LayerNorm(width)  # unified across modalities, like the down projection
+        self.down = nn.Linear(width, bottleneck)
         self.text_up, self.vision_up = nn.Linear(bottleneck, text_width), nn.Linear(bottleneck, vision_width)
-        self.dropout = nn.Dropout(dropout)
+        self.scale, self.dropout = scale, nn.Dropout(dropout)
         nn.init.zeros_(self.down.bias)
         for up in (self.text_up, self.vision_up):
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
 
-    def _rest(self, width: int, bottleneck: int) -> Optional[nn.Linear]:
-        return nn.Linear(width - self.common, bottleneck, bias=False) if width > self.common else None
-
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        rest, up = (self.text_rest, self.text_up) if modality == "text" else (self.vision_rest, self.vision_up)
-        h = self.down(x[..., :self.common])  # (B, L, r)
-        if rest is not None:
-            h = h + rest(x[..., self.common:])
-        return up(self.dropout(torch.relu(h)))  # (B, L, D_m)
+        D = x.shape[-1]
+        norm, down = self.norm, self.down
+        h = F.layer_norm(x, (D,), norm.weight[:D], norm.bias[:D], norm.eps)  # statistics over D_m
+        h = self.dropout(torch.relu(F.linear(h, down.weight[:, :D], down.bias)))  # (B, L, r)
+        up = self.text_up if modality == "text" else self.vision_up
+        return self.scale * up(h)  # (B, L, D_m)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
 
 
 class UniAdapterBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) with an adapter in parallel with each sublayer."""
+    """A frozen CLIP block (`self.block`) with the layer's UniAdapter in parallel with its MLP."""
 
-    def __init__(self, block: nn.Module, attn_adapter: UniAdapter, mlp_adapter: UniAdapter, modality: str):
+    def __init__(self, block: nn.Module, adapter: UniAdapter, modality: str):
         super().__init__()
-        self.block, self.attn_adapter, self.mlp_adapter, self.modality = block, attn_adapter, mlp_adapter, modality
+        self.block, self.adapter, self.modality = block, adapter, modality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block, m = self.block, self.modality
-        h = block.ln_1(x)
-        x = x + block.attn(h) + self.attn_adapter(h, m)
-        h = block.ln_2(x)
-        x = x + block.mlp(h) + self.mlp_adapter(h, m)
+        block = self.block
+        x = x + block.attn(block.ln_1(x))
+        x = x + block.mlp(block.ln_2(x)) + self.adapter(x, self.modality)
         return x
 
     def extra_repr(self) -> str:
         return f"modality={self.modality!r}"
 
 
-def apply(model: nn.Module, bottleneck: int = BOTTLENECK, dropout: float = DROPOUT) -> nn.Module:
+def apply(model: nn.Module, bottleneck: int = BOTTLENECK, scale: float = SCALE, dropout: float = DROPOUT) -> nn.Module:
     freeze(model)
     text, vision = model.transformer, model.visual.transformer
-    if text.layers != vision.layers:
-        raise ValueError(f"layer-wise sharing needs towers of equal depth: text {text.layers}, vision {vision.layers}")
+    if text.layers != vision.layers:  # one adapter per layer serves both encoders
+        raise ValueError(f"uniadapter shares one adapter per layer between the towers and needs towers of equal "
+                         f"depth; this CLIP has {text.layers} text and {vision.layers} vision layers")
     for i in range(text.layers):
-        attn_adapter, mlp_adapter = (UniAdapter(text.width, vision.width, bottleneck, dropout) for _ in range(2))
-        text.resblocks[i] = UniAdapterBlock(text.resblocks[i], attn_adapter, mlp_adapter, "text")
-        vision.resblocks[i] = UniAdapterBlock(vision.resblocks[i], attn_adapter, mlp_adapter, "vision")
+        adapter = UniAdapter(text.width, vision.width, bottleneck, scale, dropout)
+        text.resblocks[i] = UniAdapterBlock(text.resblocks[i], adapter, "text")
+        vision.resblocks[i] = UniAdapterBlock(vision.resblocks[i], adapter, "vision")
     return model.to(model.logit_scale.device)

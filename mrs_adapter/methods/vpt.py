@@ -1,10 +1,18 @@
 """VPT-deep (Jia et al., ECCV 2022): learnable tokens in the image tower, CLIP frozen (paper: 0.46M).
 
-Configuration: 50 prompt tokens after [CLS] in every vision block (deep: each of the 12 blocks
-its own), removed after the last block so the head still reads [CLS] at token 0:
-50 x 12 x 768 = 460,800 trainable parameters on ViT-B/32. Init: uniform in +-sqrt(6 / (3 p^2 + D))
-(Xavier for the patch embedding, p = patch size, D = width), VPT's choice, so prompts start at
-the scale of a patch embedding. The text tower is untouched.
+As in the official code (KMnP/vpt, src/models/vit_prompt/vit.py, class PromptedTransformer):
+prompts go in after [CLS] and before the patches in the sequence entering the first block
+(`incorporate_prompt`), and each deeper block's prompt positions are replaced by that block's own
+prompts (`forward_deep_prompt`), 12 sets in all; init uniform in +-sqrt(6 / (3 p^2 + D)) (their
+"xavier_uniform" with p = patch size, D = width), no prompt projection and no prompt dropout (their
+defaults). CLIP has a LayerNorm (`ln_pre`) between the patch embedding and the first block, which
+VPT's ViT does not: the prompts go in AFTER ln_pre, into the sequence the first block reads -
+where VPT puts them, and where the deep prompts of later blocks live too (no LayerNorm is applied
+to those). The prompt positions are removed after the last block, so the head reads [CLS] at
+token 0 as before (VPT keeps them to the end and also reads [CLS]: the same output).
+50 tokens x 12 blocks x 768 = 460,800 trainable parameters on ViT-B/32 (paper: 0.46M; VPT tunes
+the number of tokens per dataset, and 50 is the one the paper's count gives). The text tower is
+untouched.
 Does NOT start at zero-shot CLIP: [CLS] attends to the prompts from block 0.
 """
 import math
