@@ -436,6 +436,13 @@ def fetch_weights(name_or_path: str, download_root: str = None, sha256: str = No
     return os.path.abspath(path), actual
 
 
+def known_as(sha256: str):
+    """The name of the backbone whose published sha256 this is, or None."""
+    pinned = {sha: name for name, (sha, _) in _MODELS.items()}
+    pinned.update({b.sha256: name for name, b in REMOTE_SENSING.items() if b.sha256})
+    return pinned.get(sha256)
+
+
 def choose_activation(name_or_path: str, activation: str = None) -> Tuple[str, str]:
     """(activation, why): the caller's, else a named backbone's own, else QuickGELU for a file."""
     own = REMOTE_SENSING[name_or_path].activation if name_or_path in REMOTE_SENSING else (
@@ -461,8 +468,16 @@ def load(name_or_path: str, device="cpu", download_root: str = None, activation:
     `sha256`: the hash the file must have. `model.backbone` records what was loaded.
     """
     path, file_sha = fetch_weights(name_or_path, download_root, sha256)
-    activation, why = choose_activation(name_or_path, activation)
+    name = name_or_path if name_or_path in available_models() else known_as(file_sha)  # a named file, moved
+    activation, why = choose_activation(name or name_or_path, activation)
     model = build_model(read_state_dict(path), activation).to(device)
-    model.backbone = {"clip": name_or_path, "path": path, "sha256": file_sha, "activation": activation,
-                      "activation_from": why}
+    model.backbone = {"clip": name_or_path, "name": name, "path": path, "sha256": file_sha,
+                      "activation": activation, "activation_from": why}
     return model, transform(model.visual.input_resolution)
+
+
+def describe(backbone: dict) -> str:
+    """One line saying which weights and which MLP activation a run uses."""
+    name = f" = {backbone['name']}" if backbone.get("name") and backbone["name"] != backbone["clip"] else ""
+    return (f"CLIP {backbone['clip']}{name}: {backbone['path']} (sha256 {backbone['sha256']}), "
+            f"MLP activation {backbone['activation']} ({backbone['activation_from']})")
