@@ -3,15 +3,24 @@
 The parity oracle is open_clip with random weights: its `ViT-B-32` config runs nn.GELU, its
 `ViT-B-32-quickgelu` config QuickGELU, and both use OpenAI's parameter names, as RemoteCLIP,
 GeoRSCLIP and SkyCLIP checkpoints do."""
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
 import zipfile
 
 import open_clip
 import pytest
 import torch
 
+import train
 from conftest import make_tiny_clip
 from mrs_adapter import clip
+from mrs_adapter.methods import METHODS, apply_method
 from test_clip import random_tokens
+from test_eval import KEYS, eval_script
 
 FORMATS = {  # how the checkpoints in the wild hold the same tensors
     "plain": lambda sd: sd,  # RemoteCLIP, GeoRSCLIP
@@ -55,3 +64,116 @@ def test_parity_with_open_clip_in_every_format(config, activation, wrong, inputs
     img_gap, txt_gap = (img - want_img).abs().max().item(), (txt - want_txt).abs().max().item()
     print(f"{config} loaded with {wrong}: max abs difference image {img_gap:.3g}, text {txt_gap:.3g}")
     assert img_gap > 1e-2 and txt_gap > 1e-2
+
+
+def test_skyclip_zip_archive_loads_like_the_checkpoint_inside(tiny_clip, tmp_path):
+    state = tiny_clip.state_dict()
+    inner = tmp_path / "epoch_20.pt"
+    torch.save(FORMATS["module"](state), inner)
+    with zipfile.ZipFile(tmp_path / "SkyCLIP_ViT_B32_top50pct.zip", "w") as z:
+        z.write(inner, "SkyCLIP_ViT_B32_top50pct/epoch_20.pt")
+    from_zip, _ = clip.load(str(tmp_path / "SkyCLIP_ViT_B32_top50pct.zip"), activation="gelu")
+    from_pt, _ = clip.load(str(inner), activation="gelu")
+    for (name, a), (_, b) in zip(from_zip.state_dict().items(), from_pt.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert from_zip.activation == "gelu" and isinstance(from_zip.visual.transformer.resblocks[0].mlp.gelu,
+                                                         torch.nn.GELU)
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as z:
+        z.write(inner, "a/epoch_10.pt")
+        z.write(inner, "a/epoch_20.pt")
+    with pytest.raises(ValueError, match=r"two.zip is a zip archive holding 2 checkpoint files.*epoch_10.pt"):
+        clip.load(str(tmp_path / "two.zip"))
+
+
+def test_file_defaults_to_quickgelu_and_says_so_unknown_activation_is_named(tiny_clip, tmp_path):
+    torch.save(tiny_clip.state_dict(), tmp_path / "w.pt")
+    model, _ = clip.load(str(tmp_path / "w.pt"))
+    assert model.activation == "quickgelu" and "default for a weights file" in clip.describe(model.backbone)
+    assert isinstance(model.transformer.resblocks[1].mlp.gelu, clip.QuickGELU)
+    with pytest.raises(ValueError, match="unknown CLIP MLP activation 'relu'.*quickgelu.*gelu"):
+        clip.load(str(tmp_path / "w.pt"), activation="relu")
+
+
+def test_a_moved_named_file_is_recognised_by_its_sha256(tiny_clip, tmp_path, monkeypatch):
+    path = tmp_path / "downloaded-by-hand.pt"
+    torch.save(tiny_clip.state_dict(), path)
+    sha = clip.sha256_of(str(path))
+    entry = clip.REMOTE_SENSING["GeoRSCLIP-ViT-L/14"]
+    monkeypatch.setitem(clip.REMOTE_SENSING, "GeoRSCLIP-ViT-L/14", dataclasses.replace(
+        entry, sha256=sha, activation="gelu", published={"rsitmd": 40.0}))
+    model, _ = clip.load(str(path))  # no flag: the publisher's activation, found by the file's hash
+    assert model.backbone["name"] == "GeoRSCLIP-ViT-L/14" and model.activation == "gelu"
+    assert clip.published_mr(model.backbone["name"]) == {"rsitmd": 40.0}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_handles_towers_of_unequal_depth_or_says_why(method, capsys):
+    """ViT-L/14 has 24 vision and 12 text blocks: here 4 and 2."""
+    model = make_tiny_clip(vision_layers=4, transformer_layers=2)
+    try:
+        model = apply_method(model, method, verbose=False)
+    except ValueError as e:
+        print(f"{method}: ValueError: {e}")
+        assert re.search(r"depth", str(e)) and "text 2" in str(e) and "vision 4" in str(e)
+        return
+    images, tokens = torch.randn(2, 3, 32, 32), torch.tensor([[49406, 320, 1125, 49407] + [0] * 73] * 2)
+    model.train()
+    v, t = model.encode_image(images), model.encode_text(tokens)
+    assert v.shape == t.shape == (2, 32)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable:
+        (v.sum() + t.sum()).backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def train_and_eval(root, clip_arg, run_dir, *extra):
+    """train.py for one epoch with `--clip clip_arg`, run from the current folder; (summary, eval args)."""
+    summary = train.main(["--dataset", "demo", "--data-root", root, "--clip", clip_arg, "--output", str(run_dir),
+                          "--epochs", "1", "--print-freq", "10", *extra])
+    best = str(run_dir / "seed2" / "best.pt")
+    return summary, ["--dataset", "demo", "--data-root", root, "--checkpoint", best, "--workers", "0",
+                     "--device", "cpu"]
+
+
+def same_metrics(got, want):
+    return all(got[k] == pytest.approx(want[k], abs=1e-6) for k in KEYS)
+
+
+def test_eval_from_another_folder_finds_the_clip_a_relative_path_named(demo, tmp_path, monkeypatch):
+    """Issue 15 item 12: the recorded CLIP path was relative to train.py's working folder."""
+    root, backbone = demo
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copy(backbone, work / "tiny.pt")
+    monkeypatch.chdir(work)
+    summary, args = train_and_eval(root, "tiny.pt", tmp_path / "run")
+    monkeypatch.chdir(elsewhere)
+    assert same_metrics(eval_script.main(args), summary["per_seed"][0]["test"])
+    os.rename(work / "tiny.pt", tmp_path / "moved.pt")
+    sha = hashlib.sha256((tmp_path / "moved.pt").read_bytes()).hexdigest()
+    with pytest.raises(FileNotFoundError, match=f"not at {work / 'tiny.pt'} .*sha256 {sha}.*--clip"):
+        eval_script.main(args)
+    assert same_metrics(eval_script.main(args + ["--clip", str(tmp_path / "moved.pt")]),
+                        summary["per_seed"][0]["test"])
+
+
+def test_gelu_checkpoint_trains_and_eval_rebuilds_it_without_flags(demo, tmp_path, monkeypatch, capsys):
+    """Issue 11: a GELU CLIP in open_clip's training format (SkyCLIP's), activation recorded with the run."""
+    root, backbone = demo
+    state = torch.load(backbone, weights_only=True)
+    gelu_file = tmp_path / "epoch_20.pt"
+    torch.save(FORMATS["module"](state), gelu_file)
+    sha = hashlib.sha256(gelu_file.read_bytes()).hexdigest()
+    summary, args = train_and_eval(root, str(gelu_file), tmp_path / "run", "--clip-activation", "gelu")
+    for recorded in (json.load(open(tmp_path / "run" / "seed2" / "config.json"))["backbone"],
+                     torch.load(tmp_path / "run" / "seed2" / "best.pt", weights_only=True)["config"]["backbone"]):
+        assert (recorded["path"], recorded["sha256"], recorded["activation"]) == (str(gelu_file), sha, "gelu")
+    capsys.readouterr()
+    assert same_metrics(eval_script.main(args), summary["per_seed"][0]["test"])
+    assert f"MLP activation gelu (given)" in capsys.readouterr().out  # rebuilt from the checkpoint alone
+    torch.save(state, tmp_path / "other.pt")  # same tensors, other bytes: not the recorded file
+    other_sha = hashlib.sha256((tmp_path / "other.pt").read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=f"trained on {gelu_file} with sha256 {sha}.*--clip-sha256 {other_sha}"):
+        eval_script.main(args + ["--clip", str(tmp_path / "other.pt")])
+    on_purpose = eval_script.main(args + ["--clip", str(tmp_path / "other.pt"), "--clip-sha256", other_sha])
+    assert same_metrics(on_purpose, summary["per_seed"][0]["test"])

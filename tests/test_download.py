@@ -1,4 +1,5 @@
 """Verified downloads against a local HTTP server on 127.0.0.1: cache, hash check, atomic write."""
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -125,3 +126,54 @@ def test_no_network_at_import():
             "socket.socket.connect = refuse\nsocket.create_connection = refuse\n"
             "import mrs_adapter.clip, mrs_adapter.tokenizer\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def served_unpinned(server, tiny_clip, tmp_path, monkeypatch):
+    """The tiny CLIP as a plain state dict served where `load("GeoRSCLIP-ViT-B/32")` looks: no published sha256."""
+    path = tmp_path / "plain.pt"
+    torch.save(tiny_clip.state_dict(), path)
+    body = path.read_bytes()
+    server.files["/RS5M_ViT-B-32.pt"] = body
+    entry = clip.REMOTE_SENSING["GeoRSCLIP-ViT-B/32"]
+    monkeypatch.setitem(clip.REMOTE_SENSING, "GeoRSCLIP-ViT-B/32",
+                        dataclasses.replace(entry, url=server.url + "/RS5M_ViT-B-32.pt"))
+    return body
+
+
+def test_unpinned_backbone_records_its_sha256_and_checks_the_cache_against_it(server, served_unpinned, tmp_path):
+    cache, sha = tmp_path / "cache", hashlib.sha256(served_unpinned).hexdigest()
+    model, _ = clip.load("GeoRSCLIP-ViT-B/32", download_root=str(cache))
+    assert sorted(os.listdir(cache)) == ["RS5M_ViT-B-32.pt", "RS5M_ViT-B-32.pt.sha256"]
+    assert (cache / "RS5M_ViT-B-32.pt.sha256").read_text().split()[0] == sha
+    assert model.backbone["sha256"] == sha and model.backbone["path"] == str(cache / "RS5M_ViT-B-32.pt")
+    assert model.activation == "quickgelu" and model.backbone["activation_from"] == "GeoRSCLIP-ViT-B/32's own"
+    clip.load("GeoRSCLIP-ViT-B/32", download_root=str(cache))
+    assert len(server.hits) == 1  # verified against the kept sha256, served from the cache
+    (cache / "RS5M_ViT-B-32.pt").write_bytes(served_unpinned[:-10] + b"0123456789")  # changed on disk
+    model, _ = clip.load("GeoRSCLIP-ViT-B/32", download_root=str(cache))
+    assert len(server.hits) == 2 and model.backbone["sha256"] == sha  # noticed and fetched again
+
+
+def test_a_user_pin_is_checked_for_unpinned_backbones_and_files(server, served_unpinned, tmp_path):
+    with pytest.raises(DownloadError, match="expected " + "a" * 64):
+        clip.load("GeoRSCLIP-ViT-B/32", download_root=str(tmp_path / "c"), sha256="a" * 64)
+    assert os.listdir(tmp_path / "c") == []
+    with pytest.raises(ValueError, match="published sha256 is 60014e39"):
+        clip.load("RemoteCLIP-ViT-B/32", sha256="a" * 64)  # contradicts the publisher's: no download tried
+    local = tmp_path / "w.pt"
+    local.write_bytes(served_unpinned)
+    with pytest.raises(ValueError, match=f"{local} has sha256 {hashlib.sha256(served_unpinned).hexdigest()}, "
+                                         f"expected {'b' * 64}"):
+        clip.load(str(local), sha256="b" * 64)
+
+
+def test_named_remote_sensing_backbones_point_at_their_publishers():
+    for name in clip.REMOTE_SENSING:
+        b = clip.REMOTE_SENSING[name]
+        repo = "chendelong/RemoteCLIP" if name.startswith("RemoteCLIP") else "Zilun/GeoRSCLIP"
+        assert clip.model_url(name) == b.url and b.url.startswith(f"https://huggingface.co/{repo}/resolve/main/")
+        assert b.url.endswith("/" + b.filename) and b.activation in clip.ACTIVATIONS
+        assert b.sha256 is None or len(bytes.fromhex(b.sha256)) == 32
+    assert len({b.filename for b in clip.REMOTE_SENSING.values()} | {f for _, f in clip._MODELS.values()}) == \
+        len(clip.REMOTE_SENSING) + len(clip._MODELS)  # no two backbones share a cache file
