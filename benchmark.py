@@ -82,7 +82,8 @@ def main(argv=None) -> list:
                    help="default: every method of the paper's tables, then LoRA")
     p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="train.py seeds (published rows average runs)")
     p.add_argument("--clip", help="CLIP weights for every method (default: train.py's)")
-    p.add_argument("--clip-activation", choices=["quickgelu", "gelu"], help="CLIP's MLP activation (train.py)")
+    p.add_argument("--clip-activation", choices=["quickgelu", "gelu"],
+                   help="CLIP's MLP activation (train.py)")
     p.add_argument("--output", help="default: runs/benchmark-<dataset>")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)

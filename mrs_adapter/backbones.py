@@ -49,17 +49,19 @@ REMOTE_SENSING = {
     "RemoteCLIP-ViT-B/32": Backbone(
         _HF.format("chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt"), "RemoteCLIP-ViT-B-32.pt",
         "60014e395d930a3f2963d1d89c8522bf4ad56775571e4356e866864789af85c4", "quickgelu",
-        {"rsitmd": 49.38, "rsicd": 35.26}, ("rsitmd", "rsicd", "ucm"), "Liu et al., RemoteCLIP, TGRS 2024"),
+        {"rsitmd": 49.38, "rsicd": 35.26}, ("rsitmd", "rsicd", "ucm"),
+        "Liu et al., RemoteCLIP, TGRS 2024"),
     "RemoteCLIP-ViT-L/14": Backbone(
         _HF.format("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt"), "RemoteCLIP-ViT-L-14.pt",
         "fcc2a7e21e171f4ffcb7a9c0206b8b74ac0c9eb83c67b576958b7a4ed6c8cecb", "quickgelu",
         {}, ("rsitmd", "rsicd", "ucm"), "Liu et al., RemoteCLIP, TGRS 2024"),
     "GeoRSCLIP-ViT-B/32": Backbone(
-        _HF.format("Zilun/GeoRSCLIP", "ckpt/RS5M_ViT-B-32.pt"), "RS5M_ViT-B-32.pt", None, "quickgelu",
+        _HF.format("Zilun/GeoRSCLIP", "ckpt/RS5M_ViT-B-32.pt"), "RS5M_ViT-B-32.pt", None,
+        "quickgelu",
         {"rsitmd": 35.33, "rsicd": 26.06}, (), "Zhang et al., RS5M and GeoRSCLIP, TGRS 2024"),
     "GeoRSCLIP-ViT-B/32-RET-2": Backbone(
-        _HF.format("Zilun/GeoRSCLIP", "ckpt/RS5M_ViT-B-32_RET-2.pt"), "RS5M_ViT-B-32_RET-2.pt", None,
-        "quickgelu", {"rsitmd": 51.81, "rsicd": 38.87}, ("rsitmd", "rsicd"),
+        _HF.format("Zilun/GeoRSCLIP", "ckpt/RS5M_ViT-B-32_RET-2.pt"), "RS5M_ViT-B-32_RET-2.pt",
+        None, "quickgelu", {"rsitmd": 51.81, "rsicd": 38.87}, ("rsitmd", "rsicd"),
         "Zhang et al., RS5M and GeoRSCLIP, TGRS 2024 (fine-tuned for retrieval)"),
     "GeoRSCLIP-ViT-L/14": Backbone(
         _HF.format("Zilun/GeoRSCLIP", "ckpt/RS5M_ViT-L-14.pt"), "RS5M_ViT-L-14.pt",

@@ -141,7 +141,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False, activation: str = "quickgelu"):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False,
+                 activation: str = "quickgelu"):
         super().__init__()
         self.width, self.layers = width, layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, activation)
@@ -207,8 +208,8 @@ class CLIP(nn.Module):
         self.activation = activation  # the MLPs' nonlinearity, recorded with every run (train.py)
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
                                         vision_heads or vision_width // 64, embed_dim, activation)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True,
-                                       activation=activation)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       causal=True, activation=activation)
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -353,7 +354,9 @@ def model_url(name: str) -> str:
 
 def published_mr(name: str) -> dict:
     """dataset -> the retrieval mR published for backbone `name` without further training."""
-    return dict(REMOTE_SENSING[name].published if name in REMOTE_SENSING else OPENAI_PUBLISHED.get(name, {}))
+    if name in REMOTE_SENSING:
+        return dict(REMOTE_SENSING[name].published)
+    return dict(OPENAI_PUBLISHED.get(name, {}))
 
 
 def _to_rgb(image):
@@ -391,14 +394,14 @@ def _load_from_archive(path: str, members: List[str]):
 
 
 def read_state_dict(path: str) -> dict:
-    """Tensors of an OpenAI TorchScript archive, of a `torch.save`d plain, nested or `module.`-prefixed
-    state dict, or of a zip archive holding one such file."""
+    """Tensors of an OpenAI TorchScript archive, of a `torch.save`d plain, nested or
+    `module.`-prefixed state dict, or of a zip archive holding one such file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights not found: {path}")
     kind, members = _zip_kind(path)
     if kind == "archive" and len(members) != 1:
-        raise ValueError(f"{path} is a zip archive holding {len(members)} checkpoint files {members}; "
-                         f"expected one: extract the one you want and pass it")
+        raise ValueError(f"{path} is a zip archive holding {len(members)} checkpoint files "
+                         f"{members}; expected one: extract the one you want and pass it")
     try:
         if kind == "torchscript":
             with warnings.catch_warnings():  # TorchScript is deprecated, but it is the official format
@@ -415,21 +418,24 @@ def read_state_dict(path: str) -> dict:
     return unwrap(state_dict)
 
 
-def fetch_weights(name_or_path: str, download_root: str = None, sha256: str = None) -> Tuple[str, str]:
-    """(absolute path, sha256) of a named backbone's file (downloaded and verified) or of a local file.
+def fetch_weights(name_or_path: str, download_root: str = None,
+                  sha256: str = None) -> Tuple[str, str]:
+    """(absolute path, sha256) of a named backbone's file (downloaded, verified) or of a local file.
 
     `sha256`: the hash the file must have (a user's pin); a named backbone's published hash wins
     over nothing, and a pin that contradicts it is an error."""
     if name_or_path in _MODELS or name_or_path in REMOTE_SENSING:
-        pinned, filename = (_MODELS[name_or_path] if name_or_path in _MODELS else
-                            (REMOTE_SENSING[name_or_path].sha256, REMOTE_SENSING[name_or_path].filename))
+        entry = REMOTE_SENSING.get(name_or_path)
+        pinned, filename = (entry.sha256, entry.filename) if entry else _MODELS[name_or_path]
         if sha256 and pinned and sha256 != pinned:
-            raise ValueError(f"sha256 {sha256} given for {name_or_path}, whose published sha256 is {pinned}")
+            raise ValueError(f"sha256 {sha256} given for {name_or_path}, whose published sha256 "
+                             f"is {pinned}")
         path = download(model_url(name_or_path), pinned or sha256, download_root, filename)
         return os.path.abspath(path), pinned or sha256 or recorded_sha256(path)
     path = os.path.expanduser(name_or_path)
     if not os.path.isfile(path):
-        raise ValueError(f"unknown CLIP model {name_or_path!r}: not a file, and not one of {available_models()}")
+        raise ValueError(f"unknown CLIP model {name_or_path!r}: not a file, and not one of "
+                         f"{available_models()}")
     actual = sha256_of(path)
     if sha256 and actual != sha256:
         raise ValueError(f"{os.path.abspath(path)} has sha256 {actual}, expected {sha256}")
@@ -449,13 +455,14 @@ def choose_activation(name_or_path: str, activation: str = None) -> Tuple[str, s
         "quickgelu" if name_or_path in _MODELS else None)
     if activation is not None:
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown CLIP MLP activation {activation!r}; expected one of {ACTIVATIONS}")
+            raise ValueError(f"unknown CLIP MLP activation {activation!r}; "
+                             f"expected one of {ACTIVATIONS}")
         if own is not None and activation != own:
             return activation, f"given, overriding {name_or_path}'s own {own}"
         return activation, "given"
     if own is not None:
         return own, f"{name_or_path}'s own"
-    return "quickgelu", "the default for a weights file; pass --clip-activation gelu for a GELU CLIP"
+    return "quickgelu", "the default for a weights file; --clip-activation gelu for a GELU CLIP"
 
 
 def load(name_or_path: str, device="cpu", download_root: str = None, activation: str = None,
@@ -468,7 +475,8 @@ def load(name_or_path: str, device="cpu", download_root: str = None, activation:
     `sha256`: the hash the file must have. `model.backbone` records what was loaded.
     """
     path, file_sha = fetch_weights(name_or_path, download_root, sha256)
-    name = name_or_path if name_or_path in available_models() else known_as(file_sha)  # a named file, moved
+    # a named backbone's file passed as a path is recognised by its published sha256
+    name = name_or_path if name_or_path in available_models() else known_as(file_sha)
     activation, why = choose_activation(name or name_or_path, activation)
     model = build_model(read_state_dict(path), activation).to(device)
     model.backbone = {"clip": name_or_path, "name": name, "path": path, "sha256": file_sha,
@@ -478,6 +486,7 @@ def load(name_or_path: str, device="cpu", download_root: str = None, activation:
 
 def describe(backbone: dict) -> str:
     """One line saying which weights and which MLP activation a run uses."""
-    name = f" = {backbone['name']}" if backbone.get("name") and backbone["name"] != backbone["clip"] else ""
+    named = backbone.get("name") and backbone["name"] != backbone["clip"]
+    name = f" = {backbone['name']}" if named else ""
     return (f"CLIP {backbone['clip']}{name}: {backbone['path']} (sha256 {backbone['sha256']}), "
             f"MLP activation {backbone['activation']} ({backbone['activation_from']})")

@@ -68,7 +68,8 @@ def _record_sha256(path: str, sha256: str):
     atomic_write(path + ".sha256", lambda f: f.write(f"{sha256}  {os.path.basename(path)}\n"))
 
 
-def download(url: str, sha256: str = None, root: str = None, filename: str = None, timeout: float = 60.0) -> str:
+def download(url: str, sha256: str = None, root: str = None, filename: str = None,
+             timeout: float = 60.0) -> str:
     """Path of `url`'s file in the cache, fetched and verified against `sha256` if needed.
 
     sha256=None: no pinned value; the file's hash is computed and kept beside it (see above)."""
@@ -80,12 +81,13 @@ def download(url: str, sha256: str = None, root: str = None, filename: str = Non
         actual = sha256_of(target)
         if expected is None or actual == expected:
             if expected is None:
-                print(f"{target}: no published sha256; its sha256 is {actual} (kept in {target}.sha256)",
-                      file=sys.stderr)
+                print(f"{target}: no published sha256; its sha256 is {actual} "
+                      f"(kept in {target}.sha256)", file=sys.stderr)
             if sha256 is None and recorded_sha256(target) != actual:
                 _record_sha256(target, actual)
             return target
-        print(f"{target} exists but its sha256 does not match {expected}; downloading it again", file=sys.stderr)
+        print(f"{target} exists but its sha256 does not match {expected}; downloading it again",
+              file=sys.stderr)
     got = []
 
     def fetch(out):  # streamed into atomic_write's temporary file, which is renamed only if we return
@@ -111,6 +113,6 @@ def download(url: str, sha256: str = None, root: str = None, filename: str = Non
                            f"cache; put the verified file at {target} yourself, or pass a local file.") from e
     if sha256 is None:
         _record_sha256(target, got[0])
-        print(f"{target}: no published sha256; computed {got[0]} at download (kept in {target}.sha256)",
-              file=sys.stderr)
+        print(f"{target}: no published sha256; computed {got[0]} at download "
+              f"(kept in {target}.sha256)", file=sys.stderr)
     return target

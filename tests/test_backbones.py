@@ -14,18 +14,21 @@ import zipfile
 import open_clip
 import pytest
 import torch
-
-import train
 from conftest import make_tiny_clip
-from mrs_adapter import clip
-from mrs_adapter.methods import METHODS, apply_method
 from test_clip import random_tokens
 from test_eval import KEYS, eval_script
 
+import train
+from mrs_adapter import clip
+from mrs_adapter.demo import make_demo
+from mrs_adapter.methods import METHODS, apply_method
+
 FORMATS = {  # how the checkpoints in the wild hold the same tensors
     "plain": lambda sd: sd,  # RemoteCLIP, GeoRSCLIP
-    "nested": lambda sd: {"epoch": 20, "name": "run", "state_dict": sd, "optimizer": {"param_groups": []}},
-    "module": lambda sd: {"epoch": 20, "state_dict": {"module." + k: v for k, v in sd.items()}},  # SkyCLIP
+    "nested": lambda sd: {"epoch": 20, "name": "run", "state_dict": sd,
+                          "optimizer": {"param_groups": []}},  # open_clip's training dict
+    "module": lambda sd: {"epoch": 20,  # SkyCLIP's: the same, saved from a DDP-wrapped model
+                          "state_dict": {"module." + k: v for k, v in sd.items()}},
 }
 
 
@@ -62,7 +65,8 @@ def test_parity_with_open_clip_in_every_format(config, activation, wrong, inputs
     # negative control: the same tensors with the other activation load without error, and differ
     img, txt = encode(clip.build_model(state, wrong), inputs)
     img_gap, txt_gap = (img - want_img).abs().max().item(), (txt - want_txt).abs().max().item()
-    print(f"{config} loaded with {wrong}: max abs difference image {img_gap:.3g}, text {txt_gap:.3g}")
+    print(f"{config} loaded with {wrong}: max abs difference image {img_gap:.3g}, "
+          f"text {txt_gap:.3g}")
     assert img_gap > 1e-2 and txt_gap > 1e-2
 
 
@@ -76,19 +80,20 @@ def test_skyclip_zip_archive_loads_like_the_checkpoint_inside(tiny_clip, tmp_pat
     from_pt, _ = clip.load(str(inner), activation="gelu")
     for (name, a), (_, b) in zip(from_zip.state_dict().items(), from_pt.state_dict().items()):
         assert torch.equal(a, b), name
-    assert from_zip.activation == "gelu" and isinstance(from_zip.visual.transformer.resblocks[0].mlp.gelu,
-                                                         torch.nn.GELU)
+    mlp = from_zip.visual.transformer.resblocks[0].mlp
+    assert from_zip.activation == "gelu" and isinstance(mlp.gelu, torch.nn.GELU)
     with zipfile.ZipFile(tmp_path / "two.zip", "w") as z:
         z.write(inner, "a/epoch_10.pt")
         z.write(inner, "a/epoch_20.pt")
-    with pytest.raises(ValueError, match=r"two.zip is a zip archive holding 2 checkpoint files.*epoch_10.pt"):
+    with pytest.raises(ValueError, match=r"two.zip is a zip archive holding 2 checkpoint.*_10"):
         clip.load(str(tmp_path / "two.zip"))
 
 
 def test_file_defaults_to_quickgelu_and_says_so_unknown_activation_is_named(tiny_clip, tmp_path):
     torch.save(tiny_clip.state_dict(), tmp_path / "w.pt")
     model, _ = clip.load(str(tmp_path / "w.pt"))
-    assert model.activation == "quickgelu" and "default for a weights file" in clip.describe(model.backbone)
+    assert model.activation == "quickgelu"
+    assert "default for a weights file" in clip.describe(model.backbone)
     assert isinstance(model.transformer.resblocks[1].mlp.gelu, clip.QuickGELU)
     with pytest.raises(ValueError, match="unknown CLIP MLP activation 'relu'.*quickgelu.*gelu"):
         clip.load(str(tmp_path / "w.pt"), activation="relu")
@@ -116,7 +121,8 @@ def test_every_method_handles_towers_of_unequal_depth_or_says_why(method, capsys
         print(f"{method}: ValueError: {e}")
         assert re.search(r"depth", str(e)) and "text 2" in str(e) and "vision 4" in str(e)
         return
-    images, tokens = torch.randn(2, 3, 32, 32), torch.tensor([[49406, 320, 1125, 49407] + [0] * 73] * 2)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = torch.tensor([[49406, 320, 1125, 49407] + [0] * 73] * 2)
     model.train()
     v, t = model.encode_image(images), model.encode_text(tokens)
     assert v.shape == t.shape == (2, 32)
@@ -127,12 +133,12 @@ def test_every_method_handles_towers_of_unequal_depth_or_says_why(method, capsys
 
 
 def train_and_eval(root, clip_arg, run_dir, *extra):
-    """train.py for one epoch with `--clip clip_arg`, run from the current folder; (summary, eval args)."""
-    summary = train.main(["--dataset", "demo", "--data-root", root, "--clip", clip_arg, "--output", str(run_dir),
-                          "--epochs", "1", "--print-freq", "10", *extra])
+    """train.py, one epoch, `--clip clip_arg`, from the current folder; (summary, eval args)."""
+    summary = train.main(["--dataset", "demo", "--data-root", root, "--clip", clip_arg,
+                          "--output", str(run_dir), "--epochs", "1", "--print-freq", "10", *extra])
     best = str(run_dir / "seed2" / "best.pt")
-    return summary, ["--dataset", "demo", "--data-root", root, "--checkpoint", best, "--workers", "0",
-                     "--device", "cpu"]
+    return summary, ["--dataset", "demo", "--data-root", root, "--checkpoint", best,
+                     "--workers", "0", "--device", "cpu"]
 
 
 def same_metrics(got, want):
@@ -151,29 +157,55 @@ def test_eval_from_another_folder_finds_the_clip_a_relative_path_named(demo, tmp
     assert same_metrics(eval_script.main(args), summary["per_seed"][0]["test"])
     os.rename(work / "tiny.pt", tmp_path / "moved.pt")
     sha = hashlib.sha256((tmp_path / "moved.pt").read_bytes()).hexdigest()
-    with pytest.raises(FileNotFoundError, match=f"not at {work / 'tiny.pt'} .*sha256 {sha}.*--clip"):
+    with pytest.raises(FileNotFoundError, match=f"not at {work / 'tiny.pt'} .*{sha}.*--clip"):
         eval_script.main(args)
     assert same_metrics(eval_script.main(args + ["--clip", str(tmp_path / "moved.pt")]),
                         summary["per_seed"][0]["test"])
 
 
-def test_gelu_checkpoint_trains_and_eval_rebuilds_it_without_flags(demo, tmp_path, monkeypatch, capsys):
-    """Issue 11: a GELU CLIP in open_clip's training format (SkyCLIP's), activation recorded with the run."""
+def test_gelu_checkpoint_trains_and_eval_rebuilds_it_without_flags(demo, tmp_path, capsys):
+    """Issue 11: a GELU CLIP in SkyCLIP's format; the activation is recorded with the run."""
     root, backbone = demo
     state = torch.load(backbone, weights_only=True)
     gelu_file = tmp_path / "epoch_20.pt"
     torch.save(FORMATS["module"](state), gelu_file)
     sha = hashlib.sha256(gelu_file.read_bytes()).hexdigest()
-    summary, args = train_and_eval(root, str(gelu_file), tmp_path / "run", "--clip-activation", "gelu")
-    for recorded in (json.load(open(tmp_path / "run" / "seed2" / "config.json"))["backbone"],
-                     torch.load(tmp_path / "run" / "seed2" / "best.pt", weights_only=True)["config"]["backbone"]):
-        assert (recorded["path"], recorded["sha256"], recorded["activation"]) == (str(gelu_file), sha, "gelu")
+    run = tmp_path / "run"
+    summary, args = train_and_eval(root, str(gelu_file), run, "--clip-activation", "gelu")
+    with open(run / "seed2" / "config.json") as f:
+        config = json.load(f)
+    best = torch.load(run / "seed2" / "best.pt", weights_only=True)
+    for recorded in (config["backbone"], best["config"]["backbone"]):
+        assert recorded["path"] == str(gelu_file) and recorded["sha256"] == sha
+        assert recorded["activation"] == "gelu"
     capsys.readouterr()
     assert same_metrics(eval_script.main(args), summary["per_seed"][0]["test"])
-    assert f"MLP activation gelu (given)" in capsys.readouterr().out  # rebuilt from the checkpoint alone
+    assert "MLP activation gelu (given)" in capsys.readouterr().out  # from the checkpoint alone
     torch.save(state, tmp_path / "other.pt")  # same tensors, other bytes: not the recorded file
     other_sha = hashlib.sha256((tmp_path / "other.pt").read_bytes()).hexdigest()
-    with pytest.raises(ValueError, match=f"trained on {gelu_file} with sha256 {sha}.*--clip-sha256 {other_sha}"):
-        eval_script.main(args + ["--clip", str(tmp_path / "other.pt")])
-    on_purpose = eval_script.main(args + ["--clip", str(tmp_path / "other.pt"), "--clip-sha256", other_sha])
+    other = ["--clip", str(tmp_path / "other.pt")]
+    with pytest.raises(ValueError, match=f"on {gelu_file} with sha256 {sha}.*-sha256 {other_sha}"):
+        eval_script.main(args + other)
+    on_purpose = eval_script.main(args + other + ["--clip-sha256", other_sha])
     assert same_metrics(on_purpose, summary["per_seed"][0]["test"])
+
+
+def test_zero_shot_prints_the_published_figure_beside_ours(tmp_path, monkeypatch, capsys):
+    make_demo(str(tmp_path / "data"), n_train=10, n_test=12, size=64)
+    weights = tmp_path / "RS5M_ViT-B-32.pt"  # as if downloaded by hand: known by its sha256
+    torch.save(make_tiny_clip().state_dict(), weights)
+    entry = clip.REMOTE_SENSING["GeoRSCLIP-ViT-B/32"]
+    monkeypatch.setitem(clip.REMOTE_SENSING, "GeoRSCLIP-ViT-B/32", dataclasses.replace(
+        entry, sha256=clip.sha256_of(str(weights)), published={"demo": 50.0}))
+    out = str(tmp_path / "zs.json")
+    args = ["--dataset", "demo", "--data-root", str(tmp_path / "data"), "--zero-shot", "--clip",
+            str(weights), "--workers", "0", "--device", "cpu", "--json", out]
+    ours = eval_script.main(args)["mR"]
+    assert (f"published zero-shot mR of GeoRSCLIP-ViT-B/32 on demo test: 50.00; ours {ours:.2f} "
+            f"({ours - 50.0:+.2f} points") in capsys.readouterr().out
+    with open(out) as f:
+        saved = json.load(f)
+    assert saved["published_zero_shot_mR"] == 50.0
+    assert saved["backbone"]["activation"] == "quickgelu"
+    eval_script.main(args + ["--split", "val"])
+    assert "published" not in capsys.readouterr().out  # published figures are test-split figures
