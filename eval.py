@@ -106,6 +106,8 @@ def load_recorded_backbone(args: argparse.Namespace, config: Dict):
                 f"(given to train.py as {given!r}); it wants the file with sha256 "
                 f"{want or '(not recorded)'}: pass --clip <where it is now>")
     model, preprocess = clip.load(args.clip, "cpu", activation=activation, sha256=args.clip_sha256)
+    if args.clip_activation is None and recorded.get("activation"):
+        model.backbone["activation_from"] = f"recorded in {args.checkpoint}"
     got = model.backbone["sha256"]
     if want and got != want and args.clip_sha256 is None:
         raise ValueError(f"{model.backbone['path']} has sha256 {got}, but {args.checkpoint} "

@@ -180,7 +180,8 @@ def test_gelu_checkpoint_trains_and_eval_rebuilds_it_without_flags(demo, tmp_pat
         assert recorded["activation"] == "gelu"
     capsys.readouterr()
     assert same_metrics(eval_script.main(args), summary["per_seed"][0]["test"])
-    assert "MLP activation gelu (given)" in capsys.readouterr().out  # from the checkpoint alone
+    printed = capsys.readouterr().out  # the activation came from the checkpoint alone
+    assert f"MLP activation gelu (recorded in {run / 'seed2' / 'best.pt'})" in printed
     torch.save(state, tmp_path / "other.pt")  # same tensors, other bytes: not the recorded file
     other_sha = hashlib.sha256((tmp_path / "other.pt").read_bytes()).hexdigest()
     other = ["--clip", str(tmp_path / "other.pt")]
