@@ -45,6 +45,7 @@ def run_method(args, method: str, train_argv: list) -> dict:
     """{metric: mean}, {metric: std} and the trainable count of one method, trained or zero-shot."""
     folder = os.path.join(args.output, method)
     common = ["--dataset", args.dataset, "--data-root", args.data_root] + (["--clip", args.clip] if args.clip else [])
+    common += ["--clip-activation", args.clip_activation] if args.clip_activation else []
     if method == "zero_shot":  # nothing to train, and deterministic: one evaluation
         metrics = eval_script.main(common + ["--zero-shot", "--json", os.path.join(folder, "eval.json")])
         return {"mean": metrics, "std": {k: 0.0 for k in metrics}, "params": 0, "seeds": "-"}
@@ -81,6 +82,8 @@ def main(argv=None) -> list:
                    help="default: every method of the paper's tables, then LoRA")
     p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="train.py seeds (published rows average runs)")
     p.add_argument("--clip", help="CLIP weights for every method (default: train.py's)")
+    p.add_argument("--clip-activation", choices=["quickgelu", "gelu"],
+                   help="CLIP's MLP activation (train.py)")
     p.add_argument("--output", help="default: runs/benchmark-<dataset>")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)

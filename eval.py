@@ -38,6 +38,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     what.add_argument("--zero-shot", action="store_true", help="plain CLIP, the paper's zero-shot rows")
     p.add_argument("--clip", help="CLIP name (the paper: ViT-B/32) or a local weights file; "
                                   "default: the checkpoint's, else ViT-B/32")
+    p.add_argument("--clip-activation", choices=clip.ACTIVATIONS,
+                   help="CLIP's MLP activation; default: the checkpoint's, else a named "
+                        "backbone's own, else QuickGELU")
+    p.add_argument("--clip-sha256",
+                   help="the sha256 the CLIP weights must have; with --checkpoint, the way to "
+                        "evaluate on weights other than the recorded ones on purpose")
     p.add_argument("--method", choices=sorted(METHODS), help="optional check: the checkpoint's method must be this "
                                                          "(--zero-shot is --method zero_shot)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
@@ -99,12 +105,59 @@ def build_model_for_eval(args: argparse.Namespace):
     if args.zero_shot:
         args.clip = args.clip or "ViT-B/32"
         args.precision = eval_precision(args, "bf16")
-        return clip.load(args.clip, args.device)
+        model, preprocess = clip.load(args.clip, args.device, activation=args.clip_activation,
+                                      sha256=args.clip_sha256)
+        args.backbone = model.backbone
+        print(clip.describe(model.backbone))
+        return model, preprocess
     ckpt = read_checkpoint(args.checkpoint)
-    args.clip = args.clip or ckpt.get("config", {}).get("clip", "ViT-B/32")
     args.precision = eval_precision(args, ckpt.get("config", {}).get("precision") or "bf16")
-    model, preprocess = clip.load(args.clip, "cpu")
+    model, preprocess = load_recorded_backbone(args, ckpt.get("config") or {})
+    args.backbone = model.backbone
+    print(clip.describe(model.backbone))
     return apply_checkpoint(model, ckpt, args.method).to(args.device).eval(), preprocess
+
+
+def load_recorded_backbone(args: argparse.Namespace, config: Dict):
+    """The CLIP a checkpoint was trained on: its recorded name or absolute path, activation and
+    sha256 (train.py's config["backbone"]). --clip points at the weights when they moved; weights
+    with another sha256 are an error unless --clip-sha256 names that hash on purpose."""
+    recorded = config.get("backbone") or {}
+    activation = args.clip_activation or recorded.get("activation")
+    want = recorded.get("sha256")
+    if args.clip is None:
+        given = recorded.get("clip") or config.get("clip") or "ViT-B/32"
+        named = given in clip.available_models()
+        args.clip = given if named else recorded.get("path") or os.path.abspath(given)
+        if not named and not os.path.isfile(args.clip):
+            raise FileNotFoundError(
+                f"the CLIP weights {args.checkpoint} was trained on are not at {args.clip} "
+                f"(given to train.py as {given!r}); it wants the file with sha256 "
+                f"{want or '(not recorded)'}: pass --clip <where it is now>")
+    model, preprocess = clip.load(args.clip, "cpu", activation=activation, sha256=args.clip_sha256)
+    if args.clip_activation is None and recorded.get("activation"):
+        model.backbone["activation_from"] = f"recorded in {args.checkpoint}"
+    got = model.backbone["sha256"]
+    if want and got != want and args.clip_sha256 is None:
+        raise ValueError(f"{model.backbone['path']} has sha256 {got}, but {args.checkpoint} "
+                         f"was trained on {recorded.get('path')} with sha256 {want}; pass the "
+                         f"right file with --clip, or, to evaluate on this one on purpose, "
+                         f"--clip-sha256 {got}")
+    return model, preprocess
+
+
+def published_check(args: argparse.Namespace, backbone: Optional[Dict], metrics: Dict[str, float]):
+    """With --zero-shot, print the backbone's published zero-shot mR on this dataset beside ours,
+    where one is published: a wrong file or MLP activation shows as a gap of points. Returns it."""
+    if not args.zero_shot or not backbone or args.split != "test":
+        return None
+    published = clip.published_mr(backbone.get("name") or backbone["clip"]).get(args.dataset)
+    if published is not None:
+        name, ours = backbone.get("name") or backbone["clip"], metrics["mR"]
+        print(f"published zero-shot mR of {name} on {args.dataset} test: {published:.2f}; "
+              f"ours {ours:.2f} ({ours - published:+.2f} points; more than about one point apart "
+              f"suggests another file, MLP activation or split than the publication's)")
+    return published
 
 
 def default_json_path(args: argparse.Namespace) -> str:
@@ -165,11 +218,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     what = "zero-shot" if args.zero_shot else args.checkpoint
     print(f"{args.dataset} {split} | CLIP {args.clip} {what} ({args.precision})\n"
           f"{format_table([(args.split, metrics)])}")
+    published = published_check(args, args.backbone, metrics)
     path = args.json or default_json_path(args)
     write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics, "dataset": args.dataset, "split": args.split,
                       "n_images": len(split.image_paths), "n_captions": len(split.captions),
                       "clip": args.clip, "checkpoint": args.checkpoint, "zero_shot": args.zero_shot,
-                      "precision": args.precision})
+                      "precision": args.precision, "backbone": args.backbone,
+                      "published_zero_shot_mR": published})
     print(f"wrote {path}")
     if args.visualize:
         visualize(sims, split, args.visualize)

@@ -45,6 +45,11 @@ def get_parser() -> argparse.ArgumentParser:
     a("--image-dir", help="image folder (default: <data-root>/<dataset>_images)")
     a("--clip", help="CLIP weights: a name of clip.available_models() or a file (default: ViT-B/32, as in the "
                      "paper; the demo uses a tiny CLIP pre-trained offline and cached in <data-root>)")
+    a("--clip-activation", choices=clip.ACTIVATIONS,
+      help="CLIP's MLP activation (default: a named backbone's own; QuickGELU, OpenAI's, for a "
+           "file; e.g. gelu for SkyCLIP ViT-B/32); recorded in the run")
+    a("--clip-sha256", help="the sha256 the CLIP weights must have (pins a backbone published "
+                            "without one)")
     a("--method", default="mrs_adapter", choices=sorted(METHODS), help="PETL method (default: the paper's)")
     a("--objective", default="hmmc", choices=["hmmc", "info_nce"], help="loss (default: HMMC, Sec. III-C)")
     a("--margin", type=float, default=0.2, help="HMMC hinge margin (paper: 0.2)")
@@ -184,7 +189,11 @@ def resolve_method_options(args) -> dict:
 
 def build_model(args, verbose: bool = True):
     """(CLIP with the method composed in, on args.device; preprocess; all the method's options)."""
-    model, preprocess = clip.load(args.clip, device="cpu")
+    model, preprocess = clip.load(args.clip, device="cpu", activation=args.clip_activation,
+                                  sha256=args.clip_sha256)
+    args.backbone = model.backbone  # absolute path, sha256, activation: in config.json and best.pt
+    if verbose:
+        print(clip.describe(model.backbone))
     options = resolve_method_options(args)
     model = freeze_unread(apply_method(model, args.method, options, verbose=False), args.objective)
     if verbose:

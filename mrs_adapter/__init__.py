@@ -1,6 +1,6 @@
 """mrs-adapter: CLIP + MRS-Adapter + HMMC for remote sensing image-text retrieval (Yuan et al., TGRS 2023).
 
-Modules: clip (model, weights, preprocessing), tokenizer, adapter (MRS-Adapter), loss (HMMC),
+Modules: clip (model, weights, preprocessing), backbones (remote-sensing CLIPs), tokenizer, adapter (MRS-Adapter), loss (HMMC),
 data (datasets), metrics (recall@K), methods (the PETL baselines), demo / demo_backbone (offline demo).
 """
 __version__ = "0.1.0"

@@ -5,9 +5,14 @@ Parameter names are OpenAI's checkpoint names, so the official weights load with
 through `F.scaled_dot_product_attention`. Both encoders take `feature_dropout`, the paper's
 feature-dropout view (method.md 3): dropout on the embeddings that enter the first block.
 `encode_*_views` return the clean and the dropped view from one batched pass.
-`load` fetches the OpenAI TorchScript archives (verified by sha256, see download.py) or reads
-a local archive or plain state dict, and returns the model with OpenAI's preprocessing.
+`load` fetches the OpenAI TorchScript archives or a named remote-sensing CLIP (backbones.py;
+verified by sha256, see download.py) or reads a local file - a TorchScript archive, a plain,
+nested or `module.`-prefixed state dict, or a zip holding one (SkyCLIP) - and returns the
+model with OpenAI's preprocessing. The MLP activation (QuickGELU or GELU) cannot be read off
+the tensors: named backbones carry theirs, a file defaults to QuickGELU, and the model records
+which it got (`model.backbone`).
 """
+import io
 import os
 import warnings
 import zipfile
@@ -19,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from .download import download
+from .backbones import OPENAI_PUBLISHED, REMOTE_SENSING
+from .download import download, recorded_sha256, sha256_of
 
 _URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
 _MODELS = {  # name -> (sha256, which is also the URL's folder, file name)
@@ -28,6 +34,7 @@ _MODELS = {  # name -> (sha256, which is also the URL's folder, file name)
     "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
     "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
 }
+ACTIVATIONS = ("quickgelu", "gelu")
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -103,16 +110,24 @@ class Attention(nn.Module):
         return self.out_proj(x.transpose(1, 2).reshape(B, 1, D))
 
 
+def mlp_activation(name: str) -> nn.Module:
+    """The MLP's nonlinearity: OpenAI's QuickGELU, or the exact (erf) GELU of CLIPs trained with
+    open_clip's GELU configs (e.g. from LAION weights). It cannot be read off the tensors."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown CLIP MLP activation {name!r}; expected one of {ACTIVATIONS}")
+    return QuickGELU() if name == "quickgelu" else nn.GELU()
+
+
 class ResidualAttentionBlock(nn.Module):
     accepts_query_index = True  # see Transformer.forward
 
-    def __init__(self, width: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, heads: int, causal: bool = False, activation: str = "quickgelu"):
         super().__init__()
         self.attn = Attention(width, heads, causal)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, width * 4)),
-            ("gelu", QuickGELU()),
+            ("gelu", mlp_activation(activation)),
             ("c_proj", nn.Linear(width * 4, width)),
         ]))
         self.ln_2 = LayerNorm(width)
@@ -126,10 +141,12 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False,
+                 activation: str = "quickgelu"):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, activation)
+                                         for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
         """(B, L, D) -> (B, L, D), or with query_index (B,) the pooled token of each row only: (B, 1, D).
@@ -150,7 +167,7 @@ class Transformer(nn.Module):
 
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int):
+                 output_dim: int, activation: str = "quickgelu"):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -158,7 +175,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation=activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -185,12 +202,14 @@ class CLIP(nn.Module):
                  image_resolution: int, vision_layers: int, vision_width: int, vision_patch_size: int,
                  # text
                  context_length: int, vocab_size: int, transformer_width: int, transformer_heads: int,
-                 transformer_layers: int, vision_heads: int = None):
+                 transformer_layers: int, vision_heads: int = None, activation: str = "quickgelu"):
         super().__init__()
         self.context_length = context_length
+        self.activation = activation  # the MLPs' nonlinearity, recorded with every run (train.py)
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                        vision_heads or vision_width // 64, embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+                                        vision_heads or vision_width // 64, embed_dim, activation)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       causal=True, activation=activation)
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -271,9 +290,23 @@ class CLIP(nn.Module):
         return logits, logits.t()
 
 
-def build_model(state_dict: dict) -> CLIP:
-    """A ViT CLIP whose architecture is read off `state_dict`'s shapes; strict load, fp32, eval."""
-    state_dict = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+def unwrap(state_dict: dict) -> dict:
+    """The tensors of a plain state dict, of a training dict {"state_dict": ..., "epoch", ...}
+    (open_clip's, SkyCLIP's), with the `module.` prefix of a DDP-wrapped model removed."""
+    if isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def build_model(state_dict: dict, activation: str = "quickgelu") -> CLIP:
+    """A ViT CLIP whose architecture is read off `state_dict`'s shapes; strict load, fp32, eval.
+
+    `activation`: the MLPs' "quickgelu" (OpenAI's) or "gelu"; the tensors do not tell."""
+    mlp_activation(activation)  # an unknown name fails here, before any work
+    state_dict = {k: v for k, v in unwrap(state_dict).items()
+                  if k not in ("input_resolution", "context_length", "vocab_size")}
     required = ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj",
                 "token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight"]
     missing = [k for k in required if k not in state_dict]
@@ -297,7 +330,7 @@ def build_model(state_dict: dict) -> CLIP:
             transformer_heads=max(1, transformer_width // 64),
             transformer_layers=len([k for k in state_dict if k.startswith("transformer.resblocks.")
                                     and k.endswith(".attn.in_proj_weight")]),
-            vision_heads=max(1, vision_width // 64))
+            vision_heads=max(1, vision_width // 64), activation=activation)
     # copies, so the model never shares memory with (and never trains) the caller's tensors
     result = model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state_dict.items()},
                                    strict=False, assign=True)
@@ -308,12 +341,22 @@ def build_model(state_dict: dict) -> CLIP:
 
 
 def available_models() -> List[str]:
-    return list(_MODELS)
+    """OpenAI's CLIPs, then the remote-sensing CLIPs of backbones.py."""
+    return list(_MODELS) + list(REMOTE_SENSING)
 
 
 def model_url(name: str) -> str:
+    if name in REMOTE_SENSING:
+        return REMOTE_SENSING[name].url
     sha256, filename = _MODELS[name]
     return _URL.format(sha256, filename)
+
+
+def published_mr(name: str) -> dict:
+    """dataset -> the retrieval mR published for backbone `name` without further training."""
+    if name in REMOTE_SENSING:
+        return dict(REMOTE_SENSING[name].published)
+    return dict(OPENAI_PUBLISHED.get(name, {}))
 
 
 def _to_rgb(image):
@@ -331,39 +374,119 @@ def transform(n_px: int) -> Callable:
     ])
 
 
+def _zip_kind(path: str):
+    """("torchscript" | "archive" | None, the archive's .pt members). torch.save files are zips
+    too (holding data.pkl); a zip of checkpoints, as SkyCLIP ships, holds .pt/.pth files."""
+    if not zipfile.is_zipfile(path):
+        return None, []
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    if any(n.endswith("/constants.pkl") for n in names):
+        return "torchscript", []
+    if any(n.endswith("data.pkl") for n in names):
+        return None, []
+    return "archive", [n for n in names if n.endswith((".pt", ".pth"))]
+
+
+def _load_from_archive(path: str, members: List[str]):
+    with zipfile.ZipFile(path) as z:
+        return torch.load(io.BytesIO(z.read(members[0])), map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: str) -> dict:
-    """Tensors of an OpenAI TorchScript archive or of a plain `torch.save`d state dict."""
+    """Tensors of an OpenAI TorchScript archive, of a `torch.save`d plain, nested or
+    `module.`-prefixed state dict, or of a zip archive holding one such file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights not found: {path}")
-    is_torchscript = zipfile.is_zipfile(path) and any(
-        n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
+    kind, members = _zip_kind(path)
+    if kind == "archive" and len(members) != 1:
+        raise ValueError(f"{path} is a zip archive holding {len(members)} checkpoint files "
+                         f"{members}; expected one: extract the one you want and pass it")
     try:
-        if is_torchscript:
+        if kind == "torchscript":
             with warnings.catch_warnings():  # TorchScript is deprecated, but it is the official format
                 warnings.simplefilter("ignore", FutureWarning)
                 return torch.jit.load(path, map_location="cpu").state_dict()
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        if kind == "archive":
+            state_dict = _load_from_archive(path, members)
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path} is neither a TorchScript CLIP archive nor a readable state dict: {e}") from e
-    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a dict of tensors")
-    return state_dict
+    return unwrap(state_dict)
 
 
-def load(name_or_path: str, device="cpu", download_root: str = None) -> Tuple[CLIP, Callable]:
+def fetch_weights(name_or_path: str, download_root: str = None,
+                  sha256: str = None) -> Tuple[str, str]:
+    """(absolute path, sha256) of a named backbone's file (downloaded, verified) or of a local file.
+
+    `sha256`: the hash the file must have (a user's pin); a named backbone's published hash wins
+    over nothing, and a pin that contradicts it is an error."""
+    if name_or_path in _MODELS or name_or_path in REMOTE_SENSING:
+        entry = REMOTE_SENSING.get(name_or_path)
+        pinned, filename = (entry.sha256, entry.filename) if entry else _MODELS[name_or_path]
+        if sha256 and pinned and sha256 != pinned:
+            raise ValueError(f"sha256 {sha256} given for {name_or_path}, whose published sha256 "
+                             f"is {pinned}")
+        path = download(model_url(name_or_path), pinned or sha256, download_root, filename)
+        return os.path.abspath(path), pinned or sha256 or recorded_sha256(path)
+    path = os.path.expanduser(name_or_path)
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown CLIP model {name_or_path!r}: not a file, and not one of "
+                         f"{available_models()}")
+    actual = sha256_of(path)
+    if sha256 and actual != sha256:
+        raise ValueError(f"{os.path.abspath(path)} has sha256 {actual}, expected {sha256}")
+    return os.path.abspath(path), actual
+
+
+def known_as(sha256: str):
+    """The name of the backbone whose published sha256 this is, or None."""
+    pinned = {sha: name for name, (sha, _) in _MODELS.items()}
+    pinned.update({b.sha256: name for name, b in REMOTE_SENSING.items() if b.sha256})
+    return pinned.get(sha256)
+
+
+def choose_activation(name_or_path: str, activation: str = None) -> Tuple[str, str]:
+    """(activation, why): the caller's, else a named backbone's own, else QuickGELU for a file."""
+    own = REMOTE_SENSING[name_or_path].activation if name_or_path in REMOTE_SENSING else (
+        "quickgelu" if name_or_path in _MODELS else None)
+    if activation is not None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown CLIP MLP activation {activation!r}; "
+                             f"expected one of {ACTIVATIONS}")
+        if own is not None and activation != own:
+            return activation, f"given, overriding {name_or_path}'s own {own}"
+        return activation, "given"
+    if own is not None:
+        return own, f"{name_or_path}'s own"
+    return "quickgelu", "the default for a weights file; --clip-activation gelu for a GELU CLIP"
+
+
+def load(name_or_path: str, device="cpu", download_root: str = None, activation: str = None,
+         sha256: str = None) -> Tuple[CLIP, Callable]:
     """(model in eval mode, fp32, on `device`; its preprocessing transform).
 
     `name_or_path`: one of `available_models()` (downloaded to `download_root`, else
-    $MRS_ADAPTER_CACHE, else ~/.cache/clip) or a path to a TorchScript archive or state dict.
+    $MRS_ADAPTER_CACHE, else ~/.cache/clip) or a path to a TorchScript archive, a state dict
+    or a zip holding one. `activation`: "quickgelu" or "gelu" (default: see choose_activation).
+    `sha256`: the hash the file must have. `model.backbone` records what was loaded.
     """
-    if name_or_path in _MODELS:
-        sha256, filename = _MODELS[name_or_path]
-        path = download(model_url(name_or_path), sha256, download_root, filename)
-    elif os.path.isfile(os.path.expanduser(name_or_path)):
-        path = os.path.expanduser(name_or_path)
-    else:
-        raise ValueError(f"unknown CLIP model {name_or_path!r}: not a file, and not one of {available_models()}")
-    model = build_model(read_state_dict(path)).to(device)
+    path, file_sha = fetch_weights(name_or_path, download_root, sha256)
+    # a named backbone's file passed as a path is recognised by its published sha256
+    name = name_or_path if name_or_path in available_models() else known_as(file_sha)
+    activation, why = choose_activation(name or name_or_path, activation)
+    model = build_model(read_state_dict(path), activation).to(device)
+    model.backbone = {"clip": name_or_path, "name": name, "path": path, "sha256": file_sha,
+                      "activation": activation, "activation_from": why}
     return model, transform(model.visual.input_resolution)
+
+
+def describe(backbone: dict) -> str:
+    """One line saying which weights and which MLP activation a run uses."""
+    named = backbone.get("name") and backbone["name"] != backbone["clip"]
+    name = f" = {backbone['name']}" if named else ""
+    return (f"CLIP {backbone['clip']}{name}: {backbone['path']} (sha256 {backbone['sha256']}), "
+            f"MLP activation {backbone['activation']} ({backbone['activation_from']})")

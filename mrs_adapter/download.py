@@ -3,6 +3,10 @@
 A file is streamed to a temporary name beside its final path, hashed on the way, and renamed
 only when its sha256 matches; an interrupted or corrupt download never leaves a file that
 looks complete. A cached file whose hash is wrong is fetched again.
+
+Some publishers state no hash. Then the sha256 is computed at the first download and kept
+beside the file (`<file>.sha256`): later loads check the cached file against it, and runs
+record it, so a changed file upstream or on disk is noticed rather than silently used.
 """
 import hashlib
 import os
@@ -51,15 +55,40 @@ def _progress(done: int, total: int, start: float, name: str, last: list):
     sys.stderr.flush()
 
 
-def download(url: str, sha256: str, root: str = None, filename: str = None, timeout: float = 60.0) -> str:
-    """Path of `url`'s file in the cache, fetched and verified against `sha256` if needed."""
+def recorded_sha256(path: str):
+    """The sha256 kept beside a downloaded file (`download` writes it), or None."""
+    try:
+        with open(path + ".sha256") as f:
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _record_sha256(path: str, sha256: str):
+    atomic_write(path + ".sha256", lambda f: f.write(f"{sha256}  {os.path.basename(path)}\n"))
+
+
+def download(url: str, sha256: str = None, root: str = None, filename: str = None,
+             timeout: float = 60.0) -> str:
+    """Path of `url`'s file in the cache, fetched and verified against `sha256` if needed.
+
+    sha256=None: no pinned value; the file's hash is computed and kept beside it (see above)."""
     root = cache_dir(root)
     os.makedirs(root, exist_ok=True)
     target = os.path.join(root, filename or os.path.basename(url))
     if os.path.isfile(target):
-        if sha256_of(target) == sha256:
+        expected = sha256 or recorded_sha256(target)
+        actual = sha256_of(target)
+        if expected is None or actual == expected:
+            if expected is None:
+                print(f"{target}: no published sha256; its sha256 is {actual} "
+                      f"(kept in {target}.sha256)", file=sys.stderr)
+            if sha256 is None and recorded_sha256(target) != actual:
+                _record_sha256(target, actual)
             return target
-        print(f"{target} exists but its sha256 does not match {sha256}; downloading it again", file=sys.stderr)
+        print(f"{target} exists but its sha256 does not match {expected}; downloading it again",
+              file=sys.stderr)
+    got = []
 
     def fetch(out):  # streamed into atomic_write's temporary file, which is renamed only if we return
         h = hashlib.sha256()
@@ -72,7 +101,8 @@ def download(url: str, sha256: str, root: str = None, filename: str = None, time
                 _progress(done, total, start, os.path.basename(target), last)
         if total and done != total:
             raise DownloadError(f"download of {url} ended after {done} of {total} bytes")
-        if h.hexdigest() != sha256:
+        got.append(h.hexdigest())
+        if sha256 is not None and h.hexdigest() != sha256:
             raise DownloadError(f"sha256 of the file downloaded from {url} is {h.hexdigest()}, expected "
                                f"{sha256}; nothing was written to {target}")
 
@@ -81,4 +111,8 @@ def download(url: str, sha256: str, root: str = None, filename: str = None, time
     except (urllib.error.URLError, OSError) as e:  # offline, DNS, refused, timed out, a short read ...
         raise DownloadError(f"could not download {url}: {getattr(e, 'reason', e)}. Nothing was written to the "
                            f"cache; put the verified file at {target} yourself, or pass a local file.") from e
+    if sha256 is None:
+        _record_sha256(target, got[0])
+        print(f"{target}: no published sha256; computed {got[0]} at download "
+              f"(kept in {target}.sha256)", file=sys.stderr)
     return target

@@ -127,7 +127,7 @@ def test_load_rejects_unknown_names_and_bad_files(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated.pt"):
         clip.load(str(truncated))
-    assert clip.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+    assert clip.available_models()[:4] == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
 
 
 @pytest.mark.parametrize("size,mode", [((300, 200), "RGB"), ((224, 224), "L"), ((500, 333), "RGBA"),

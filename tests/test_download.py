@@ -1,4 +1,5 @@
 """Verified downloads against a local HTTP server on 127.0.0.1: cache, hash check, atomic write."""
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -114,7 +115,7 @@ def test_corrupt_cached_file_is_fetched_again(server, served_vit, tmp_path):
 
 
 def test_official_urls_carry_their_hash():
-    for name in clip.available_models():
+    for name in clip._MODELS:
         sha, filename = clip._MODELS[name]
         assert clip.model_url(name) == f"https://openaipublic.azureedge.net/clip/models/{sha}/{filename}"
 
@@ -125,3 +126,58 @@ def test_no_network_at_import():
             "socket.socket.connect = refuse\nsocket.create_connection = refuse\n"
             "import mrs_adapter.clip, mrs_adapter.tokenizer\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def served_unpinned(server, tiny_clip, tmp_path, monkeypatch):
+    """The tiny CLIP served where `load("GeoRSCLIP-ViT-B/32")` looks, with no published hash."""
+    path = tmp_path / "plain.pt"
+    torch.save(tiny_clip.state_dict(), path)
+    body = path.read_bytes()
+    server.files["/RS5M_ViT-B-32.pt"] = body
+    entry = clip.REMOTE_SENSING["GeoRSCLIP-ViT-B/32"]
+    monkeypatch.setitem(clip.REMOTE_SENSING, "GeoRSCLIP-ViT-B/32",
+                        dataclasses.replace(entry, url=server.url + "/RS5M_ViT-B-32.pt"))
+    return body
+
+
+def test_unpinned_backbone_keeps_its_sha256_and_checks_the_cache(server, served_unpinned, tmp_path):
+    cache, sha = tmp_path / "cache", hashlib.sha256(served_unpinned).hexdigest()
+    model, _ = clip.load("GeoRSCLIP-ViT-B/32", download_root=str(cache))
+    assert sorted(os.listdir(cache)) == ["RS5M_ViT-B-32.pt", "RS5M_ViT-B-32.pt.sha256"]
+    assert (cache / "RS5M_ViT-B-32.pt.sha256").read_text().split()[0] == sha
+    assert model.backbone["sha256"] == sha
+    assert model.backbone["path"] == str(cache / "RS5M_ViT-B-32.pt")
+    assert model.activation == "quickgelu"
+    assert model.backbone["activation_from"] == "GeoRSCLIP-ViT-B/32's own"
+    clip.load("GeoRSCLIP-ViT-B/32", download_root=str(cache))
+    assert len(server.hits) == 1  # verified against the kept sha256, served from the cache
+    (cache / "RS5M_ViT-B-32.pt").write_bytes(served_unpinned[:-10] + b"0123456789")  # edited
+    model, _ = clip.load("GeoRSCLIP-ViT-B/32", download_root=str(cache))
+    assert len(server.hits) == 2 and model.backbone["sha256"] == sha  # noticed and fetched again
+
+
+def test_a_user_pin_is_checked_for_unpinned_backbones_and_files(server, served_unpinned, tmp_path):
+    with pytest.raises(DownloadError, match="expected " + "a" * 64):
+        clip.load("GeoRSCLIP-ViT-B/32", download_root=str(tmp_path / "c"), sha256="a" * 64)
+    assert os.listdir(tmp_path / "c") == []
+    with pytest.raises(ValueError, match="published sha256 is 60014e39"):
+        clip.load("RemoteCLIP-ViT-B/32", sha256="a" * 64)  # contradicts the publisher: no download
+    local = tmp_path / "w.pt"
+    local.write_bytes(served_unpinned)
+    sha = hashlib.sha256(served_unpinned).hexdigest()
+    with pytest.raises(ValueError, match=f"{local} has sha256 {sha}, expected {'b' * 64}"):
+        clip.load(str(local), sha256="b" * 64)
+
+
+def test_named_remote_sensing_backbones_point_at_their_publishers():
+    for name in clip.REMOTE_SENSING:
+        b = clip.REMOTE_SENSING[name]
+        repo = "chendelong/RemoteCLIP" if name.startswith("RemoteCLIP") else "Zilun/GeoRSCLIP"
+        assert clip.model_url(name) == b.url
+        assert b.url.startswith(f"https://huggingface.co/{repo}/resolve/main/")
+        assert b.url.endswith("/" + b.filename) and b.activation in clip.ACTIVATIONS
+        assert b.sha256 is None or len(bytes.fromhex(b.sha256)) == 32
+    files = {b.filename for b in clip.REMOTE_SENSING.values()}
+    files |= {f for _, f in clip._MODELS.values()}
+    assert len(files) == len(clip.REMOTE_SENSING) + len(clip._MODELS)  # no two share a cache file
