@@ -306,7 +306,15 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     16-bit image becomes white; a fixed scale of the dtype's range (/ 257) leaves the 10-12 bits
     that most sensors use almost black. The 2-98% cut is what GIS viewers show by default (QGIS's
     cumulative count cut), so it is what an annotator would have seen. The price: two images of
-    one scene with different value ranges look alike, and absolute brightness is not kept."""
+    one scene with different value ranges look alike, and absolute brightness is not kept.
+
+    Multi-band TIFFs of more than 8 bits per sample are refused (ValueError): PIL decodes them
+    to 8-bit RGB by keeping the top byte of each value, which leaves 12-bit data almost black."""
+    bits = _tiff_bits(image)
+    if image.mode in EIGHT_BIT_MODES and bits > 8:
+        raise ValueError(f"{bits} bits per sample in {len(image.getbands())} bands: PIL keeps only the top 8 "
+                         f"bits of each value; convert it to 8-bit (e.g. gdal_translate -ot Byte -scale) "
+                         f"or to one band per file")
     if image.mode in EIGHT_BIT_MODES:
         return image if image.mode == "RGB" else image.convert("RGB")
     values = np.asarray(image, dtype=np.float64)
@@ -317,17 +325,20 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(scaled).astype(np.uint8), "L").convert("RGB")
 
 
-def depth_note(image: Image.Image) -> Optional[str]:
-    """What the readers do with an image that is not 8 bits per sample (None for an 8-bit one)."""
+def _tiff_bits(image: Image.Image) -> int:
+    """The largest BitsPerSample of a TIFF (tag 258); 8 for other formats."""
     tags = getattr(image, "tag_v2", None)
-    bits = tags.get(258) if tags is not None else None  # TIFF BitsPerSample
-    bits = max(bits) if isinstance(bits, tuple) else bits
+    bits = tags.get(258, 8) if tags is not None else 8
+    return max(bits) if isinstance(bits, tuple) else int(bits)
+
+
+def depth_note(image: Image.Image) -> Optional[str]:
+    """What the readers do with an image that is not 8-bit (None for an 8-bit one; to_rgb8
+    refuses the multi-band TIFFs of more than 8 bits, so `check` reports those as errors)."""
     if image.mode not in EIGHT_BIT_MODES:
         low, high = STRETCH_PERCENTILES
         return (f"not 8-bit (PIL mode {image.mode}): read as 8-bit RGB by a per-image linear stretch of its "
                 f"{low:g}-{high:g}% percentiles to 0-255 (data.to_rgb8)")
-    if bits and bits > 8:
-        return f"{bits} bits per sample, decoded by PIL to 8-bit {image.mode} (data.read_image reads what PIL gives)"
     return None
 
 

@@ -3,6 +3,7 @@ silently, and each mistake gets one line naming the file or flag, before anythin
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -149,6 +150,30 @@ def test_high_bit_depth_images_are_stretched_not_clipped(tmp_path, dtype, mode):
     assert tensor.std() > 0.3  # PIL's convert("RGB") would give one value everywhere
 
 
+def write_rgb16_tiff(path, values):
+    """An uncompressed 16-bit-per-sample RGB TIFF (PIL cannot write one): header, IFD, samples."""
+    h, w, _ = values.shape
+    data = values.astype("<u2").tobytes()
+    short, long = 3, 4
+    tags = [(256, short, 1, w), (257, short, 1, h), (258, short, 3, 8 + 2 + 12 * 10 + 4), (259, short, 1, 1),
+            (262, short, 1, 2), (273, long, 1, 8 + 2 + 12 * 10 + 4 + 6), (277, short, 1, 3), (278, short, 1, h),
+            (279, long, 1, len(data)), (284, short, 1, 1)]
+    out = b"II*\x00" + struct.pack("<IH", 8, len(tags))
+    for tag, kind, n, value in tags:
+        out += struct.pack("<HHIHH" if kind == short and n == 1 else "<HHII", tag, kind, n, value,
+                           *([0] if kind == short and n == 1 else []))
+    path.write_bytes(out + struct.pack("<I3H", 0, 16, 16, 16) + data)
+
+
+def test_multi_band_16_bit_tiff_is_refused_not_darkened(tmp_path):
+    path = tmp_path / "rgb16.tif"
+    write_rgb16_tiff(path, (np.arange(8 * 8 * 3).reshape(8, 8, 3) * 20 % 4096).astype(np.uint16))
+    with Image.open(path) as image:  # what PIL alone gives: the top byte, 12-bit data nearly black
+        assert image.mode == "RGB" and np.asarray(image).max() == 3820 >> 8
+    with pytest.raises(ValueError, match="rgb16.tif: 16 bits per sample in 3 bands: PIL keeps only the top 8"):
+        read_image(str(path), np.asarray)
+
+
 def test_check_reports_every_image_that_is_not_8_bit(tmp_path):
     write_precomp(tmp_path, n_train=5, n_test=2)
     assert check_dataset("rsitmd", str(tmp_path)) == []  # negative control: 8-bit RGB only
@@ -157,6 +182,9 @@ def test_check_reports_every_image_that_is_not_8_bit(tmp_path):
     assert len(problems) == 1 and problems[0].startswith("warning: ")
     assert "train_filename.txt:4: trainscene_3.tif: not 8-bit (PIL mode I;16)" in problems[0]
     assert "stretch" in problems[0]
+    write_rgb16_tiff(tmp_path / "rsitmd_images" / "trainscene_4.tif", np.full((8, 8, 3), 900, np.uint16))
+    problems = [str(p) for p in check_dataset("rsitmd", str(tmp_path))]
+    assert any(p.startswith("error: ") and "trainscene_4.tif" in p and "16 bits per sample" in p for p in problems)
 
 
 # 6: a file-name list with another captions-per-image ratio than stated is an error
