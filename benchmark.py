@@ -78,9 +78,10 @@ def check_output(output: str, train_argv: list):
     """Before any method runs: the output folder can be written, and one that holds a run is only
     reused when the train.py flags say how (`-- --resume` or `-- --overwrite`)."""
     check_folder_writable(output)
-    if os.path.isdir(output) and os.listdir(output) and not {"--resume", "--overwrite"} & set(train_argv):
-        raise FileExistsError(f"{output} already holds a benchmark; pass `-- --resume` to continue it, "
-                              f"`-- --overwrite` to replace its run files, or another --output")
+    reuse = {"--resume", "--overwrite"} & set(train_argv)
+    if os.path.isdir(output) and os.listdir(output) and not reuse:
+        raise FileExistsError(f"{output} already holds a benchmark; pass `-- --resume` to continue "
+                              f"it, `-- --overwrite` to replace its run files, or another --output")
 
 
 def main(argv=None) -> list:

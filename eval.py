@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable_state_dict, read_checkpoint
-from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, Split, eval_loaders, load_splits, read_image
+from mrs_adapter.data import (CAPTIONS_PER_IMAGE, DATASETS, Split, eval_loaders, load_splits,
+                              read_image)
 from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS, apply_method
 from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k
@@ -104,10 +105,11 @@ def written_by_us(path: str) -> bool:
 
 
 def check_output(path: str, flag: str):
-    """Before any evaluation: `path` can be written and, if it exists, was written by this script."""
+    """Before any evaluation: `path` can be written and, if it exists, this script wrote it."""
     check_file_writable(path, flag)
     if os.path.exists(path) and not written_by_us(path):
-        raise FileExistsError(f"{path} exists and was not written by eval.py; choose another {flag}")
+        raise FileExistsError(f"{path} exists and was not written by eval.py; "
+                              f"choose another {flag}")
 
 
 def write_json(path: str, payload: Dict):
@@ -130,11 +132,12 @@ def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k
         lines = textwrap.wrap(f"{j}: {split.captions[j]}", width=(canvas.width - 2 * pad) // 6)[:3]
         draw.text((pad, y), "\n".join(lines), fill="black")
         for c, i in enumerate(sims[:, j].topk(min(k, sims.shape[0])).indices.tolist()):
-            tile = read_image(split.image_paths[i], lambda image: ImageOps.fit(image, (thumb - 6, thumb - 6)))
+            tile = read_image(split.image_paths[i],
+                              lambda image: ImageOps.fit(image, (thumb - 6, thumb - 6)))
             framed = ImageOps.expand(tile, border=3, fill="lime" if i == split.txt2img[j] else "grey")
             canvas.paste(framed, (pad + c * (thumb + pad), y + text_h))
     info = PngImagePlugin.PngInfo()
-    info.add_text("written_by", WRITTEN_BY)  # lets a later run replace this file, and only this kind
+    info.add_text("written_by", WRITTEN_BY)  # a later run may replace this file, and only this kind
     atomic_write(path, lambda f: canvas.save(f, format="PNG", pnginfo=info), mode="wb")
 
 

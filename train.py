@@ -27,14 +27,14 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable, save_trainable
 from mrs_adapter.cuda_graph import GraphedStep
-from mrs_adapter.data import (CAPTIONS_PER_IMAGE, DATASETS, TrainDataset, check_command, eval_loaders, load_splits,
-                              verify_images)
+from mrs_adapter.data import (CAPTIONS_PER_IMAGE, DATASETS, TrainDataset, check_command,
+                              eval_loaders, load_splits, verify_images)
 from mrs_adapter.download import DownloadError
 from mrs_adapter.loss import hmmc_loss, info_nce
 from mrs_adapter.methods import METHODS, apply_method, default_lr
 from mrs_adapter.metrics import METRICS, chance_recall, evaluate, format_table
-from mrs_adapter.runfiles import (RunLog, check_folder_writable, environment, prepare_run_dir, read_jsonl,
-                                  write_json)
+from mrs_adapter.runfiles import (RunLog, check_folder_writable, environment, prepare_run_dir,
+                                  read_jsonl, write_json)
 
 
 
@@ -47,8 +47,8 @@ def get_parser() -> argparse.ArgumentParser:
     a("--layout", choices=["precomp", "json"], help="force an annotation layout (default: the dataset's usual one)")
     a("--image-dir", help="image folder (default: <data-root>/<dataset>_images)")
     a("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
-      help="captions of each image where a file-name list has one line per image (default 5, as every "
-           "known dataset); another ratio is an error")
+      help="captions of each image where a file-name list has one line per image (default 5, "
+           "as every known dataset); another ratio is an error")
     a("--clip", help="CLIP weights: a name of clip.available_models() or a file (default: ViT-B/32, as in the "
                      "paper; the demo uses a tiny CLIP pre-trained offline and cached in <data-root>)")
     a("--method", default="mrs_adapter", choices=sorted(METHODS), help="PETL method (default: the paper's)")
@@ -190,10 +190,10 @@ def check_finite(window: list, epoch: int):
     if not all(finite):
         step, loss, terms = window[finite.index(False)]
         detail = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items())
-        kept = (f"The last good checkpoint (last.pt, end of epoch {epoch - 1}) is kept." if epoch > 0 else
-                "No checkpoint was written: the first epoch did not finish.")
-        raise FloatingPointError(f"epoch {epoch} step {step}: non-finite loss {loss.item()} ({detail}); "
-                                 f"stopping. {kept}")
+        kept = (f"The last good checkpoint (last.pt, end of epoch {epoch - 1}) is kept."
+                if epoch > 0 else "No checkpoint was written: the first epoch did not finish.")
+        raise FloatingPointError(f"epoch {epoch} step {step}: non-finite loss {loss.item()} "
+                                 f"({detail}); stopping. {kept}")
     window.clear()
 
 
@@ -381,10 +381,10 @@ def setup(args):
     args.output = args.output or os.path.join("runs", f"{args.dataset}-{args.method}")
 
 
-# settings that may differ on --resume: none changes the numbers of the epochs already run or to come
+# settings that may differ on --resume: none changes the numbers of the epochs run or to come
 # (--epochs extends or shortens the run; the eval batch and the image cache give identical results)
-RESUMABLE = ("epochs", "workers", "print_freq", "eval_batch_size", "cache_images", "seeds", "resume",
-             "overwrite", "output", "rank", "local_rank")
+RESUMABLE = ("epochs", "workers", "print_freq", "eval_batch_size", "cache_images", "seeds",
+             "resume", "overwrite", "output", "rank", "local_rank")
 
 
 def run_config(args, seed: int, options: dict) -> dict:
@@ -402,16 +402,17 @@ def check_resume_config(old: dict, new: dict, path: str) -> None:
                for k in sorted((set(old) | set(new)) - set(RESUMABLE) - {"environment"})
                if old.get(k, absent) != new.get(k, absent)]
     if changed:
-        raise ValueError(f"--resume with settings that differ from {path}: {'; '.join(changed)}. Only "
-                         f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:5])} may change on "
-                         f"resume; use another --output for a new run")
+        allowed = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE[:5])
+        raise ValueError(f"--resume with settings that differ from {path}: {'; '.join(changed)}. "
+                         f"Only {allowed} may change on resume; use another --output for a new run")
 
 
 def check_arguments(args) -> None:
     """Errors that need no data, model or disk access, before anything slow starts."""
     for flag in ("epochs", "batch_size", "print_freq", "captions_per_image"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive number")
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: "
+                             f"expected a positive number")
     check_folder_writable(args.output)
 
 
@@ -419,17 +420,20 @@ def preflight(args, splits: dict) -> None:
     """Everything that can fail before the run folder is made or emptied (--overwrite): every image
     opens, the backbone loads and the method trains something, --resume keeps the settings."""
     layout = args.layout or DATASETS[args.dataset][0]
-    hint = f"run `{check_command(args.dataset, args.data_root, layout, args.image_dir, args.captions_per_image)}`"
+    hint = "run `{}`".format(check_command(args.dataset, args.data_root, layout, args.image_dir,
+                                           args.captions_per_image))
     verify_images(splits, hint=hint)
     _, _, options = build_model(args, verbose=False)
     for seed in args.seeds if args.resume else ():
         path = os.path.join(args.output, f"seed{seed}", "config.json")
-        if os.path.isfile(os.path.join(args.output, f"seed{seed}", "last.pt")) and os.path.isfile(path):
+        last = os.path.join(args.output, f"seed{seed}", "last.pt")
+        if os.path.isfile(last) and os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as f:
                     old = json.load(f)
             except (OSError, ValueError) as e:
-                raise ValueError(f"cannot read {path} to compare the settings of the run to resume: {e}") from e
+                raise ValueError(f"cannot read {path} to compare the settings of the run "
+                                 f"to resume: {e}") from e
             check_resume_config(old, run_config(args, seed, options), path)
 
 
@@ -452,8 +456,8 @@ def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     setup(args)
     check_arguments(args)
-    splits = load_splits(args.dataset, args.data_root, args.layout, args.image_dir, verbose=args.rank == 0,
-                         captions_per_image=args.captions_per_image)
+    splits = load_splits(args.dataset, args.data_root, args.layout, args.image_dir,
+                         verbose=args.rank == 0, captions_per_image=args.captions_per_image)
     args.clip = resolve_clip(args)
     if args.rank == 0:
         preflight(args, splits)  # nothing of an old run is removed before this passes

@@ -34,7 +34,7 @@ DATASETS = {  # name -> (default layout, where the data comes from)
     "demo": ("precomp", "generated on the fly by mrs_adapter.demo.make_demo (no download)"),
 }
 SPLITS = ("train", "val", "test")
-CAPTIONS_PER_IMAGE = 5  # every known dataset and the demo; other counts must be stated (--captions-per-image)
+CAPTIONS_PER_IMAGE = 5  # every known dataset and the demo; state others (--captions-per-image)
 CONTEXT_LENGTH = 77  # CLIP's text context, used by `check` (which loads no model)
 
 
@@ -76,7 +76,7 @@ class _Listing:  # a split as read from disk, before any image is opened
     captions: List[str]
     txt2img: List[int]
     origins: List[Tuple[str, Optional[int]]]  # (file, line) that names each image
-    caption_origins: List[Tuple[str, Optional[int]]] = field(default_factory=list)  # (file, line) of each caption
+    caption_origins: List[Tuple[str, Optional[int]]] = field(default_factory=list)  # each caption's
 
 
 def validation_split(n: int, seed: int = 2, train_fraction: float = 0.8) -> Tuple[List[int], List[int]]:
@@ -144,9 +144,9 @@ def _read_precomp(text_dir: str, split: str,
     captions, names = _read_lines(caps_path), [n.strip() for n in _read_lines(names_path)]
     while names and not names[-1]:
         names.pop()  # a trailing empty line is not an image
+    files = ((caps_path, captions, "caption"), (names_path, names, "image file name"))
     empty = [Problem(True, path, None, f"is empty: expected one {what} a line")
-             for path, lines, what in ((caps_path, captions, "caption"), (names_path, names, "image file name"))
-             if not lines]
+             for path, lines, what in files if not lines]
     if empty:
         return _Listing([], [], [], []), empty
     problems = [Problem(True, names_path, i + 1, "blank file name") for i, n in enumerate(names) if not n]
@@ -159,9 +159,10 @@ def _read_precomp(text_dir: str, split: str,
     elif len(captions) % len(names) == 0:  # one name per image, k captions each
         k = len(captions) // len(names)
         if k != captions_per_image:
-            problems.append(Problem(True, names_path, None, f"{len(names)} file names for the {len(captions)} "
-                                    f"captions of {caps_path} would be {k} captions per image; expected "
-                                    f"{captions_per_image} (state another count with --captions-per-image {k})"))
+            problems.append(Problem(
+                True, names_path, None, f"{len(names)} file names for the {len(captions)} captions "
+                f"of {caps_path} would be {k} captions per image; expected {captions_per_image} "
+                f"(state another count with --captions-per-image {k})"))
             return _Listing([], [], [], []), problems
         image_lines, txt2img = list(range(1, len(names) + 1)), [j // k for j in range(len(captions))]
     else:
@@ -234,11 +235,12 @@ def _read_json(path: str) -> Tuple[Dict[str, _Listing], List[Problem]]:
     return listings, problems
 
 
-def _read_listings(layout: str, text: str,
-                   captions_per_image: int = CAPTIONS_PER_IMAGE) -> Tuple[Dict[str, _Listing], List[Problem]]:
+def _read_listings(layout: str, text: str, captions_per_image: int = CAPTIONS_PER_IMAGE
+                   ) -> Tuple[Dict[str, _Listing], List[Problem]]:
     if layout == "json":
         return _read_json(text)
-    (train, p_train), (test, p_test) = (_read_precomp(text, s, captions_per_image) for s in ("train", "test"))
+    (train, p_train), (test, p_test) = (_read_precomp(text, split, captions_per_image)
+                                        for split in ("train", "test"))
     return {"train": train, "test": test}, p_train + p_test
 
 
@@ -252,10 +254,11 @@ def _raise_fatal(problems: List[Problem], hint: str):
 def check_command(dataset: str, data_root: str, layout: str, image_dir: Optional[str] = None,
                   captions_per_image: int = CAPTIONS_PER_IMAGE) -> str:
     """The `check` command line that reads the data exactly as the failing run did."""
-    words = ["python", "-m", "mrs_adapter.data", "check", "--dataset", dataset, "--data-root", data_root,
-             "--layout", layout]
+    words = ["python", "-m", "mrs_adapter.data", "check", "--dataset", dataset,
+             "--data-root", data_root, "--layout", layout]
     words += ["--image-dir", image_dir] if image_dir else []
-    words += ["--captions-per-image", str(captions_per_image)] if captions_per_image != CAPTIONS_PER_IMAGE else []
+    if captions_per_image != CAPTIONS_PER_IMAGE:
+        words += ["--captions-per-image", str(captions_per_image)]
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -293,7 +296,8 @@ def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
     return {s: splits[s] for s in SPLITS}
 
 
-EIGHT_BIT_MODES = {"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+EIGHT_BIT_MODES = {"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                   "LAB", "HSV"}
 STRETCH_PERCENTILES = (2.0, 98.0)
 
 
@@ -312,9 +316,9 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     to 8-bit RGB by keeping the top byte of each value, which leaves 12-bit data almost black."""
     bits = _tiff_bits(image)
     if image.mode in EIGHT_BIT_MODES and bits > 8:
-        raise ValueError(f"{bits} bits per sample in {len(image.getbands())} bands: PIL keeps only the top 8 "
-                         f"bits of each value; convert it to 8-bit (e.g. gdal_translate -ot Byte -scale) "
-                         f"or to one band per file")
+        raise ValueError(f"{bits} bits per sample in {len(image.getbands())} bands: PIL keeps only "
+                         f"the top 8 bits of each value; convert it to 8-bit (e.g. gdal_translate "
+                         f"-ot Byte -scale) or to one band per file")
     if image.mode in EIGHT_BIT_MODES:
         return image if image.mode == "RGB" else image.convert("RGB")
     values = np.asarray(image, dtype=np.float64)
@@ -337,8 +341,8 @@ def depth_note(image: Image.Image) -> Optional[str]:
     refuses the multi-band TIFFs of more than 8 bits, so `check` reports those as errors)."""
     if image.mode not in EIGHT_BIT_MODES:
         low, high = STRETCH_PERCENTILES
-        return (f"not 8-bit (PIL mode {image.mode}): read as 8-bit RGB by a per-image linear stretch of its "
-                f"{low:g}-{high:g}% percentiles to 0-255 (data.to_rgb8)")
+        return (f"not 8-bit (PIL mode {image.mode}): read as 8-bit RGB by a per-image linear "
+                f"stretch of its {low:g}-{high:g}% percentiles to 0-255 (data.to_rgb8)")
     return None
 
 
@@ -421,8 +425,9 @@ class CaptionDataset(Dataset):
         self.tokens = tokenize(self.captions, context_length)  # (N, context_length)
         cut = sum(token_count(c) > context_length for c in self.captions)
         if cut:  # once per split: `python -m mrs_adapter.data check` lists them
-            print(f"warning: {cut} of {len(self.captions)} {split.name} captions are longer than the "
-                  f"{context_length}-token context and are cut to their first {context_length - 2} tokens")
+            print(f"warning: {cut} of {len(self.captions)} {split.name} captions are longer than "
+                  f"the {context_length}-token context and are cut to their first "
+                  f"{context_length - 2} tokens")
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -499,7 +504,8 @@ def verify_images(splits: Dict[str, Split], threads: int = 8, hint: str = "") ->
         errors = [e for e in pool.map(error, paths) if e]
     if errors:
         shown = "\n  ".join(errors[:10])
-        raise ValueError(f"{len(errors)} of {len(paths)} image(s) cannot be read, e.g.\n  {shown}\n{hint}".rstrip())
+        raise ValueError(f"{len(errors)} of {len(paths)} image(s) cannot be read, e.g.\n  {shown}\n"
+                         f"{hint}".rstrip())
 
 
 def _long_captions(listings: Dict[str, _Listing], context_length: int) -> List[Problem]:
@@ -511,14 +517,15 @@ def _long_captions(listings: Dict[str, _Listing], context_length: int) -> List[P
             if n > context_length:
                 file, line = listing.caption_origins[j] if listing.caption_origins else ("", None)
                 image = listing.names[listing.txt2img[j]]
-                problems.append(Problem(False, file, line, f"{split} caption of {image} has {n} tokens, more than "
-                                        f"the {context_length}-token context: cut to its first "
-                                        f"{context_length - 2}"))
+                problems.append(Problem(False, file, line, f"{split} caption of {image} has {n} "
+                                        f"tokens, more than the {context_length}-token context: "
+                                        f"cut to its first {context_length - 2}"))
     return problems
 
 
 def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None, image_dir: Optional[str] = None,
-                  verify_images: bool = True, threads: int = 8, captions_per_image: int = CAPTIONS_PER_IMAGE,
+                  verify_images: bool = True, threads: int = 8,
+                  captions_per_image: int = CAPTIONS_PER_IMAGE,
                   context_length: int = CONTEXT_LENGTH) -> List[Problem]:
     """Every problem of a dataset, each with its file and line: missing folders, empty files,
     caption / file-name count mismatches (or another count than captions_per_image), blank
@@ -546,12 +553,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
     parser.add_argument("--no-verify-images", action="store_true", help="skip decoding every image")
     parser.add_argument("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
-                        help=f"captions of each image in a one-name-per-image list (default {CAPTIONS_PER_IMAGE})")
+                        help="captions of each image in a one-name-per-image list (default 5)")
     parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH,
-                        help=f"text context of the model, in tokens (default {CONTEXT_LENGTH}, CLIP's)")
+                        help="text context of the model, in tokens (default 77, CLIP's)")
     args = parser.parse_args(argv)
-    problems = check_dataset(args.dataset, args.data_root, args.layout, args.image_dir, not args.no_verify_images,
-                             captions_per_image=args.captions_per_image, context_length=args.context_length)
+    problems = check_dataset(args.dataset, args.data_root, args.layout, args.image_dir,
+                             not args.no_verify_images, captions_per_image=args.captions_per_image,
+                             context_length=args.context_length)
     for p in problems:
         print(p)
     fatal = sum(p.fatal for p in problems)

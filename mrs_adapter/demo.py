@@ -99,7 +99,8 @@ def _params(seed: int, n_train: int, n_test: int, size: int) -> Dict:
     return {"seed": seed, "n_train": n_train, "n_test": n_test, "size": size, "version": _VERSION}
 
 
-_TEXT_FILES = {"demo.json"} | {f"{s}_{k}.txt" for s in ("train", "test") for k in ("caps", "filename")}
+_TEXT_FILES = {"demo.json"} | {f"{s}_{k}.txt" for s in ("train", "test")
+                               for k in ("caps", "filename")}
 _IMAGE_NAME = re.compile(r"(train|test)_[0-9]{4}\.tif")
 
 
@@ -134,11 +135,12 @@ def make_demo(root: str, seed: int = 0, n_train: int = 300, n_test: int = 100, s
                 return root
     foreign = _foreign(text_dir, image_dir)
     if foreign:
-        raise FileExistsError(f"{foreign} was not written by the demo generator; it is left as it is. Move it "
-                              f"away, or pass another --data-root for the demo (or --layout / --image-dir "
-                              f"to read your own files)")
+        raise FileExistsError(f"{foreign} was not written by the demo generator; it is left as it "
+                              f"is. Move it away, or pass another --data-root for the demo (or "
+                              f"--layout / --image-dir to read your own files)")
     if verbose:
-        print(f"no demo dataset in {root}: generating a new one there ({n_train} + {n_test} images)")
+        print(f"no demo dataset in {root}: generating a new one there "
+              f"({n_train} + {n_test} images)")
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=root)
     try:

@@ -70,10 +70,11 @@ def check_folder_writable(path: str, flag: str = "--output") -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"cannot make {path}: {existing} is a file, not a folder; choose another {flag}")
+        raise ValueError(f"cannot make {path}: {existing} is a file, not a folder; "
+                         f"choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write in {existing} (read-only for this user): change its permissions "
-                         f"or choose another {flag}")
+        raise ValueError(f"cannot write in {existing} (read-only for this user): change its "
+                         f"permissions or choose another {flag}")
 
 
 def check_file_writable(path: str, flag: str) -> None:

@@ -122,5 +122,5 @@ def tokenize(texts: Union[str, List[str]], context_length: int = 77, truncate: b
 
 
 def token_count(text: str) -> int:
-    """Tokens of `text` with its start and end tokens: more than the context means `tokenize` cuts it."""
+    """Tokens of `text` with its start and end tokens (`tokenize` cuts more than the context)."""
     return len(get_tokenizer().encode(text)) + 2
