@@ -402,9 +402,10 @@ def check_resume_config(old: dict, new: dict, path: str) -> None:
                for k in sorted((set(old) | set(new)) - set(RESUMABLE) - {"environment"})
                if old.get(k, absent) != new.get(k, absent)]
     if changed:
-        allowed = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE[:5])
         raise ValueError(f"--resume with settings that differ from {path}: {'; '.join(changed)}. "
-                         f"Only {allowed} may change on resume; use another --output for a new run")
+                         f"Only --epochs, --workers, --print-freq, --eval-batch-size, "
+                         f"--no-cache-images, --seeds and --output may change on resume; use another "
+                         f"--output for a new run")
 
 
 def check_arguments(args) -> None:

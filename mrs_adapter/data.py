@@ -179,9 +179,10 @@ def _read_precomp(text_dir: str, split: str,
             problems.append(Problem(True, names_path, line, f"duplicate image name {name!r} (first at line {first[name]})"))
         first.setdefault(name, line)
     counts = np.bincount(txt2img, minlength=len(image_names)) if txt2img else np.zeros(0, int)
-    usual = int(np.bincount(counts).argmax()) if len(counts) else 0
-    problems += [Problem(False, names_path, line, f"{name} has {c} captions, most images have {usual}")
-                 for name, line, c in zip(image_names, image_lines, counts) if c != usual]
+    # one name per caption: another count than stated is a shifted line as often as a real one
+    problems += [Problem(True, names_path, line, f"{name} has {c} captions, expected "
+                         f"{captions_per_image} (--captions-per-image)")
+                 for name, line, c in zip(image_names, image_lines, counts) if c != captions_per_image]
     return _Listing(image_names, captions, txt2img, [(names_path, line) for line in image_lines],
                     [(caps_path, j + 1) for j in range(len(captions))]), problems
 

@@ -286,38 +286,33 @@ def test_check_reports_every_image_that_is_not_8_bit(tmp_path):
 # 6: a file-name list with another captions-per-image ratio than stated is an error
 def test_names_that_do_not_give_five_captions_per_image_are_an_error(tmp_path):
     text = write_precomp(tmp_path, n_train=10, n_test=3)
-    names = open(os.path.join(text, "train_filename.txt")).read().split()
-    write_lines(
-        os.path.join(text, "train_caps.txt"),
-        [f"caption {k} of {x}" for x in names[:-2] for k in range(6)] + ["extra"] * 12,
-    )  # 60 captions for 10 names: 6 per image
-    message = (
-        r"train_filename.txt: 10 file names for the 60 captions .* 6 captions per image; expected 5"
-    )
+    for split in ("train", "test"):  # 6 captions per image; test_filename.txt one name per caption
+        names = list(dict.fromkeys(open(os.path.join(text, f"{split}_filename.txt")).read().split()))
+        caps = [f"caption {k} of {x}" for x in names for k in range(6)]
+        write_lines(os.path.join(text, f"{split}_caps.txt"), caps)
+        if split == "test":
+            write_lines(os.path.join(text, "test_filename.txt"), [x for x in names for _ in range(6)])
+    message = r"train_filename.txt: 10 file names for the 60 captions .* 6 captions per image; expected 5"
     with pytest.raises(ValueError, match=message):
         load_splits("rsitmd", str(tmp_path))
-    assert any(
-        "6 captions per image" in str(p) and p.fatal for p in check_dataset("rsitmd", str(tmp_path))
-    )
-    assert _main(["check", "--dataset", "rsitmd", "--data-root", str(tmp_path)]) == 1
-    splits = load_splits(
-        "rsitmd", str(tmp_path), captions_per_image=6
-    )  # stated: read as 6 per image
+    fatal = [str(p) for p in check_dataset("rsitmd", str(tmp_path)) if p.fatal]
+    assert len(fatal) == 4 and "6 captions per image" in fatal[0]
+    assert all("test_filename.txt" in p and "has 6 captions, expected 5" in p for p in fatal[1:])
+    argv = ["check", "--dataset", "rsitmd", "--data-root", str(tmp_path)]
+    assert _main(argv) == 1
+    splits = load_splits("rsitmd", str(tmp_path), captions_per_image=6)  # stated: 6 per image
     assert len(splits["train"].captions) + len(splits["val"].captions) == 60
-    assert (
-        _main(
-            [
-                "check",
-                "--dataset",
-                "rsitmd",
-                "--data-root",
-                str(tmp_path),
-                "--captions-per-image",
-                "6",
-            ]
-        )
-        == 0
-    )
+    assert all(c.endswith(os.path.basename(splits["train"].image_paths[i]))
+               for c, i in zip(splits["train"].captions, splits["train"].txt2img))
+    assert _main(argv + ["--captions-per-image", "6"]) == 0
+    # one name per caption: a shifted line gives one image 6 captions and the next 4
+    names = open(os.path.join(text, "test_filename.txt")).read().split()
+    names[6] = names[5]
+    write_lines(os.path.join(text, "test_filename.txt"), names)
+    fatal = [str(p) for p in check_dataset("rsitmd", str(tmp_path), captions_per_image=6) if p.fatal]
+    assert fatal == [f"error: {text}/test_filename.txt:1: testscene_0.tif has 7 captions, expected 6 "
+                     f"(--captions-per-image)", f"error: {text}/test_filename.txt:8: testscene_1.tif has 5 "
+                     f"captions, expected 6 (--captions-per-image)"]
 
 
 # 7: empty caption or file-name files: one error naming each
