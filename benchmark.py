@@ -18,7 +18,8 @@ import torch
 
 import eval as eval_script
 import train
-from mrs_adapter.runfiles import atomic_write
+from mrs_adapter.download import DownloadError
+from mrs_adapter.runfiles import atomic_write, check_folder_writable
 
 # method -> (the paper's trainable parameters, its mR on RSICD / RSITMD / UCM); method.md 7
 PUBLISHED = {
@@ -74,6 +75,16 @@ def markdown(dataset: str, rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_output(output: str, train_argv: list):
+    """Before any method runs: the output folder can be written, and one that holds a run is only
+    reused when the train.py flags say how (`-- --resume` or `-- --overwrite`)."""
+    check_folder_writable(output)
+    reuse = {"--resume", "--overwrite"} & set(train_argv)
+    if os.path.isdir(output) and os.listdir(output) and not reuse:
+        raise FileExistsError(f"{output} already holds a benchmark; pass `-- --resume` to continue "
+                              f"it, `-- --overwrite` to replace its run files, or another --output")
+
+
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"])
@@ -90,6 +101,7 @@ def main(argv=None) -> list:
     args, rest = p.parse_known_args(argv[:split])
     train_argv = rest + argv[split + 1:]
     args.output = args.output or os.path.join("runs", f"benchmark-{args.dataset}")
+    check_output(args.output, train_argv)
     rows = []
     for method in args.methods:
         print(f"\n##### benchmark: {method} on {args.dataset}")
@@ -106,4 +118,7 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, DownloadError) as e:
+        sys.exit(f"error: {e}")

@@ -14,15 +14,16 @@ import textwrap
 from typing import Dict, List, Optional
 
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable_state_dict, read_checkpoint
-from mrs_adapter.data import DATASETS, Split, eval_loaders, load_splits
+from mrs_adapter.data import (CAPTIONS_PER_IMAGE, DATASETS, Split, eval_loaders, load_splits,
+                              read_image)
 from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS, apply_method, freeze_unread, method_options
 from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k
-from mrs_adapter.runfiles import atomic_write
+from mrs_adapter.runfiles import atomic_write, check_file_writable
 
 WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overwrite
 
@@ -33,6 +34,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
     p.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
     p.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
+    p.add_argument("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
+                   help="captions of each image in a one-name-per-image list (default 5)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--checkpoint", help="best.pt written by train.py (trainable tensors + config)")
     what.add_argument("--zero-shot", action="store_true", help="plain CLIP, the paper's zero-shot rows")
@@ -169,16 +172,31 @@ def default_json_path(args: argparse.Namespace) -> str:
     return os.path.join("results", f"zeroshot_{name}_{args.dataset}_{args.split}.json")
 
 
+def written_by_us(path: str) -> bool:
+    """Whether `path` is a JSON file or a PNG image this script wrote (both carry WRITTEN_BY)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("written_by") == WRITTEN_BY
+    except (ValueError, AttributeError, OSError):
+        pass
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("written_by") == WRITTEN_BY
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def check_output(path: str, flag: str):
+    """Before any evaluation: `path` can be written and, if it exists, this script wrote it."""
+    check_file_writable(path, flag)
+    if os.path.exists(path) and not written_by_us(path):
+        raise FileExistsError(f"{path} exists and was not written by eval.py; "
+                              f"choose another {flag}")
+
+
 def write_json(path: str, payload: Dict):
     """Atomic write (temp file + os.replace); refuses to replace a file this script did not write."""
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                ours = json.load(f).get("written_by") == WRITTEN_BY
-        except (ValueError, AttributeError, OSError):
-            ours = False
-        if not ours:
-            raise FileExistsError(f"{path} exists and was not written by eval.py; choose another --json")
+    check_output(path, "--json")
     atomic_write(path, lambda f: json.dump(payload, f, indent=2))
 
 
@@ -196,19 +214,26 @@ def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k
         lines = textwrap.wrap(f"{j}: {split.captions[j]}", width=(canvas.width - 2 * pad) // 6)[:3]
         draw.text((pad, y), "\n".join(lines), fill="black")
         for c, i in enumerate(sims[:, j].topk(min(k, sims.shape[0])).indices.tolist()):
-            with Image.open(split.image_paths[i]) as image:
-                tile = ImageOps.fit(image.convert("RGB"), (thumb - 6, thumb - 6))
+            tile = read_image(split.image_paths[i],
+                              lambda image: ImageOps.fit(image, (thumb - 6, thumb - 6)))
             framed = ImageOps.expand(tile, border=3, fill="lime" if i == split.txt2img[j] else "grey")
             canvas.paste(framed, (pad + c * (thumb + pad), y + text_h))
-    atomic_write(path, lambda f: canvas.save(f, format="PNG"), mode="wb")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("written_by", WRITTEN_BY)  # a later run may replace this file, and only this kind
+    atomic_write(path, lambda f: canvas.save(f, format="PNG", pnginfo=info), mode="wb")
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
-    split = load_splits(args.dataset, args.data_root, args.layout, args.image_dir)[args.split]  # data errors first
+    split = load_splits(args.dataset, args.data_root, args.layout, args.image_dir,
+                        captions_per_image=args.captions_per_image)[args.split]  # data errors first
     model, preprocess = build_model_for_eval(args)
+    path = args.json or default_json_path(args)  # the default path needs the resolved --clip
+    check_output(path, "--json")  # before the evaluation, not after it
+    if args.visualize:
+        check_output(args.visualize, "--visualize")
     image_loader, caption_loader = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     # each image and each caption once
@@ -219,7 +244,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     print(f"{args.dataset} {split} | CLIP {args.clip} {what} ({args.precision})\n"
           f"{format_table([(args.split, metrics)])}")
     published = published_check(args, args.backbone, metrics)
-    path = args.json or default_json_path(args)
     write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics, "dataset": args.dataset, "split": args.split,
                       "n_images": len(split.image_paths), "n_captions": len(split.captions),
                       "clip": args.clip, "checkpoint": args.checkpoint, "zero_shot": args.zero_shot,

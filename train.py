@@ -10,6 +10,7 @@ checkpoint on test. Several seeds give mean +- std. A run folder holds config.js
 last.pt (resumable), best.pt and results.json, each written atomically.
 """
 import argparse
+import json
 import os
 import random
 import statistics
@@ -26,12 +27,14 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable, print_trainable_parameters, save_trainable
 from mrs_adapter.cuda_graph import GraphedStep
-from mrs_adapter.data import TrainDataset, eval_loaders, load_splits
+from mrs_adapter.data import (CAPTIONS_PER_IMAGE, DATASETS, TrainDataset, check_command,
+                              eval_loaders, load_splits, verify_images)
 from mrs_adapter.download import DownloadError
 from mrs_adapter.loss import hmmc_loss, info_nce
 from mrs_adapter.methods import METHODS, apply_method, default_lr, freeze_unread, method_options
 from mrs_adapter.metrics import METRICS, chance_recall, evaluate, format_table
-from mrs_adapter.runfiles import RunLog, environment, prepare_run_dir, read_jsonl, write_json
+from mrs_adapter.runfiles import (RunLog, check_folder_writable, environment, prepare_run_dir,
+                                  read_jsonl, write_json)
 
 
 
@@ -43,6 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
     a("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
     a("--layout", choices=["precomp", "json"], help="force an annotation layout (default: the dataset's usual one)")
     a("--image-dir", help="image folder (default: <data-root>/<dataset>_images)")
+    a("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
+      help="captions of each image where a file-name list has one line per image (default 5, "
+           "as every known dataset); another ratio is an error")
     a("--clip", help="CLIP weights: a name of clip.available_models() or a file (default: ViT-B/32, as in the "
                      "paper; the demo uses a tiny CLIP pre-trained offline and cached in <data-root>)")
     a("--clip-activation", choices=clip.ACTIVATIONS,
@@ -226,8 +232,10 @@ def check_finite(window: list, epoch: int):
     if not all(finite):
         step, loss, terms = window[finite.index(False)]
         detail = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items())
-        raise FloatingPointError(f"epoch {epoch} step {step}: non-finite loss {loss.item()} ({detail}); stopping. "
-                                 f"The last good checkpoint (last.pt, end of epoch {epoch - 1}) is kept.")
+        kept = (f"The last good checkpoint (last.pt, end of epoch {epoch - 1}) is kept."
+                if epoch > 0 else "No checkpoint was written: the first epoch did not finish.")
+        raise FloatingPointError(f"epoch {epoch} step {step}: non-finite loss {loss.item()} "
+                                 f"({detail}); stopping. {kept}")
     window.clear()
 
 
@@ -328,13 +336,14 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
     def score(split):
         return evaluate(model, *evals[split], splits[split].txt2img, args.device, amp)
 
-    config = {**{k: v for k, v in vars(args).items() if k not in ("amp_dtype",)}, "seed": seed,
-              "method_options": options, "environment": environment()}
+    config = {**run_config(args, seed, options), "environment": environment()}
     if resume:
         state = load_trainable(model, paths["last.pt"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best, initial = state["epoch"] + 1, state["step"], state["best"], state["initial"]
         set_rng_state(state["rng"])  # last: building the model above drew from the RNGs
+        if main_rank:  # preflight checked that only RESUMABLE settings differ; record them
+            write_json(paths["config.json"], config)
         log = RunLog(paths["log.jsonl"], [r for r in read_jsonl(paths["log.jsonl"]) if r.get("epoch", -1) <= state["epoch"]])
         if main_rank:
             print(f"resuming {run_dir} at epoch {start_epoch} (best val mR {best['mR']:.2f} at epoch {best['epoch']})")
@@ -423,6 +432,63 @@ def setup(args):
     args.output = args.output or os.path.join("runs", f"{args.dataset}-{args.method}")
 
 
+# settings that may differ on --resume: none changes the numbers of the epochs run or to come
+# (--epochs extends or shortens the run; the eval batch and the image cache give identical results)
+RESUMABLE = ("epochs", "workers", "print_freq", "eval_batch_size", "cache_images", "seeds",
+             "resume", "overwrite", "output", "rank", "local_rank")
+
+
+def run_config(args, seed: int, options: dict) -> dict:
+    """config.json of one seed (less the environment): every setting, resolved."""
+    return {**{k: v for k, v in vars(args).items() if k not in ("amp_dtype",)}, "seed": seed,
+            "method_options": options}
+
+
+def check_resume_config(old: dict, new: dict, path: str) -> None:
+    """A ValueError listing every setting that differs from the run's config.json (`path`),
+    except those in RESUMABLE: a resumed run must continue the run it resumes."""
+    new = json.loads(json.dumps(new))  # as stored: tuples become lists
+    absent = "(not set)"
+    changed = [f"{k.replace('_', '-')} {old.get(k, absent)!r} -> {new.get(k, absent)!r}"
+               for k in sorted((set(old) | set(new)) - set(RESUMABLE) - {"environment"})
+               if old.get(k, absent) != new.get(k, absent)]
+    if changed:
+        raise ValueError(f"--resume with settings that differ from {path}: {'; '.join(changed)}. "
+                         f"Only --epochs, --workers, --print-freq, --eval-batch-size, "
+                         f"--no-cache-images, --seeds and --output may change on resume; use another "
+                         f"--output for a new run")
+
+
+def check_arguments(args) -> None:
+    """Errors that need no data, model or disk access, before anything slow starts."""
+    for flag in ("epochs", "batch_size", "print_freq", "captions_per_image"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: "
+                             f"expected a positive number")
+    check_folder_writable(args.output)
+
+
+def preflight(args, splits: dict) -> None:
+    """Everything that can fail before the run folder is made or emptied (--overwrite): every image
+    opens, the backbone loads and the method trains something, --resume keeps the settings."""
+    layout = args.layout or DATASETS[args.dataset][0]
+    hint = "run `{}`".format(check_command(args.dataset, args.data_root, layout, args.image_dir,
+                                           args.captions_per_image))
+    verify_images(splits, hint=hint)
+    _, _, options = build_model(args, verbose=False)
+    for seed in args.seeds if args.resume else ():
+        path = os.path.join(args.output, f"seed{seed}", "config.json")
+        last = os.path.join(args.output, f"seed{seed}", "last.pt")
+        if os.path.isfile(last) and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    old = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read {path} to compare the settings of the run "
+                                 f"to resume: {e}") from e
+            check_resume_config(old, run_config(args, seed, options), path)
+
+
 def resolve_clip(args) -> str:
     """--clip, else ViT-B/32; the demo's default is a tiny CLIP pre-trained offline once and cached."""
     if args.clip is not None:
@@ -441,9 +507,12 @@ def resolve_clip(args) -> str:
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     setup(args)
-    splits = load_splits(args.dataset, args.data_root, args.layout, args.image_dir, verbose=args.rank == 0)
+    check_arguments(args)
+    splits = load_splits(args.dataset, args.data_root, args.layout, args.image_dir,
+                         verbose=args.rank == 0, captions_per_image=args.captions_per_image)
     args.clip = resolve_clip(args)
     if args.rank == 0:
+        preflight(args, splits)  # nothing of an old run is removed before this passes
         prepare_run_dir(args.output, args.resume, args.overwrite)
     if args.world_size > 1:
         dist.barrier()

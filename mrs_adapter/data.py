@@ -12,7 +12,8 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import shlex
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -21,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from .tokenizer import tokenize
+from .tokenizer import token_count, tokenize
 
 _QU = "Qu et al. 2016; download links in https://github.com/201528014227051/RSICD_optimal"
 _PRECOMP = "precomp text files from https://github.com/xiaoyuan1996/GaLR or AMFMN"
@@ -33,6 +34,8 @@ DATASETS = {  # name -> (default layout, where the data comes from)
     "demo": ("precomp", "generated on the fly by mrs_adapter.demo.make_demo (no download)"),
 }
 SPLITS = ("train", "val", "test")
+CAPTIONS_PER_IMAGE = 5  # every known dataset and the demo; state others (--captions-per-image)
+CONTEXT_LENGTH = 77  # CLIP's text context, used by `check` (which loads no model)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class _Listing:  # a split as read from disk, before any image is opened
     captions: List[str]
     txt2img: List[int]
     origins: List[Tuple[str, Optional[int]]]  # (file, line) that names each image
+    caption_origins: List[Tuple[str, Optional[int]]] = field(default_factory=list)  # each caption's
 
 
 def validation_split(n: int, seed: int = 2, train_fraction: float = 0.8) -> Tuple[List[int], List[int]]:
@@ -129,14 +133,22 @@ def _read_lines(path: str) -> List[str]:
     return [line.rstrip("\r") for line in lines]
 
 
-def _read_precomp(text_dir: str, split: str) -> Tuple[_Listing, List[Problem]]:
+def _read_precomp(text_dir: str, split: str,
+                  captions_per_image: int = CAPTIONS_PER_IMAGE) -> Tuple[_Listing, List[Problem]]:
     """`<split>_caps.txt` (one caption a line) and `<split>_filename.txt`, which may hold one
     name per caption (test_filename.txt: each name repeated, collapsed here) or one name per
-    image with the same number of consecutive captions each (train_filename.txt)."""
+    image with `captions_per_image` consecutive captions each (train_filename.txt). In the
+    second form the count is not written anywhere: any other ratio is an error, since reading
+    it would attach captions to the wrong images."""
     caps_path, names_path = (os.path.join(text_dir, f"{split}_{f}.txt") for f in ("caps", "filename"))
     captions, names = _read_lines(caps_path), [n.strip() for n in _read_lines(names_path)]
     while names and not names[-1]:
         names.pop()  # a trailing empty line is not an image
+    files = ((caps_path, captions, "caption"), (names_path, names, "image file name"))
+    empty = [Problem(True, path, None, f"is empty: expected one {what} a line")
+             for path, lines, what in files if not lines]
+    if empty:
+        return _Listing([], [], [], []), empty
     problems = [Problem(True, names_path, i + 1, "blank file name") for i, n in enumerate(names) if not n]
     if len(names) == len(captions):  # one name per caption: an image = a run of equal names
         image_lines, txt2img = [], []
@@ -144,13 +156,19 @@ def _read_precomp(text_dir: str, split: str) -> Tuple[_Listing, List[Problem]]:
             if i == 0 or name != names[i - 1]:
                 image_lines.append(i + 1)
             txt2img.append(len(image_lines) - 1)
-    elif names and len(captions) % len(names) == 0:  # one name per image, k captions each
+    elif len(captions) % len(names) == 0:  # one name per image, k captions each
         k = len(captions) // len(names)
+        if k != captions_per_image:
+            problems.append(Problem(
+                True, names_path, None, f"{len(names)} file names for the {len(captions)} captions "
+                f"of {caps_path} would be {k} captions per image; expected {captions_per_image} "
+                f"(state another count with --captions-per-image {k})"))
+            return _Listing([], [], [], []), problems
         image_lines, txt2img = list(range(1, len(names) + 1)), [j // k for j in range(len(captions))]
     else:
         problems.append(Problem(True, names_path, None, f"{len(names)} file names do not fit the {len(captions)} "
                                 f"captions of {caps_path}: expected one name per caption, or one per image "
-                                f"with the same number of captions each (5 in the public datasets)"))
+                                f"with {captions_per_image} captions each (--captions-per-image)"))
         return _Listing([], [], [], []), problems
     image_names = [names[line - 1] for line in image_lines]
     problems += [Problem(False, caps_path, j + 1, f"blank caption of {image_names[txt2img[j]]} (kept, as in "
@@ -161,10 +179,12 @@ def _read_precomp(text_dir: str, split: str) -> Tuple[_Listing, List[Problem]]:
             problems.append(Problem(True, names_path, line, f"duplicate image name {name!r} (first at line {first[name]})"))
         first.setdefault(name, line)
     counts = np.bincount(txt2img, minlength=len(image_names)) if txt2img else np.zeros(0, int)
-    usual = int(np.bincount(counts).argmax()) if len(counts) else 0
-    problems += [Problem(False, names_path, line, f"{name} has {c} captions, most images have {usual}")
-                 for name, line, c in zip(image_names, image_lines, counts) if c != usual]
-    return _Listing(image_names, captions, txt2img, [(names_path, line) for line in image_lines]), problems
+    # one name per caption: another count than stated is a shifted line as often as a real one
+    problems += [Problem(True, names_path, line, f"{name} has {c} captions, expected "
+                         f"{captions_per_image} (--captions-per-image)")
+                 for name, line, c in zip(image_names, image_lines, counts) if c != captions_per_image]
+    return _Listing(image_names, captions, txt2img, [(names_path, line) for line in image_lines],
+                    [(caps_path, j + 1) for j in range(len(captions))]), problems
 
 
 def _json_entry(item, first: Dict[str, str]) -> Tuple[str, str, List[str]]:
@@ -191,6 +211,8 @@ def _read_json(path: str) -> Tuple[Dict[str, _Listing], List[Problem]]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         return listings, [Problem(True, path, e.lineno, f"not valid JSON: {e.msg}")]
+    except UnicodeDecodeError as e:
+        return listings, [Problem(True, path, None, f"not UTF-8 text: {e}")]
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         return listings, [Problem(True, path, None, 'expected an object {"images": [...]}')]
@@ -208,13 +230,18 @@ def _read_json(path: str) -> Tuple[Dict[str, _Listing], List[Problem]]:
         listing.names.append(name)
         listing.captions += raws
         listing.origins.append((path, None))
+        listing.caption_origins += [(path, None)] * len(raws)
+    problems += [Problem(True, path, None, f"no {split!r} images") for split in ("train", "test")
+                 if not listings[split].names]
     return listings, problems
 
 
-def _read_listings(layout: str, text: str) -> Tuple[Dict[str, _Listing], List[Problem]]:
+def _read_listings(layout: str, text: str, captions_per_image: int = CAPTIONS_PER_IMAGE
+                   ) -> Tuple[Dict[str, _Listing], List[Problem]]:
     if layout == "json":
         return _read_json(text)
-    (train, p_train), (test, p_test) = _read_precomp(text, "train"), _read_precomp(text, "test")
+    (train, p_train), (test, p_test) = (_read_precomp(text, split, captions_per_image)
+                                        for split in ("train", "test"))
     return {"train": train, "test": test}, p_train + p_test
 
 
@@ -225,17 +252,32 @@ def _raise_fatal(problems: List[Problem], hint: str):
         raise ValueError(f"{len(fatal)} problem(s) in the data, e.g.\n  {shown}\n{hint}")
 
 
+def check_command(dataset: str, data_root: str, layout: str, image_dir: Optional[str] = None,
+                  captions_per_image: int = CAPTIONS_PER_IMAGE) -> str:
+    """The `check` command line that reads the data exactly as the failing run did."""
+    words = ["python", "-m", "mrs_adapter.data", "check", "--dataset", dataset,
+             "--data-root", data_root, "--layout", layout]
+    words += ["--image-dir", image_dir] if image_dir else []
+    if captions_per_image != CAPTIONS_PER_IMAGE:
+        words += ["--captions-per-image", str(captions_per_image)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
-                image_dir: Optional[str] = None, verbose: bool = True) -> Dict[str, Split]:
+                image_dir: Optional[str] = None, verbose: bool = True,
+                captions_per_image: int = CAPTIONS_PER_IMAGE) -> Dict[str, Split]:
     """{'train', 'val', 'test'} Splits of `dataset` under `data_root` (see `locate` for the tree).
     precomp: val = 20% of the training images by `validation_split`; json: the file's own splits
     (and `validation_split` when it has no 'val' images). Missing images raise before training."""
-    if dataset == "demo" and not os.path.isdir(os.path.join(data_root, "demo_precomp")):
+    if dataset == "demo" and (layout or "precomp") == "precomp" and image_dir is None \
+            and not os.path.isdir(os.path.join(data_root, "demo_precomp")):
         from .demo import make_demo  # generated once with the default parameters, then reused
-        make_demo(data_root)
+        make_demo(data_root, verbose=verbose)
+    given_image_dir = image_dir
     layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
-    listings, problems = _read_listings(layout, text)
-    hint = f"run `python -m mrs_adapter.data check --dataset {dataset} --data-root {data_root}` for every problem"
+    listings, problems = _read_listings(layout, text, captions_per_image)
+    command = check_command(dataset, data_root, layout, given_image_dir, captions_per_image)
+    hint = f"run `{command}` for every problem"
     _raise_fatal(problems, hint)
     splits = {name: Split(name, [os.path.join(image_dir, n) for n in listing.names], listing.captions,
                           listing.txt2img) for name, listing in listings.items()}
@@ -255,12 +297,63 @@ def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
     return {s: splits[s] for s in SPLITS}
 
 
+EIGHT_BIT_MODES = {"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                   "LAB", "HSV"}
+STRETCH_PERCENTILES = (2.0, 98.0)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image of `image`: 8-bit modes convert as PIL does; 16-bit, 32-bit integer and
+    float images (modes I;16*, I, F) are stretched linearly, per image, so that the 2nd percentile
+    of their values maps to 0 and the 98th to 255 (clipped; NaN becomes 0).
+
+    Why a per-image percentile stretch: PIL's convert("RGB") clips every value above 255, so a
+    16-bit image becomes white; a fixed scale of the dtype's range (/ 257) leaves the 10-12 bits
+    that most sensors use almost black. The 2-98% cut is what GIS viewers show by default (QGIS's
+    cumulative count cut), so it is what an annotator would have seen. The price: two images of
+    one scene with different value ranges look alike, and absolute brightness is not kept.
+
+    Multi-band TIFFs of more than 8 bits per sample are refused (ValueError): PIL decodes them
+    to 8-bit RGB by keeping the top byte of each value, which leaves 12-bit data almost black."""
+    bits = _tiff_bits(image)
+    if image.mode in EIGHT_BIT_MODES and bits > 8:
+        raise ValueError(f"{bits} bits per sample in {len(image.getbands())} bands: PIL keeps only "
+                         f"the top 8 bits of each value; convert it to 8-bit (e.g. gdal_translate "
+                         f"-ot Byte -scale) or to one band per file")
+    if image.mode in EIGHT_BIT_MODES:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = np.percentile(finite, STRETCH_PERCENTILES) if finite.size else (0.0, 0.0)
+    scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+    scaled = np.nan_to_num(np.clip(scaled, 0, 255), nan=0.0)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L").convert("RGB")
+
+
+def _tiff_bits(image: Image.Image) -> int:
+    """The largest BitsPerSample of a TIFF (tag 258); 8 for other formats."""
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(258, 8) if tags is not None else 8
+    return max(bits) if isinstance(bits, tuple) else int(bits)
+
+
+def depth_note(image: Image.Image) -> Optional[str]:
+    """What the readers do with an image that is not 8-bit (None for an 8-bit one; to_rgb8
+    refuses the multi-band TIFFs of more than 8 bits, so `check` reports those as errors)."""
+    if image.mode not in EIGHT_BIT_MODES:
+        low, high = STRETCH_PERCENTILES
+        return (f"not 8-bit (PIL mode {image.mode}): read as 8-bit RGB by a per-image linear "
+                f"stretch of its {low:g}-{high:g}% percentiles to 0-255 (data.to_rgb8)")
+    return None
+
+
 def read_image(path: str, transform: Callable):
-    """`transform(PIL image)`, with errors that name the file."""
+    """`transform(8-bit RGB PIL image)` (`to_rgb8` reads 16-bit and float images), with errors that
+    name the file. Every reader of the package opens images here."""
     try:
         with Image.open(path) as image:
             image.load()
-            return transform(image)
+            return transform(to_rgb8(image))
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
@@ -331,6 +424,11 @@ class CaptionDataset(Dataset):
     def __init__(self, split: Split, context_length: int = 77):
         self.captions, self.context_length = split.captions, context_length
         self.tokens = tokenize(self.captions, context_length)  # (N, context_length)
+        cut = sum(token_count(c) > context_length for c in self.captions)
+        if cut:  # once per split: `python -m mrs_adapter.data check` lists them
+            print(f"warning: {cut} of {len(self.captions)} {split.name} captions are longer than "
+                  f"the {context_length}-token context and are cut to their first "
+                  f"{context_length - 2} tokens")
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -374,29 +472,73 @@ def _check_images(listings: Dict[str, _Listing], image_dir: str, threads: int) -
                 problems.append(Problem(False, *origin, f"{name} is in both {seen[name][0]} and {split}"))
             seen.setdefault(name, (split, origin))
 
-    def check(name: str) -> Optional[str]:
+    def check(name: str) -> Tuple[Optional[str], Optional[str]]:  # (error, note on the bit depth)
+        path = os.path.join(image_dir, name)
         try:
-            read_image(os.path.join(image_dir, name), lambda image: None)
+            read_image(path, lambda image: None)
+            with Image.open(path) as image:
+                return None, depth_note(image)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            return str(e), None
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for (name, (_, origin)), (error, note) in zip(seen.items(), pool.map(check, list(seen))):
+            if error:
+                problems.append(Problem(True, *origin, f"{name}: {error}"))
+            if note:
+                problems.append(Problem(False, *origin, f"{name}: {note}"))
+    return problems
+
+
+def verify_images(splits: Dict[str, Split], threads: int = 8, hint: str = "") -> None:
+    """Decode every image of `splits` once; a ValueError lists those that do not open (train.py
+    runs this before it makes or empties a run folder, whether or not images are cached)."""
+    paths = sorted({p for s in splits.values() for p in s.image_paths})
+
+    def error(path: str) -> Optional[str]:
+        try:
+            read_image(path, lambda image: None)
         except (FileNotFoundError, ValueError) as e:
             return str(e)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for (name, (_, origin)), error in zip(seen.items(), pool.map(check, list(seen))):
-            if error:
-                problems.append(Problem(True, *origin, f"{name}: {error}"))
+        errors = [e for e in pool.map(error, paths) if e]
+    if errors:
+        shown = "\n  ".join(errors[:10])
+        raise ValueError(f"{len(errors)} of {len(paths)} image(s) cannot be read, e.g.\n  {shown}\n"
+                         f"{hint}".rstrip())
+
+
+def _long_captions(listings: Dict[str, _Listing], context_length: int) -> List[Problem]:
+    """A warning for each caption longer than the text context (the tokenizer cuts it)."""
+    problems = []
+    for split, listing in listings.items():
+        for j, caption in enumerate(listing.captions):
+            n = token_count(caption)
+            if n > context_length:
+                file, line = listing.caption_origins[j] if listing.caption_origins else ("", None)
+                image = listing.names[listing.txt2img[j]]
+                problems.append(Problem(False, file, line, f"{split} caption of {image} has {n} "
+                                        f"tokens, more than the {context_length}-token context: "
+                                        f"cut to its first {context_length - 2}"))
     return problems
 
 
 def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None, image_dir: Optional[str] = None,
-                  verify_images: bool = True, threads: int = 8) -> List[Problem]:
-    """Every problem of a dataset, each with its file and line: missing folders, caption / file-name
-    count mismatches, blank captions (a warning: RSITMD's 20 are kept, as published), duplicate
-    names, images listed in two splits (warning), missing or unreadable images (verify_images)."""
+                  verify_images: bool = True, threads: int = 8,
+                  captions_per_image: int = CAPTIONS_PER_IMAGE,
+                  context_length: int = CONTEXT_LENGTH) -> List[Problem]:
+    """Every problem of a dataset, each with its file and line: missing folders, empty files,
+    caption / file-name count mismatches (or another count than captions_per_image), blank
+    captions (a warning: RSITMD's 20 are kept, as published), captions longer than the context
+    (warning: cut), duplicate names, images listed in two splits (warning), missing or
+    unreadable images, images that are not 8-bit (warning: how they are read) (verify_images)."""
     try:
         layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
-        listings, problems = _read_listings(layout, text)
+        listings, problems = _read_listings(layout, text, captions_per_image)
     except (FileNotFoundError, ValueError) as e:
         return [Problem(True, data_root, None, str(e))]
+    problems += _long_captions(listings, context_length)
     if verify_images:
         problems += _check_images(listings, image_dir, threads)
     return problems
@@ -411,8 +553,14 @@ def _main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
     parser.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
     parser.add_argument("--no-verify-images", action="store_true", help="skip decoding every image")
+    parser.add_argument("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
+                        help="captions of each image in a one-name-per-image list (default 5)")
+    parser.add_argument("--context-length", type=int, default=CONTEXT_LENGTH,
+                        help="text context of the model, in tokens (default 77, CLIP's)")
     args = parser.parse_args(argv)
-    problems = check_dataset(args.dataset, args.data_root, args.layout, args.image_dir, not args.no_verify_images)
+    problems = check_dataset(args.dataset, args.data_root, args.layout, args.image_dir,
+                             not args.no_verify_images, captions_per_image=args.captions_per_image,
+                             context_length=args.context_length)
     for p in problems:
         print(p)
     fatal = sum(p.fatal for p in problems)

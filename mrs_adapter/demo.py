@@ -9,6 +9,7 @@ readers of data.py run on it unchanged. Deterministic given the seed; no image a
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from typing import Dict, List
@@ -98,11 +99,33 @@ def _params(seed: int, n_train: int, n_test: int, size: int) -> Dict:
     return {"seed": seed, "n_train": n_train, "n_test": n_test, "size": size, "version": _VERSION}
 
 
-def make_demo(root: str, seed: int = 0, n_train: int = 300, n_test: int = 100, size: int = 64) -> str:
+_TEXT_FILES = {"demo.json"} | {f"{s}_{k}.txt" for s in ("train", "test")
+                               for k in ("caps", "filename")}
+_IMAGE_NAME = re.compile(r"(train|test)_[0-9]{4}\.tif")
+
+
+def _foreign(text_dir: str, image_dir: str) -> str:
+    """'' if both folders are absent or hold only what make_demo writes (with its marker), else
+    the first path make_demo did not write: that folder is the user's, never to be deleted."""
+    marked = os.path.isfile(os.path.join(text_dir, "demo.json"))
+    for folder, ours in ((text_dir, _TEXT_FILES.__contains__), (image_dir, _IMAGE_NAME.fullmatch)):
+        if not os.path.exists(folder):
+            continue
+        if not marked or not os.path.isdir(folder):
+            return folder
+        stray = next((n for n in sorted(os.listdir(folder)) if not ours(n)), None)
+        if stray:
+            return os.path.join(folder, stray)
+    return ""
+
+
+def make_demo(root: str, seed: int = 0, n_train: int = 300, n_test: int = 100, size: int = 64,
+              verbose: bool = False) -> str:
     """Write `<root>/demo_precomp/` and `<root>/demo_images/` (skipped if already there with the
     same parameters) and return root. Built in a temporary folder and renamed into place; the
-    parameter file inside demo_precomp is the last thing to appear, so a half-written dataset is
-    rebuilt, never used."""
+    parameter file inside demo_precomp is the last thing to appear. A previous demo (other
+    parameters) is replaced only if its folders hold nothing but demo files; a folder with
+    anything else in it, or without the marker, raises FileExistsError and is left as it is."""
     params = _params(seed, n_train, n_test, size)
     text_dir, image_dir = os.path.join(root, "demo_precomp"), os.path.join(root, "demo_images")
     marker = os.path.join(text_dir, "demo.json")
@@ -110,6 +133,14 @@ def make_demo(root: str, seed: int = 0, n_train: int = 300, n_test: int = 100, s
         with open(marker) as f:
             if json.load(f) == params:
                 return root
+    foreign = _foreign(text_dir, image_dir)
+    if foreign:
+        raise FileExistsError(f"{foreign} was not written by the demo generator; it is left as it "
+                              f"is. Move it away, or pass another --data-root for the demo (or "
+                              f"--layout / --image-dir to read your own files)")
+    if verbose:
+        print(f"no demo dataset in {root}: generating a new one there "
+              f"({n_train} + {n_test} images)")
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=root)
     try:

@@ -60,10 +60,36 @@ class RunLog:
         atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in self.records))
 
 
+def check_folder_writable(path: str, flag: str = "--output") -> None:
+    """A ValueError naming `path` unless the folder exists or can be made, and is writable: it is
+    not a file, no folder above it is a file, and the nearest existing one accepts new files.
+    Called before anything is removed or computed, so a bad path costs nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is a file, not a folder; choose another {flag}")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot make {path}: {existing} is a file, not a folder; "
+                         f"choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in {existing} (read-only for this user): change its "
+                         f"permissions or choose another {flag}")
+
+
+def check_file_writable(path: str, flag: str) -> None:
+    """As check_folder_writable, for a file about to be written at `path`."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a file; choose another {flag}")
+    check_folder_writable(os.path.dirname(os.path.abspath(path)), flag)
+
+
 def prepare_run_dir(path: str, resume: bool, overwrite: bool) -> None:
     """Refuse to write into a folder that holds files, unless resuming or told to overwrite.
 
-    --overwrite removes only the files a run writes (RUN_FILES, seed folders), nothing else."""
+    --overwrite removes only the files a run writes (RUN_FILES, seed folders), nothing else;
+    train.py calls this only after every input has been checked (train.preflight)."""
+    check_folder_writable(path)
     if os.path.isdir(path) and os.listdir(path) and not (resume or overwrite):
         raise FileExistsError(f"run folder {path} is not empty; pass --resume to continue that run, "
                               f"--overwrite to replace it, or another --output")

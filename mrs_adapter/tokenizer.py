@@ -119,3 +119,8 @@ def tokenize(texts: Union[str, List[str]], context_length: int = 77, truncate: b
             ids = ids[:context_length - 1] + [tok.eot_id]
         out[i, :len(ids)] = torch.tensor(ids)
     return out
+
+
+def token_count(text: str) -> int:
+    """Tokens of `text` with its start and end tokens (`tokenize` cuts more than the context)."""
+    return len(get_tokenizer().encode(text)) + 2
