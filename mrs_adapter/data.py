@@ -404,8 +404,13 @@ def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None, im
 
 def _main(argv: Optional[List[str]] = None) -> int:
     import argparse
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["overlap"]:  # copies and shared captions between datasets: overlap.py
+        from .overlap import main
+        return main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m mrs_adapter.data", description=check_dataset.__doc__)
-    parser.add_argument("command", choices=["check"])
+    parser.add_argument("command", choices=["check", "overlap"])
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
