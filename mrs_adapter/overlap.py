@@ -160,6 +160,23 @@ def copies_of(candidates: Hashes, references: Hashes) -> np.ndarray:
     return np.array(sorted(hit), dtype=int)
 
 
+def drop_copies(splits: Dict, references: Sequence[str], cache: Optional[str] = None,
+                threads: int = 2) -> Tuple[Dict, Dict[str, int]]:
+    """`splits` ({name: data.Split}) without the images that are exact or near copies of one of the
+    `references` (test images), and how many each lost."""
+    paths = [p for split in splits.values() for p in split.image_paths]
+    hashes = hash_images(paths + list(references), cache, threads)
+    n = len(paths)
+    mine = Hashes(hashes.exact[:n], hashes.phash[:n], hashes.thumb[:n])
+    theirs = Hashes(hashes.exact[n:], hashes.phash[n:], hashes.thumb[n:])
+    copies, start, kept, dropped = set(copies_of(mine, theirs).tolist()), 0, {}, {}
+    for name, split in splits.items():
+        keep = [i for i in range(len(split.image_paths)) if start + i not in copies]
+        kept[name], dropped[name] = split.subset(split.name, keep), len(split.image_paths) - len(keep)
+        start += len(split.image_paths)
+    return kept, dropped
+
+
 def normalize_caption(caption: str) -> str:
     """Case, spacing and a final full stop do not make a caption different."""
     return " ".join(caption.lower().split()).rstrip(" .")
