@@ -29,7 +29,8 @@ WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overw
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--dataset", dest="datasets", nargs="+", required=True, choices=sorted(DATASETS),
+                   help="several: each one's split evaluated on its own, one row per dataset")
     p.add_argument("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
     p.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
     p.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
@@ -47,7 +48,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="metrics file; default: beside the checkpoint, or under results/")
     p.add_argument("--visualize", metavar="OUT.png", help="draw text queries with their top-5 images")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.dataset = "+".join(args.datasets)  # one name as before; names files of several: rsitmd+rsicd
+    return args
 
 
 def apply_checkpoint(model: torch.nn.Module, ckpt: Dict, method: Optional[str] = None) -> torch.nn.Module:
@@ -125,18 +128,29 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
-    split = load_splits(args.dataset, args.data_root, args.layout, args.image_dir)[args.split]  # data errors first
+    if len(args.datasets) > 1 and (args.layout or args.image_dir or args.visualize):
+        raise ValueError("--layout, --image-dir and --visualize describe one dataset; "
+                         f"{args.dataset.replace('+', ', ')} were named")
+    splits = {name: load_splits(name, args.data_root, args.layout, args.image_dir)[args.split]  # data errors first
+              for name in args.datasets}
     model, preprocess = build_model_for_eval(args)
-    image_loader, caption_loader = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)
-    img, txt = encode_dataset(model, image_loader, caption_loader, args.device)  # each image / caption once
-    sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
-    metrics = recall_at_k(sims, torch.tensor(split.txt2img))
-    what = "zero-shot" if args.zero_shot else args.checkpoint
-    print(f"{args.dataset} {split} | CLIP {args.clip} {what}\n{format_table([(args.split, metrics)])}")
-    path = args.json or default_json_path(args)
-    write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics, "dataset": args.dataset, "split": args.split,
-                      "n_images": len(split.image_paths), "n_captions": len(split.captions),
-                      "clip": args.clip, "checkpoint": args.checkpoint, "zero_shot": args.zero_shot})
+    results, what = {}, "zero-shot" if args.zero_shot else args.checkpoint
+    for name, split in splits.items():
+        loaders = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)
+        img, txt = encode_dataset(model, *loaders, args.device)  # each image / caption once
+        sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
+        results[name] = recall_at_k(sims, torch.tensor(split.txt2img))
+        print(f"{name} {split} | CLIP {args.clip} {what}")
+    several = len(splits) > 1
+    print(format_table([(f"{name} {args.split}" if several else args.split, m) for name, m in results.items()]))
+    path, split = args.json or default_json_path(args), next(iter(splits.values()))
+    counts = ({"n_images": {n: len(s.image_paths) for n, s in splits.items()},
+               "n_captions": {n: len(s.captions) for n, s in splits.items()}} if several else
+              {"n_images": len(split.image_paths), "n_captions": len(split.captions)})
+    metrics = results if several else results[args.datasets[0]]
+    write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics, "dataset": args.datasets if several else args.dataset,
+                      "split": args.split, **counts, "clip": args.clip, "checkpoint": args.checkpoint,
+                      "zero_shot": args.zero_shot})
     print(f"wrote {path}")
     if args.visualize:
         visualize(sims, split, args.visualize)

@@ -308,7 +308,8 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
         if main_rank:
             write_json(paths["config.json"], config)
             log.write(kind="initial", epoch=-1, **{f"{s}_{k}": v for s, m in initial.items() for k, v in m.items()})
-            print(format_table([(f"before training ({k})", initial[k]) for k in test_keys(splits)]))
+            rows = [(f"before training ({k.split(':')[-1]})", initial[k]) for k in test_keys(splits)]
+            print(format_table(rows))
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         t0 = time.time()
