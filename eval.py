@@ -49,7 +49,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", help="metrics file; default: beside the checkpoint, or under results/")
     p.add_argument("--visualize", metavar="OUT.png", help="draw text queries with their top-5 images")
     args = p.parse_args(argv)
-    args.dataset = "+".join(args.datasets)  # one name as before; names files of several: rsitmd+rsicd
+    args.dataset = "+".join(args.datasets)  # one name as before; several: rsitmd+rsicd
     return args
 
 
@@ -131,25 +131,28 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if len(args.datasets) > 1 and (args.layout or args.image_dir or args.visualize):
         raise ValueError("--layout, --image-dir and --visualize describe one dataset; "
                          f"{args.dataset.replace('+', ', ')} were named")
-    splits = {name: load_splits(name, args.data_root, args.layout, args.image_dir)[args.split]  # data errors first
-              for name in args.datasets}
+    splits = {name: load_splits(name, args.data_root, args.layout, args.image_dir)[args.split]
+              for name in args.datasets}  # data errors before the model is built
     model, preprocess = build_model_for_eval(args)
     results, what = {}, "zero-shot" if args.zero_shot else args.checkpoint
     for name, split in splits.items():
-        loaders = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)
+        loaders = eval_loaders(split, preprocess, model.context_length, args.batch_size,
+                               args.workers)
         img, txt = encode_dataset(model, *loaders, args.device)  # each image / caption once
         sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
         results[name] = recall_at_k(sims, torch.tensor(split.txt2img))
         print(f"{name} {split} | CLIP {args.clip} {what}")
     several = len(splits) > 1
-    print(format_table([(f"{name} {args.split}" if several else args.split, m) for name, m in results.items()]))
+    print(format_table([(f"{name} {args.split}" if several else args.split, m)
+                        for name, m in results.items()]))
     path, split = args.json or default_json_path(args), next(iter(splits.values()))
     counts = ({"n_images": {n: len(s.image_paths) for n, s in splits.items()},
                "n_captions": {n: len(s.captions) for n, s in splits.items()}} if several else
               {"n_images": len(split.image_paths), "n_captions": len(split.captions)})
     metrics = results if several else results[args.datasets[0]]
-    write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics, "dataset": args.datasets if several else args.dataset,
-                      "split": args.split, **counts, "clip": args.clip, "checkpoint": args.checkpoint,
+    write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics,
+                      "dataset": args.datasets if several else args.dataset, "split": args.split,
+                      **counts, "clip": args.clip, "checkpoint": args.checkpoint,
                       "zero_shot": args.zero_shot})
     print(f"wrote {path}")
     if args.visualize:

@@ -39,13 +39,16 @@ from mrs_adapter.runfiles import RunLog, environment, prepare_run_dir, read_json
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--dataset", dest="datasets", nargs="+", required=True, choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"],
-      help="demo: generated offline (README 'Data' for the others); several: train on the union of their "
-           "training splits, select on the union of their validation splits, test on each test split")
-    a("--test-dataset", nargs="+", choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"],
+    names = ["rsitmd", "rsicd", "ucm", "sydney", "demo"]
+    a("--dataset", dest="datasets", nargs="+", required=True, choices=names,
+      help="demo: generated offline (README 'Data' for the others); several: train on the union "
+           "of their training splits, select on the union of their validation splits, test on "
+           "each test split")
+    a("--test-dataset", nargs="+", choices=names,
       help="transfer: test on these datasets' test splits instead (README 'Several datasets')")
-    a("--keep-overlap", action="store_true", help="with several datasets or --test-dataset, keep the training "
-      "and validation images that are copies of test images (the published, leaky setting)")
+    a("--keep-overlap", action="store_true", help="with several datasets or --test-dataset, keep "
+      "the training and validation images that are copies of test images (the published, leaky "
+      "setting)")
     a("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
     a("--layout", choices=["precomp", "json"], help="force an annotation layout (default: the dataset's usual one)")
     a("--image-dir", help="image folder (default: <data-root>/<dataset>_images)")
@@ -69,7 +72,8 @@ def get_parser() -> argparse.ArgumentParser:
                                           "64 leaves the GPU idle; each item is encoded alone, so results do not change)")
     a("--seeds", type=int, nargs="+", default=[2], help="one run per seed s: python s, numpy s+1, torch s+2 "
                                                         "(paper: 2, 3, 4, i.e. --seeds 2)")
-    a("--output", help="run folder (default: runs/<dataset>[+<dataset>...][-to-<test datasets>]-<method>)")
+    a("--output", help="run folder (default: runs/<dataset>-<method>; several: "
+                       "runs/rsitmd+rsicd-<method>, runs/rsicd-to-rsitmd-<method>)")
     a("--resume", action="store_true", help="continue the run in --output from its last.pt")
     a("--overwrite", action="store_true", help="replace the run files in a non-empty --output")
     a("--precision", choices=["fp32", "bf16", "fp16"], help="autocast dtype on CUDA (default bf16); CPU: fp32")
@@ -308,7 +312,8 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
         if main_rank:
             write_json(paths["config.json"], config)
             log.write(kind="initial", epoch=-1, **{f"{s}_{k}": v for s, m in initial.items() for k, v in m.items()})
-            rows = [(f"before training ({k.split(':')[-1]})", initial[k]) for k in test_keys(splits)]
+            rows = [(f"before training ({k.split(':')[-1]})", initial[k])
+                    for k in test_keys(splits)]
             print(format_table(rows))
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
@@ -361,12 +366,13 @@ def summarize_several(args, results: list, splits: dict) -> dict:
     chance = {n: chance_recall(torch.as_tensor(splits[f"test:{n}"].txt2img)) for n in names}
     print(f"\ntrained on {args.dataset}, {len(results)} seed(s), model selected on validation mR "
           f"(union of the validation splits); one row per test split:")
-    print(format_table([(f"{n} {args.method}", *stats[n]) if several else (f"{n} {args.method}", stats[n][0])
-                        for n in names]))
+    # rows (name, mean) for one seed, (name, mean, std) for several
+    print(format_table([(f"{n} {args.method}", *stats[n][:1 + several]) for n in names]))
     print(format_table([(f"{n} before training", results[0]["initial"][f"test:{n}"]) for n in names]
                        + [(f"{n} chance", chance[n]) for n in names]))
-    return {"dataset": args.datasets, "test_datasets": names, "method": args.method, "seeds": args.seeds,
-            "mean": {n: stats[n][0] for n in names}, "std": {n: stats[n][1] for n in names}, "chance": chance,
+    return {"dataset": args.datasets, "test_datasets": names, "method": args.method,
+            "seeds": args.seeds, "mean": {n: stats[n][0] for n in names},
+            "std": {n: stats[n][1] for n in names}, "chance": chance,
             "dropped_overlap": args.dropped_overlap, "per_seed": results}
 
 
@@ -434,8 +440,8 @@ def load_data(args) -> dict:
     names, tests = args.datasets, args.test_dataset or args.datasets
     every = list(dict.fromkeys(names + tests))
     if len(every) > 1 and (args.layout or args.image_dir):
-        raise ValueError(f"--layout / --image-dir describe one dataset; {', '.join(every)} were named "
-                         f"(lay each out under --data-root as README 'Data' says)")
+        raise ValueError(f"--layout / --image-dir describe one dataset; {', '.join(every)} were "
+                         f"named (lay each out under --data-root as README 'Data' says)")
     loaded = {n: load_splits(n, args.data_root, args.layout, args.image_dir, verbose=args.rank == 0)
               for n in every}
     args.dropped_overlap = None
@@ -446,10 +452,12 @@ def load_data(args) -> dict:
     if not args.keep_overlap:
         references = [p for split in test.values() for p in split.image_paths]
         before = {s: len(splits[s].image_paths) for s in splits}
-        splits, args.dropped_overlap = drop_copies(splits, references, default_cache(args.data_root))
+        cache = default_cache(args.data_root)
+        splits, args.dropped_overlap = drop_copies(splits, references, cache)
         if args.rank == 0:
-            print(f"dropped {args.dropped_overlap['train']} of {before['train']} training and "
-                  f"{args.dropped_overlap['val']} of {before['val']} validation images: exact or near copies "
+            dropped = args.dropped_overlap
+            print(f"dropped {dropped['train']} of {before['train']} training and "
+                  f"{dropped['val']} of {before['val']} validation images: exact or near copies "
                   f"of images in the test splits of {', '.join(tests)} (--keep-overlap keeps them)")
     if args.rank == 0:
         print(f"{args.dataset}: {splits['train']}; {splits['val']}; "

@@ -401,8 +401,8 @@ def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None, im
                   verify_images: bool = True, threads: int = 8) -> List[Problem]:
     """Every problem of a dataset, each with its file and line: missing folders, caption / file-name
     count mismatches, blank captions (a warning: RSITMD's 20 are kept, as published), duplicate
-    names, images listed in two splits (warning), missing or unreadable images (verify_images), and
-    exact or near copies of an image under another name in another split (warning, verify_images)."""
+    names, images listed in two splits (warning), missing or unreadable images (verify_images),
+    and copies of an image under another name in another split (warning, verify_images)."""
     try:
         layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
         listings, problems = _read_listings(layout, text)
@@ -410,30 +410,35 @@ def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None, im
         return [Problem(True, data_root, None, str(e))]
     if verify_images:
         image_problems = _check_images(listings, image_dir, threads)
-        problems += image_problems + _copies_across_splits(listings, image_dir, image_problems, data_root, threads)
+        problems += image_problems
+        problems += _copies_across_splits(listings, image_dir, image_problems, data_root, threads)
     return problems
 
 
-def _copies_across_splits(listings: Dict[str, _Listing], image_dir: str, image_problems: List[Problem],
-                          data_root: str, threads: int) -> List[Problem]:
+def _copies_across_splits(listings: Dict[str, _Listing], image_dir: str,
+                          image_problems: List[Problem], data_root: str,
+                          threads: int) -> List[Problem]:
     """Exact or near copies (overlap.py) of one picture under two names in two splits: a warning,
     since a test image would then be trained on."""
     from .overlap import default_cache, hash_images, near_pairs
     broken = {p.message.split(": ")[0] for p in image_problems if p.fatal}
     items = [(split, name, origin) for split, listing in listings.items()
              for name, origin in zip(listing.names, listing.origins) if name not in broken]
-    hashes = hash_images([os.path.join(image_dir, name) for _, name, _ in items], default_cache(data_root), threads)
+    paths = [os.path.join(image_dir, name) for _, name, _ in items]
+    hashes = hash_images(paths, default_cache(data_root), threads)
     groups = {}
     for i, h in enumerate(hashes.exact):
         groups.setdefault(h, []).append(i)
-    pairs = {(i, j): "an exact copy" for g in groups.values() for x, i in enumerate(g) for j in g[x + 1:]}
+    pairs = {(i, j): "an exact copy" for g in groups.values()
+             for x, i in enumerate(g) for j in g[x + 1:]}
     for i, j, d in zip(*near_pairs(hashes)):
         pairs.setdefault((int(i), int(j)), f"a near copy (pHash distance {d})")
     problems = []
     for (i, j), what in sorted(pairs.items()):
         (split_a, name_a, _), (split_b, name_b, origin) = items[i], items[j]
         if split_a != split_b and name_a != name_b:  # the same name in two splits is reported above
-            problems.append(Problem(False, *origin, f"{name_b} ({split_b}) is {what} of {name_a} ({split_a})"))
+            message = f"{name_b} ({split_b}) is {what} of {name_a} ({split_a})"
+            problems.append(Problem(False, *origin, message))
     return problems
 
 

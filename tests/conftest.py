@@ -81,9 +81,10 @@ def _write_precomp(root, name, images, captions_of):
     os.makedirs(os.path.join(root, f"{name}_images"))
     for split, items in images.items():
         for file, image in items:
-            image.save(os.path.join(root, f"{name}_images", file), **({"quality": 75} if file.endswith(".jpg") else {}))
+            quality = {"quality": 75} if file.endswith(".jpg") else {}
+            image.save(os.path.join(root, f"{name}_images", file), **quality)
         caps = [c for file, _ in items for c in captions_of[file]]
-        listed = [f for f, _ in items] if split == "train" else [f for f, _ in items for _ in range(5)]
+        listed = [f for f, _ in items for _ in range(1 if split == "train" else 5)]
         for kind, lines in (("caps", caps), ("filename", listed)):
             with open(os.path.join(root, f"{name}_precomp", f"{split}_{kind}.txt"), "w") as f:
                 f.write("\n".join(lines) + "\n")
@@ -104,19 +105,20 @@ def two_datasets(tmp_path_factory):
         s = sample_scene(rng)
         scenes[name] = (render(s, 64, rng), captions(s, rng))
         return name, scenes[name][0]
-    data = {d: {split: [scene(f"{d}_{split}_{i}.png") for i in range(n)] for split, n in (("train", 20), ("test", 8))}
-            for d in ("rsitmd", "rsicd")}
+    data = {d: {split: [scene(f"{d}_{split}_{i}.png") for i in range(n)]
+                for split, n in (("train", 20), ("test", 8))} for d in ("rsitmd", "rsicd")}
     copies = {}
-    for k, (kind, source) in enumerate([("tif", "rsitmd_test_0.png"), ("tif", "rsitmd_test_1.png"),
-                                        ("jpg", "rsitmd_test_2.png"), ("jpg", "rsitmd_test_3.png"),
-                                        ("small.png", "rsitmd_test_4.png"), ("small.png", "rsitmd_test_5.png"),
-                                        ("jpg", "rsicd_test_0.png")]):
+    planted = [("tif", "rsitmd_test_0.png"), ("tif", "rsitmd_test_1.png"),
+               ("jpg", "rsitmd_test_2.png"), ("jpg", "rsitmd_test_3.png"),
+               ("small.png", "rsitmd_test_4.png"), ("small.png", "rsitmd_test_5.png"),
+               ("jpg", "rsicd_test_0.png")]
+    for k, (kind, source) in enumerate(planted):
         image = scenes[source][0]
         image = image.resize((56, 56), Image.Resampling.BICUBIC) if kind == "small.png" else image
         target = "rsitmd" if source.startswith("rsicd") else "rsicd"
         name = f"{target}_copy_{k}.{kind}"
         copies[name] = source
-        scenes[name] = (image, [f"copy {k} caption {c}" for c in range(5)])  # other words: not a caption match
+        scenes[name] = (image, [f"copy {k} caption {c}" for c in range(5)])  # no caption match
         data[target]["train"].insert(3 * k, (name, image))
     for d in data:
         _write_precomp(root, d, data[d], {name: caps for name, (_, caps) in scenes.items()})

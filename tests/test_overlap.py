@@ -41,7 +41,8 @@ def test_copies_are_found_and_distinct_scenes_are_not():
     base = hashes(originals)
     copies = {"jpeg75": [jpeg(x) for x in originals],
               "224": [x.resize((224, 224), Image.Resampling.BICUBIC) for x in originals],
-              "224_jpeg75": [jpeg(x.resize((224, 224), Image.Resampling.BICUBIC)) for x in originals]}
+              "224_jpeg75": [jpeg(x.resize((224, 224), Image.Resampling.BICUBIC))
+                             for x in originals]}
     for kind, images in copies.items():
         found = copies_of(hashes(images), base)
         assert found.tolist() == list(range(24)), kind
@@ -74,7 +75,8 @@ def test_overlap_command_counts_csv_and_cache(two_datasets, tmp_path, capsys, mo
     root = str(tmp_path / "data")
     shutil.copytree(source, root)
     out = str(tmp_path / "overlap.csv")
-    assert _main(["overlap", "--datasets", "rsitmd", "rsicd", "--data-root", root, "--csv", out]) == 0
+    command = ["overlap", "--datasets", "rsitmd", "rsicd", "--data-root", root]
+    assert _main(command + ["--csv", out]) == 0
     printed = capsys.readouterr().out
     rows = list(csv.DictReader(open(out)))
     found = {(r["file_a"], r["file_b"]) if r["dataset_a"] == "rsicd" else (r["file_b"], r["file_a"])
@@ -82,17 +84,19 @@ def test_overlap_command_counts_csv_and_cache(two_datasets, tmp_path, capsys, mo
     want = {(c, s) if c.startswith("rsicd") else (s, c) for c, s in copies.items()}
     assert found == want
     kinds = {(r["file_a"], r["file_b"]): (r["kind"], r["distance"]) for r in rows}
-    assert all(kinds.get((s, c), kinds.get((c, s)))[0] == ("exact" if c.endswith(".tif") else "near")
-               for c, s in copies.items())
+    for c, s in copies.items():
+        kind = kinds.get((s, c), kinds.get((c, s)))[0]
+        assert kind == ("exact" if c.endswith(".tif") else "near")
     assert not [r for r in rows if r["kind"] != "caption" and r["dataset_a"] == r["dataset_b"]]
     # the count table: a line per pair of splits; the copies sit in rsitmd/test x rsicd/train or val
     lines = {tuple(w[:2]): w[2:] for w in map(str.split, printed.splitlines())
              if len(w) == 5 and "/" in w[0] and "/" in w[1]}
     assert len(lines) == 21  # 6 splits: 6 * 7 / 2 pairs
-    assert sum(int(v[0]) + int(v[1]) for k, v in lines.items() if set(k) & {"rsitmd/test", "rsicd/test"}) == 7
+    tests = {"rsitmd/test", "rsicd/test"}
+    assert sum(int(v[0]) + int(v[1]) for k, v in lines.items() if set(k) & tests) == 7
     # rerun: every hash from the cache, no image decoded
     monkeypatch.setattr(overlap, "hash_image", lambda path: 1 / 0)
-    assert _main(["overlap", "--datasets", "rsitmd", "rsicd", "--data-root", root]) == 0
+    assert _main(command) == 0
     assert "hashed" not in capsys.readouterr().out
     # a changed file is hashed again
     path = os.path.join(root, "rsitmd_images", "rsitmd_test_7.png")
@@ -106,10 +110,12 @@ def test_check_reports_a_near_copy_across_splits(two_datasets, tmp_path):
     source, _ = two_datasets
     root = str(tmp_path / "data")
     shutil.copytree(source, root)
-    assert check_dataset("rsicd", root) == []  # rsicd's copies are of rsitmd images: none inside rsicd
+    assert check_dataset("rsicd", root) == []  # its copies are of rsitmd images: none inside rsicd
     images = os.path.join(root, "rsicd_images")
-    jpeg(Image.open(os.path.join(images, "rsicd_test_3.png"))).save(os.path.join(images, "rsicd_train_5.png"))
+    copy = jpeg(Image.open(os.path.join(images, "rsicd_test_3.png")))
+    copy.save(os.path.join(images, "rsicd_train_5.png"))
     problems = [str(p) for p in check_dataset("rsicd", root)]
     assert len(problems) == 1 and problems[0].startswith("warning")
-    assert "test_filename.txt:16: rsicd_test_3.png (test) is a near copy (pHash distance" in problems[0]
+    want = "test_filename.txt:16: rsicd_test_3.png (test) is a near copy (pHash distance"
+    assert want in problems[0]
     assert problems[0].endswith("of rsicd_train_5.png (train)")
