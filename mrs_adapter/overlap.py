@@ -134,10 +134,10 @@ def hash_images(paths: Sequence[str], cache: Optional[str] = None, threads: int 
 
 
 def near_pairs(a: Hashes, b: Optional[Hashes] = None, threshold: int = HAMMING_THRESHOLD,
-               thumb_threshold: float = THUMB_THRESHOLD, block: int = 1024):
+               thumb_threshold: float = THUMB_THRESHOLD, block: int = 256):
     """(i, j, Hamming distance) arrays of the pairs a[i], b[j] within `threshold` bits whose
-    thumbnails agree; b=None compares a with itself (i < j). All pairs, in blocks of rows:
-    17,000 images are 1.4e8 XOR + popcounts, a few seconds."""
+    thumbnails agree; b=None compares a with itself (i < j). All pairs, `block` rows at a time
+    (256 x 17,000 uint64 is 35 MB): 17,000 images are 1.4e8 XOR + popcounts, a few seconds."""
     same, b = b is None, a if b is None else b
     found = []
     for start in range(0, len(a.phash), block):
