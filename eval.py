@@ -30,7 +30,8 @@ WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overw
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--dataset", dest="datasets", nargs="+", required=True, choices=sorted(DATASETS),
+                   help="several: each one's split evaluated on its own, one row per dataset")
     p.add_argument("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
     p.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
     p.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
@@ -72,6 +73,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.precision not in (None, "fp32") and not args.device.startswith("cuda"):
         p.error(f"--precision {args.precision} needs a CUDA --device (autocast runs on CUDA only "
                 f"here); --device {args.device} evaluates in fp32")
+    args.dataset = "+".join(args.datasets)  # one name as before; several: rsitmd+rsicd
     return args
 
 
@@ -149,15 +151,16 @@ def load_recorded_backbone(args: argparse.Namespace, config: Dict):
     return model, preprocess
 
 
-def published_check(args: argparse.Namespace, backbone: Optional[Dict], metrics: Dict[str, float]):
+def published_check(args: argparse.Namespace, backbone: Optional[Dict], metrics: Dict[str, float],
+                    dataset: str):
     """With --zero-shot, print the backbone's published zero-shot mR on this dataset beside ours,
     where one is published: a wrong file or MLP activation shows as a gap of points. Returns it."""
     if not args.zero_shot or not backbone or args.split != "test":
         return None
-    published = clip.published_mr(backbone.get("name") or backbone["clip"]).get(args.dataset)
+    published = clip.published_mr(backbone.get("name") or backbone["clip"]).get(dataset)
     if published is not None:
         name, ours = backbone.get("name") or backbone["clip"], metrics["mR"]
-        print(f"published zero-shot mR of {name} on {args.dataset} test: {published:.2f}; "
+        print(f"published zero-shot mR of {name} on {dataset} test: {published:.2f}; "
               f"ours {ours:.2f} ({ours - published:+.2f} points; more than about one point apart "
               f"suggests another file, MLP activation or split than the publication's)")
     return published
@@ -227,28 +230,42 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
-    split = load_splits(args.dataset, args.data_root, args.layout, args.image_dir,
-                        captions_per_image=args.captions_per_image)[args.split]  # data errors first
+    if len(args.datasets) > 1 and (args.layout or args.image_dir or args.visualize):
+        raise ValueError("--layout, --image-dir and --visualize describe one dataset; "
+                         f"{args.dataset.replace('+', ', ')} were named")
+    splits = {name: load_splits(name, args.data_root, args.layout, args.image_dir,
+                                captions_per_image=args.captions_per_image)[args.split]
+              for name in args.datasets}  # data errors before the model is built
     model, preprocess = build_model_for_eval(args)
     path = args.json or default_json_path(args)  # the default path needs the resolved --clip
     check_output(path, "--json")  # before the evaluation, not after it
     if args.visualize:
         check_output(args.visualize, "--visualize")
-    image_loader, caption_loader = eval_loaders(split, preprocess, model.context_length, args.batch_size, args.workers)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    # each image and each caption once
-    img, txt = encode_dataset(model, image_loader, caption_loader, args.device, amp)
-    sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
-    metrics = recall_at_k(sims, torch.tensor(split.txt2img))
-    what = "zero-shot" if args.zero_shot else args.checkpoint
-    print(f"{args.dataset} {split} | CLIP {args.clip} {what} ({args.precision})\n"
-          f"{format_table([(args.split, metrics)])}")
-    published = published_check(args, args.backbone, metrics)
-    write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics, "dataset": args.dataset, "split": args.split,
-                      "n_images": len(split.image_paths), "n_captions": len(split.captions),
-                      "clip": args.clip, "checkpoint": args.checkpoint, "zero_shot": args.zero_shot,
-                      "precision": args.precision, "backbone": args.backbone,
-                      "published_zero_shot_mR": published})
+    results, published, what = {}, {}, "zero-shot" if args.zero_shot else args.checkpoint
+    for name, split in splits.items():
+        loaders = eval_loaders(split, preprocess, model.context_length, args.batch_size,
+                               args.workers)
+        img, txt = encode_dataset(model, *loaders, args.device, amp)  # each image / caption once
+        sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
+        results[name] = recall_at_k(sims, torch.tensor(split.txt2img))
+        print(f"{name} {split} | CLIP {args.clip} {what} ({args.precision})")
+    several = len(splits) > 1
+    print(format_table([(f"{name} {args.split}" if several else args.split, m)
+                        for name, m in results.items()]))
+    for name, m in results.items():
+        published[name] = published_check(args, args.backbone, m, name)
+    split = next(iter(splits.values()))
+    counts = ({"n_images": {n: len(s.image_paths) for n, s in splits.items()},
+               "n_captions": {n: len(s.captions) for n, s in splits.items()}} if several else
+              {"n_images": len(split.image_paths), "n_captions": len(split.captions)})
+    metrics = results if several else results[args.datasets[0]]
+    write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics,
+                      "dataset": args.datasets if several else args.dataset, "split": args.split,
+                      **counts, "clip": args.clip, "checkpoint": args.checkpoint,
+                      "zero_shot": args.zero_shot, "precision": args.precision,
+                      "backbone": args.backbone,
+                      "published_zero_shot_mR": published if several else published[args.dataset]})
     print(f"wrote {path}")
     if args.visualize:
         visualize(sims, split, args.visualize)

@@ -28,11 +28,12 @@ from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable, print_trainable_parameters, save_trainable
 from mrs_adapter.cuda_graph import GraphedStep
 from mrs_adapter.data import (CAPTIONS_PER_IMAGE, DATASETS, TrainDataset, check_command,
-                              eval_loaders, load_splits, verify_images)
+                              eval_loaders, load_splits, union_splits, verify_images)
 from mrs_adapter.download import DownloadError
 from mrs_adapter.loss import hmmc_loss, info_nce
 from mrs_adapter.methods import METHODS, apply_method, default_lr, freeze_unread, method_options
 from mrs_adapter.metrics import METRICS, chance_recall, evaluate, format_table
+from mrs_adapter.overlap import default_cache, drop_copies
 from mrs_adapter.runfiles import (RunLog, check_folder_writable, environment, prepare_run_dir,
                                   read_jsonl, write_json)
 
@@ -41,8 +42,16 @@ from mrs_adapter.runfiles import (RunLog, check_folder_writable, environment, pr
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--dataset", required=True, choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"],
-      help="demo: generated offline (README 'Data' for the others)")
+    names = ["rsitmd", "rsicd", "ucm", "sydney", "demo"]
+    a("--dataset", dest="datasets", nargs="+", required=True, choices=names,
+      help="demo: generated offline (README 'Data' for the others); several: train on the union "
+           "of their training splits, select on the union of their validation splits, test on "
+           "each test split")
+    a("--test-dataset", nargs="+", choices=names,
+      help="transfer: test on these datasets' test splits instead (README 'Several datasets')")
+    a("--keep-overlap", action="store_true", help="with several datasets or --test-dataset, keep "
+      "the training and validation images that are copies of test images (the published, leaky "
+      "setting)")
     a("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
     a("--layout", choices=["precomp", "json"], help="force an annotation layout (default: the dataset's usual one)")
     a("--image-dir", help="image folder (default: <data-root>/<dataset>_images)")
@@ -76,7 +85,8 @@ def get_parser() -> argparse.ArgumentParser:
                                           "64 leaves the GPU idle; each item is encoded alone, so results do not change)")
     a("--seeds", type=int, nargs="+", default=[2], help="one run per seed s: python s, numpy s+1, torch s+2 "
                                                         "(paper: 2, 3, 4, i.e. --seeds 2)")
-    a("--output", help="run folder (default: runs/<dataset>-<method>)")
+    a("--output", help="run folder (default: runs/<dataset>-<method>; several: "
+                       "runs/rsitmd+rsicd-<method>, runs/rsicd-to-rsitmd-<method>)")
     a("--resume", action="store_true", help="continue the run in --output from its last.pt")
     a("--overwrite", action="store_true", help="replace the run files in a non-empty --output")
     a("--precision", choices=["fp32", "bf16", "fp16"], help="autocast dtype on CUDA (default bf16); CPU: fp32")
@@ -331,7 +341,7 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
     if args.compile:
         views = torch.compile(views, dynamic=True)  # text length varies per batch (collate_trimmed)
     evals = {s: eval_loaders(splits[s], preprocess, ctx, args.eval_batch_size, args.workers, args.cache_images)
-             for s in ("val", "test")} if main_rank else {}
+             for s in ["val"] + test_keys(splits)} if main_rank else {}
 
     def score(split):
         return evaluate(model, *evals[split], splits[split].txt2img, args.device, amp)
@@ -349,11 +359,13 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
             print(f"resuming {run_dir} at epoch {start_epoch} (best val mR {best['mR']:.2f} at epoch {best['epoch']})")
     else:
         start_epoch, step, best, log = 0, 0, {"mR": -1.0, "epoch": -1}, RunLog(paths["log.jsonl"])
-        initial = {s: score(s) for s in ("val", "test")} if main_rank else {}
+        initial = {s: score(s) for s in evals} if main_rank else {}
         if main_rank:
             write_json(paths["config.json"], config)
             log.write(kind="initial", epoch=-1, **{f"{s}_{k}": v for s, m in initial.items() for k, v in m.items()})
-            print(format_table([("before training (test)", initial["test"])]))
+            rows = [(f"before training ({k.split(':')[-1]})", initial[k])
+                    for k in test_keys(splits)]
+            print(format_table(rows))
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         t0 = time.time()
@@ -378,17 +390,48 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
         return {}
     best_state = load_trainable(model, paths["best.pt"])
     t0 = time.time()
-    test = score("test")
+    tests = {k: score(k) for k in test_keys(splits)}
+    test = tests["test"] if "test" in tests else {k.split(":", 1)[1]: v for k, v in tests.items()}
     results = {"seed": seed, "best_epoch": best_state["epoch"], "val": best_state["val"], "test": test,
                "test_seconds": time.time() - t0, "initial": initial, "run_dir": run_dir}
     write_json(paths["results.json"], results)
     return results
 
 
+def test_keys(splits: dict) -> list:
+    """The test splits: "test" for one dataset, "test:<name>" per test dataset otherwise."""
+    return [k for k in splits if k == "test" or k.startswith("test:")]
+
+
+def mean_std(values: list) -> tuple:
+    """mean and sample std (0 for one seed) over seeds of every metric."""
+    mean = {k: statistics.fmean(v[k] for v in values) for k in METRICS}
+    std = {k: statistics.stdev([v[k] for v in values]) if len(values) > 1 else 0.0 for k in METRICS}
+    return mean, std
+
+
+def summarize_several(args, results: list, splits: dict) -> dict:
+    """One row per test dataset: mean +- std over seeds of every metric."""
+    names, several = [k.split(":", 1)[1] for k in test_keys(splits)], len(results) > 1
+    stats = {n: mean_std([r["test"][n] for r in results]) for n in names}
+    chance = {n: chance_recall(torch.as_tensor(splits[f"test:{n}"].txt2img)) for n in names}
+    print(f"\ntrained on {args.dataset}, {len(results)} seed(s), model selected on validation mR "
+          f"(union of the validation splits); one row per test split:")
+    # rows (name, mean) for one seed, (name, mean, std) for several
+    print(format_table([(f"{n} {args.method}", *stats[n][:1 + several]) for n in names]))
+    print(format_table([(f"{n} before training", results[0]["initial"][f"test:{n}"]) for n in names]
+                       + [(f"{n} chance", chance[n]) for n in names]))
+    return {"dataset": args.datasets, "test_datasets": names, "method": args.method,
+            "seeds": args.seeds, "mean": {n: stats[n][0] for n in names},
+            "std": {n: stats[n][1] for n in names}, "chance": chance,
+            "dropped_overlap": args.dropped_overlap, "per_seed": results}
+
+
 def summarize(args, results: list, splits: dict) -> dict:
     """mean +- std (sample std over seeds; 0 for one seed) of every test metric, printed as a table."""
-    mean = {k: statistics.fmean(r["test"][k] for r in results) for k in METRICS}
-    std = {k: statistics.stdev([r["test"][k] for r in results]) if len(results) > 1 else 0.0 for k in METRICS}
+    if "test" not in splits:
+        return summarize_several(args, results, splits)
+    mean, std = mean_std([r["test"] for r in results])
     chance = chance_recall(torch.as_tensor(splits["test"].txt2img))
     print(f"\n{args.dataset} test split, {len(results)} seed(s), model selected on validation mR:")
     several = len(results) > 1
@@ -429,7 +472,9 @@ def setup(args):
         args.workers = min(8, os.cpu_count() or 1) if on_cuda else 0
     args.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision] if on_cuda else None
     args.lr = args.lr if args.lr is not None else default_lr(args.method)
-    args.output = args.output or os.path.join("runs", f"{args.dataset}-{args.method}")
+    args.dataset = "+".join(args.datasets)  # one name as before; several: rsitmd+rsicd
+    transfer = f"-to-{'+'.join(args.test_dataset)}" if args.test_dataset else ""
+    args.output = args.output or os.path.join("runs", f"{args.dataset}{transfer}-{args.method}")
 
 
 # settings that may differ on --resume: none changes the numbers of the epochs run or to come
@@ -471,9 +516,10 @@ def check_arguments(args) -> None:
 def preflight(args, splits: dict) -> None:
     """Everything that can fail before the run folder is made or emptied (--overwrite): every image
     opens, the backbone loads and the method trains something, --resume keeps the settings."""
-    layout = args.layout or DATASETS[args.dataset][0]
-    hint = "run `{}`".format(check_command(args.dataset, args.data_root, layout, args.image_dir,
-                                           args.captions_per_image))
+    names = list(dict.fromkeys(args.datasets + (args.test_dataset or [])))
+    hint = "run " + ", ".join("`{}`".format(check_command(
+        n, args.data_root, args.layout or DATASETS[n][0], args.image_dir, args.captions_per_image))
+        for n in names)
     verify_images(splits, hint=hint)
     _, _, options = build_model(args, verbose=False)
     for seed in args.seeds if args.resume else ():
@@ -504,12 +550,44 @@ def resolve_clip(args) -> str:
     return path
 
 
+def load_data(args) -> dict:
+    """One dataset: its {train, val, test} splits as published. Several datasets or --test-dataset:
+    the union of the training and of the validation splits, and "test:<name>" per test dataset;
+    training and validation images that are exact or near copies of a test image are dropped
+    (overlap.py; selecting on a validation image that is also a test image leaks too)."""
+    names, tests = args.datasets, args.test_dataset or args.datasets
+    every = list(dict.fromkeys(names + tests))
+    if len(every) > 1 and (args.layout or args.image_dir):
+        raise ValueError(f"--layout / --image-dir describe one dataset; {', '.join(every)} were "
+                         f"named (lay each out under --data-root as README 'Data' says)")
+    loaded = {n: load_splits(n, args.data_root, args.layout, args.image_dir, verbose=args.rank == 0,
+                             captions_per_image=args.captions_per_image) for n in every}
+    args.dropped_overlap = None
+    if len(names) == 1 and not args.test_dataset:
+        return loaded[names[0]]
+    splits = {s: union_splits(s, [loaded[n][s] for n in names]) for s in ("train", "val")}
+    test = {f"test:{n}": loaded[n]["test"] for n in tests}
+    if not args.keep_overlap:
+        references = [p for split in test.values() for p in split.image_paths]
+        before = {s: len(splits[s].image_paths) for s in splits}
+        cache = default_cache(args.data_root)
+        splits, args.dropped_overlap = drop_copies(splits, references, cache)
+        if args.rank == 0:
+            dropped = args.dropped_overlap
+            print(f"dropped {dropped['train']} of {before['train']} training and "
+                  f"{dropped['val']} of {before['val']} validation images: exact or near copies "
+                  f"of images in the test splits of {', '.join(tests)} (--keep-overlap keeps them)")
+    if args.rank == 0:
+        print(f"{args.dataset}: {splits['train']}; {splits['val']}; "
+              + "; ".join(f"{k}: {len(v.image_paths)} images" for k, v in test.items()))
+    return {**splits, **test}
+
+
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     setup(args)
     check_arguments(args)
-    splits = load_splits(args.dataset, args.data_root, args.layout, args.image_dir,
-                         verbose=args.rank == 0, captions_per_image=args.captions_per_image)
+    splits = load_data(args)
     args.clip = resolve_clip(args)
     if args.rank == 0:
         preflight(args, splits)  # nothing of an old run is removed before this passes

@@ -57,6 +57,16 @@ class Split:
         return f"{self.name}: {len(self.image_paths)} images, {len(self.captions)} captions"
 
 
+def union_splits(name: str, splits: Sequence[Split]) -> Split:
+    """The images and captions of `splits` one after the other (training on several datasets)."""
+    paths, captions, txt2img = [], [], []
+    for split in splits:
+        txt2img += [len(paths) + i for i in split.txt2img]
+        paths += split.image_paths
+        captions += split.captions
+    return Split(name, paths, captions, txt2img)
+
+
 @dataclass
 class Problem:
     """A problem found in a dataset; `fatal` ones stop loading, the others are warnings."""
@@ -532,7 +542,8 @@ def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None, im
     caption / file-name count mismatches (or another count than captions_per_image), blank
     captions (a warning: RSITMD's 20 are kept, as published), captions longer than the context
     (warning: cut), duplicate names, images listed in two splits (warning), missing or
-    unreadable images, images that are not 8-bit (warning: how they are read) (verify_images)."""
+    unreadable images, images that are not 8-bit (warning: how they are read), and copies of an
+    image under another name in another split (warning) (the last three with verify_images)."""
     try:
         layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
         listings, problems = _read_listings(layout, text, captions_per_image)
@@ -540,14 +551,48 @@ def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None, im
         return [Problem(True, data_root, None, str(e))]
     problems += _long_captions(listings, context_length)
     if verify_images:
-        problems += _check_images(listings, image_dir, threads)
+        image_problems = _check_images(listings, image_dir, threads)
+        problems += image_problems
+        problems += _copies_across_splits(listings, image_dir, image_problems, data_root, threads)
+    return problems
+
+
+def _copies_across_splits(listings: Dict[str, _Listing], image_dir: str,
+                          image_problems: List[Problem], data_root: str,
+                          threads: int) -> List[Problem]:
+    """Exact or near copies (overlap.py) of one picture under two names in two splits: a warning,
+    since a test image would then be trained on."""
+    from .overlap import default_cache, hash_images, near_pairs
+    broken = {p.message.split(": ")[0] for p in image_problems if p.fatal}
+    items = [(split, name, origin) for split, listing in listings.items()
+             for name, origin in zip(listing.names, listing.origins) if name not in broken]
+    paths = [os.path.join(image_dir, name) for _, name, _ in items]
+    hashes = hash_images(paths, default_cache(data_root), threads)
+    groups = {}
+    for i, h in enumerate(hashes.exact):
+        groups.setdefault(h, []).append(i)
+    pairs = {(i, j): "an exact copy" for g in groups.values()
+             for x, i in enumerate(g) for j in g[x + 1:]}
+    for i, j, d in zip(*near_pairs(hashes)):
+        pairs.setdefault((int(i), int(j)), f"a near copy (pHash distance {d})")
+    problems = []
+    for (i, j), what in sorted(pairs.items()):
+        (split_a, name_a, _), (split_b, name_b, origin) = items[i], items[j]
+        if split_a != split_b and name_a != name_b:  # the same name in two splits is reported above
+            message = f"{name_b} ({split_b}) is {what} of {name_a} ({split_a})"
+            problems.append(Problem(False, *origin, message))
     return problems
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
     import argparse
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["overlap"]:  # copies and shared captions between datasets: overlap.py
+        from .overlap import main
+        return main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m mrs_adapter.data", description=check_dataset.__doc__)
-    parser.add_argument("command", choices=["check"])
+    parser.add_argument("command", choices=["check", "overlap"])
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")

@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+from PIL import Image
 
 from mrs_adapter.clip import CLIP
 from mrs_adapter.demo import make_demo
@@ -71,3 +72,54 @@ def as_torchscript_archive(state_dict: dict, path):
     with warnings.catch_warnings():  # TorchScript is deprecated, but it is the official format
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(Archive()), str(path))
+
+
+def _write_precomp(root, name, images, captions_of):
+    """<root>/<name>_precomp and <name>_images as released: {split: [(file name, PIL image)]}."""
+    import os
+    os.makedirs(os.path.join(root, f"{name}_precomp"))
+    os.makedirs(os.path.join(root, f"{name}_images"))
+    for split, items in images.items():
+        for file, image in items:
+            quality = {"quality": 75} if file.endswith(".jpg") else {}
+            image.save(os.path.join(root, f"{name}_images", file), **quality)
+        caps = [c for file, _ in items for c in captions_of[file]]
+        listed = [f for f, _ in items for _ in range(1 if split == "train" else 5)]
+        for kind, lines in (("caps", caps), ("filename", listed)):
+            with open(os.path.join(root, f"{name}_precomp", f"{split}_{kind}.txt"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="session")
+def two_datasets(tmp_path_factory):
+    """(root, copies): tiny "rsitmd" and "rsicd" precomp datasets of demo scenes (64 px), where
+    copies[name] = the test image it copies: rsicd's training pool holds an exact copy, a JPEG
+    (quality 75) and a 64 -> 56 px resized copy of two rsitmd test images each, and rsitmd's
+    training pool a JPEG copy of one rsicd test image. Every other image is a distinct scene."""
+    import random
+    from mrs_adapter.demo import captions, render, sample_scene
+    root, rng = tmp_path_factory.mktemp("two"), random.Random(5)
+    scenes = {}
+
+    def scene(name):
+        s = sample_scene(rng)
+        scenes[name] = (render(s, 64, rng), captions(s, rng))
+        return name, scenes[name][0]
+    data = {d: {split: [scene(f"{d}_{split}_{i}.png") for i in range(n)]
+                for split, n in (("train", 20), ("test", 8))} for d in ("rsitmd", "rsicd")}
+    copies = {}
+    planted = [("tif", "rsitmd_test_0.png"), ("tif", "rsitmd_test_1.png"),
+               ("jpg", "rsitmd_test_2.png"), ("jpg", "rsitmd_test_3.png"),
+               ("small.png", "rsitmd_test_4.png"), ("small.png", "rsitmd_test_5.png"),
+               ("jpg", "rsicd_test_0.png")]
+    for k, (kind, source) in enumerate(planted):
+        image = scenes[source][0]
+        image = image.resize((56, 56), Image.Resampling.BICUBIC) if kind == "small.png" else image
+        target = "rsitmd" if source.startswith("rsicd") else "rsicd"
+        name = f"{target}_copy_{k}.{kind}"
+        copies[name] = source
+        scenes[name] = (image, [f"copy {k} caption {c}" for c in range(5)])  # no caption match
+        data[target]["train"].insert(3 * k, (name, image))
+    for d in data:
+        _write_precomp(root, d, data[d], {name: caps for name, (_, caps) in scenes.items()})
+    return str(root), copies

@@ -110,3 +110,20 @@ def test_unreadable_or_foreign_checkpoints_are_named(setup, tmp_path):
         eval_script.main(args + [str(truncated)])
     with pytest.raises(ValueError, match="not a train.py checkpoint"):  # a CLIP state dict, not a run's best.pt
         eval_script.main(args + [weights])
+
+
+def test_several_datasets_give_one_row_each(setup, two_datasets, tmp_path, capsys):
+    _, weights = setup
+    common = ["--data-root", two_datasets[0], "--zero-shot", "--clip", weights]
+    both = eval_script.main(["--dataset", "rsitmd", "rsicd", *common,
+                             "--json", str(tmp_path / "both.json")])
+    printed = capsys.readouterr().out.splitlines()
+    rows = [line.split()[:2] for line in printed if line.count("|") == 2]
+    assert rows[1:] == [["rsitmd", "test"], ["rsicd", "test"]]
+    alone = eval_script.main(["--dataset", "rsicd", *common, "--json", str(tmp_path / "one.json")])
+    assert set(both) == {"rsitmd", "rsicd"} and both["rsicd"] == alone  # same split, same batches
+    saved = json.load(open(tmp_path / "both.json"))
+    assert saved["metrics"] == both and saved["n_images"] == {"rsitmd": 8, "rsicd": 8}
+    with pytest.raises(ValueError, match="--visualize describe one dataset"):
+        eval_script.main(["--dataset", "rsitmd", "rsicd", *common,
+                          "--visualize", str(tmp_path / "v.png")])

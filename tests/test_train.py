@@ -1,6 +1,7 @@
 """train.py end to end on the demo data with a tiny CLIP: selection, run files, resume, NaN stop, DDP."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from argparse import Namespace
@@ -197,3 +198,42 @@ def test_cuda_graph_warm_up_leaves_no_trace():
             step(images, tokens)
         runs.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_union_drops_exactly_the_copies_and_tests_each_dataset(demo, two_datasets, tmp_path,
+                                                               capsys):
+    source, copies = two_datasets  # 7 copies of test images in the training pools (conftest)
+    root = str(tmp_path / "data")
+    shutil.copytree(source, root)
+
+    def loaded(*argv):
+        args = train.get_parser().parse_args(["--data-root", root, *argv])
+        train.setup(args)
+        splits = train.load_data(args)
+        kept = {os.path.basename(p) for s in ("train", "val") for p in splits[s].image_paths}
+        return args, splits, kept
+    args, splits, kept = loaded("--dataset", "rsitmd", "rsicd")
+    assert sorted(splits) == ["test:rsicd", "test:rsitmd", "train", "val"]
+    assert kept.isdisjoint(copies) and len(kept) == 40  # every original of both pools stays
+    assert args.dropped_overlap["train"] + args.dropped_overlap["val"] == 7
+    assert args.output == os.path.join("runs", "rsitmd+rsicd-mrs_adapter")
+    assert "dropped" in capsys.readouterr().out
+    _, _, kept = loaded("--dataset", "rsitmd", "rsicd", "--keep-overlap")
+    assert set(copies) <= kept and len(kept) == 47
+    args, splits, kept = loaded("--dataset", "rsicd", "--test-dataset", "rsitmd")  # transfer
+    assert sorted(splits) == ["test:rsitmd", "train", "val"]
+    assert kept == {f"rsicd_train_{i}.png" for i in range(20)}
+    assert args.output.endswith("rsicd-to-rsitmd-mrs_adapter")
+    with pytest.raises(ValueError, match="--layout / --image-dir describe one dataset"):
+        loaded("--dataset", "rsitmd", "rsicd", "--layout", "precomp")
+    # one epoch on the union: one test row per dataset, in the table and in results.json
+    summary = train.main(["--dataset", "rsitmd", "rsicd", "--data-root", root, "--clip", demo[1],
+                          "--epochs", "1", "--batch-size", "8", "--output", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    rows = [line.split()[:2] for line in printed.splitlines() if "mrs_adapter" in line.split()[1:2]]
+    assert rows == [["rsitmd", "mrs_adapter"], ["rsicd", "mrs_adapter"]]
+    saved = json.load(open(tmp_path / "run" / "results.json"))
+    assert saved["mean"] == summary["mean"] and set(saved["mean"]) == {"rsitmd", "rsicd"}
+    assert sum(saved["dropped_overlap"].values()) == 7
+    assert set(saved["per_seed"][0]["test"]) == {"rsitmd", "rsicd"}
+    assert saved["chance"]["rsitmd"]["t2i_r1"] == 100 / 8  # each test split alone: 8 images, not 16

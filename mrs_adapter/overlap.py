@@ -1,0 +1,309 @@
+"""Images and captions shared between splits and datasets: exact copies, near copies, same captions.
+
+RSITMD was built partly from RSICD's images, so a model trained on one and tested on the other
+(or on their union) may be tested on images it trained on. Exact copies: a hash of the decoded
+pixels. Near copies: a 63-bit DCT perceptual hash within HAMMING_THRESHOLD bits, confirmed on an
+8x8 colour thumbnail (a flat image's pHash says little; its colour does). `python bench_overlap.py
+measure` on 300 demo scenes at 256 px: copies (JPEG quality 75; 256 -> 224 -> 256; 224 + JPEG)
+lie at Hamming <= 18 and thumbnail <= 0.75; distinct scenes that close in Hamming differ by >= 4.2
+in thumbnail (5.1 for same-class pairs): thresholds 18 and 3.0 find 900/900 copies and 0 of
+44,850 distinct pairs; flat noise textures of one colour, the worst case, give 36 of 44,850.
+"""
+import csv
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .runfiles import atomic_write
+
+HAMMING_THRESHOLD = 18  # pHash bits that may differ in a near copy (measured: see the docstring)
+THUMB_THRESHOLD = 3.0  # mean |difference| of the 8x8 RGB thumbnails, in 0-255 levels
+CAPTION_MAX_IMAGES = 20  # a caption on more images is a template ("many buildings ..."), not a leak
+_VERSION = 1  # bump when a hash changes, so cached hashes are recomputed
+
+
+def _dct_matrix(n: int = 32) -> np.ndarray:
+    """Orthonormal DCT-II: D @ x transforms the columns of x."""
+    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
+    d = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2 / n)
+    d[0] /= np.sqrt(2)
+    return d
+
+
+_DCT = _dct_matrix()
+
+
+def phash(image: Image.Image) -> int:
+    """63 bits: the 8x8 lowest DCT frequencies (DC left out) of a 32x32 grey copy, each above or
+    below their median. Low frequencies survive JPEG and resizing; the median makes it
+    insensitive to brightness and contrast."""
+    # bilinear resizing filters before it samples: stripes finer than the grid do not alias
+    grey = image.convert("L").resize((32, 32), Image.Resampling.BILINEAR)
+    grey = np.asarray(grey, dtype=np.float64)
+    low = (_DCT @ grey @ _DCT.T)[:8, :8].flatten()[1:]  # (63,)
+    bits = low > np.median(low)
+    return int(np.packbits(np.concatenate([[False], bits])).view(">u8")[0])
+
+
+def hash_image(path: str) -> Tuple[str, int, bytes]:
+    """(blake2b of the decoded RGB pixels and size, pHash, 8x8 RGB thumbnail bytes)."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    exact = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+    exact.update(f"{rgb.size}".encode())
+    thumb = rgb.resize((8, 8), Image.Resampling.BOX).tobytes()  # (8, 8, 3) uint8
+    return exact.hexdigest(), phash(rgb), thumb
+
+
+@dataclass
+class Hashes:
+    """Hashes of n images: exact[i] (hex), phash (n,) uint64, thumb (n, 192) uint8."""
+    exact: List[str]
+    phash: np.ndarray
+    thumb: np.ndarray
+
+
+class HashCache:
+    """{absolute path: [size, mtime_ns, exact, phash, thumb hex]} in one JSON file: an image
+    whose size and modification time are unchanged is not decoded again."""
+
+    def __init__(self, path: Optional[str]):
+        self.path, self.entries, self.changed = path, {}, False
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("version") == _VERSION:
+                    self.entries = data["images"]
+            except (ValueError, KeyError, OSError):
+                print(f"warning: ignoring unreadable hash cache {path}")
+
+    def get(self, path: str):
+        stat, hit = os.stat(path), self.entries.get(os.path.abspath(path))
+        if hit and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
+            return hit[2], hit[3], bytes.fromhex(hit[4])
+        return None
+
+    def put(self, path: str, value: Tuple[str, int, bytes]):
+        stat = os.stat(path)
+        self.entries[os.path.abspath(path)] = [stat.st_size, stat.st_mtime_ns, value[0], value[1],
+                                               value[2].hex()]
+        self.changed = True
+
+    def save(self):
+        if not (self.path and self.changed):
+            return
+        try:
+            data = {"version": _VERSION, "images": self.entries}
+            atomic_write(self.path, lambda f: json.dump(data, f))
+        except OSError as e:  # a read-only data folder: the hashes are right, a rerun is slower
+            print(f"warning: cannot write the hash cache {self.path}: {e}")
+
+
+def hash_images(paths: Sequence[str], cache: Optional[str] = None, threads: int = 2,
+                progress: bool = False) -> Hashes:
+    """Hashes of `paths` (decoded in a thread pool; PIL releases the GIL), read from and added to
+    the cache file `cache`."""
+    store, start = HashCache(cache), time.time()
+    values: List = [store.get(p) for p in paths]
+    todo = [i for i, v in enumerate(values) if v is None]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        computed = pool.map(lambda i: hash_image(paths[i]), todo)
+        for n, (i, value) in enumerate(zip(todo, computed), 1):
+            values[i] = value
+            store.put(paths[i], value)
+            if progress and (n % 1000 == 0 or n == len(todo)):
+                rate = n / max(time.time() - start, 1e-9)
+                print(f"hashed {n}/{len(todo)} images ({len(paths) - len(todo)} cached), "
+                      f"{rate:.0f}/s, eta {(len(todo) - n) / rate:.0f}s", flush=True)
+    store.save()
+    thumbs = np.frombuffer(b"".join(v[2] for v in values), np.uint8).reshape(len(values), 192)
+    return Hashes([v[0] for v in values], np.array([v[1] for v in values], np.uint64), thumbs)
+
+
+def near_pairs(a: Hashes, b: Optional[Hashes] = None, threshold: int = HAMMING_THRESHOLD,
+               thumb_threshold: float = THUMB_THRESHOLD, block: int = 256):
+    """(i, j, Hamming distance) arrays of the pairs a[i], b[j] within `threshold` bits whose
+    thumbnails agree; b=None compares a with itself (i < j). All pairs, `block` rows at a time
+    (256 x 17,000 uint64 is 35 MB): 17,000 images are 1.4e8 XOR + popcounts, a few seconds."""
+    same, b = b is None, a if b is None else b
+    found = []
+    for start in range(0, len(a.phash), block):
+        rows = a.phash[start:start + block]
+        distance = np.bitwise_count(rows[:, None] ^ b.phash[None, :])  # (block, n_b) uint8
+        if same:  # keep j > i only
+            below = np.arange(len(rows))[:, None] + start >= np.arange(len(b.phash))[None, :]
+            distance[below] = 255
+        i, j = np.nonzero(distance <= threshold)
+        i = i + start
+        thumb = np.abs(a.thumb[i].astype(np.int16) - b.thumb[j].astype(np.int16)).mean(1)
+        keep = thumb <= thumb_threshold
+        found.append((i[keep], j[keep], distance[i[keep] - start, j[keep]]))
+    if not found:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.uint8)
+    return tuple(np.concatenate(x) for x in zip(*found))
+
+
+def copies_of(candidates: Hashes, references: Hashes) -> np.ndarray:
+    """Indices of `candidates` that are an exact or near copy of any of `references`."""
+    exact = set(references.exact)
+    hit = {i for i, h in enumerate(candidates.exact) if h in exact}
+    hit.update(near_pairs(candidates, references)[0].tolist())
+    return np.array(sorted(hit), dtype=int)
+
+
+def drop_copies(splits: Dict, references: Sequence[str], cache: Optional[str] = None,
+                threads: int = 2) -> Tuple[Dict, Dict[str, int]]:
+    """`splits` ({name: data.Split}) without the images that are exact or near copies of one of the
+    `references` (test images), and how many each lost."""
+    paths = [p for split in splits.values() for p in split.image_paths]
+    hashes = hash_images(paths + list(references), cache, threads)
+    n = len(paths)
+    mine = Hashes(hashes.exact[:n], hashes.phash[:n], hashes.thumb[:n])
+    theirs = Hashes(hashes.exact[n:], hashes.phash[n:], hashes.thumb[n:])
+    copies, start, kept, dropped = set(copies_of(mine, theirs).tolist()), 0, {}, {}
+    for name, split in splits.items():
+        keep = [i for i in range(len(split.image_paths)) if start + i not in copies]
+        kept[name] = split.subset(split.name, keep)
+        dropped[name] = len(split.image_paths) - len(keep)
+        start += len(split.image_paths)
+    return kept, dropped
+
+
+def normalize_caption(caption: str) -> str:
+    """Case, spacing and a final full stop do not make a caption different."""
+    return " ".join(caption.lower().split()).rstrip(" .")
+
+
+def caption_pairs(groups: Sequence[int], captions: Sequence[Sequence[str]],
+                  max_images: int = CAPTION_MAX_IMAGES) -> Dict[Tuple[int, int], int]:
+    """{(i, j): number of identical captions} for images i < j of different `groups` (splits),
+    where captions[i] are image i's captions; a caption on more than `max_images` images is
+    skipped as a template."""
+    images: Dict[str, set] = {}
+    for i, caps in enumerate(captions):
+        for c in caps:
+            images.setdefault(normalize_caption(c), set()).add(i)
+    shared: Dict[Tuple[int, int], int] = {}
+    for owners in images.values():
+        if 1 < len(owners) <= max_images:
+            owners = sorted(owners)
+            for x, i in enumerate(owners):
+                for j in owners[x + 1:]:
+                    if groups[i] != groups[j]:
+                        shared[(i, j)] = shared.get((i, j), 0) + 1
+    return shared
+
+
+@dataclass
+class Entry:
+    """One image of one split of one dataset."""
+    dataset: str
+    split: str
+    path: str
+    captions: List[str]
+
+
+def split_entries(dataset: str, splits: Dict) -> List[Entry]:
+    """The images of `splits` ({name: data.Split}) with their captions."""
+    entries = []
+    for name, split in splits.items():
+        caps: List[List[str]] = [[] for _ in split.image_paths]
+        for caption, i in zip(split.captions, split.txt2img):
+            caps[i].append(caption)
+        entries += [Entry(dataset, name, p, c) for p, c in zip(split.image_paths, caps)]
+    return entries
+
+
+def find_overlaps(entries: Sequence[Entry], cache: Optional[str] = None, threads: int = 2,
+                  progress: bool = True) -> List[Tuple[int, int, str, int]]:
+    """(i, j, kind, distance) for every pair of entries i < j that are exact copies (distance 0),
+    near copies (pHash Hamming distance) or share captions of different splits (distance = the
+    number of identical captions). A pair that is an exact copy is not listed as near again."""
+    paths = [e.path for e in entries]
+    unique = list(dict.fromkeys(paths))
+    hashes = hash_images(unique, cache, threads, progress)
+    where = {p: k for k, p in enumerate(unique)}  # a file listed in two splits is hashed once
+    at = np.array([where[p] for p in paths], dtype=int)
+    full = Hashes([hashes.exact[k] for k in at], hashes.phash[at], hashes.thumb[at])
+    rows, groups = [], {}
+    for i, h in enumerate(full.exact):
+        groups.setdefault(h, []).append(i)
+    exact = {(i, j) for members in groups.values()
+             for x, i in enumerate(members) for j in members[x + 1:]}
+    rows += [(i, j, "exact", 0) for i, j in sorted(exact)]
+    for i, j, d in zip(*near_pairs(full)):
+        if (int(i), int(j)) not in exact:
+            rows.append((int(i), int(j), "near", int(d)))
+    group = [(e.dataset, e.split) for e in entries]
+    shared = caption_pairs(group, [e.captions for e in entries])
+    rows += [(i, j, "caption", n) for (i, j), n in sorted(shared.items())]
+    return rows
+
+
+def pair_counts(entries: Sequence[Entry], rows) -> Dict[Tuple[str, str], Dict[str, int]]:
+    """{("ds/split", "ds/split"): {kind: count}} for every unordered pair of splits (itself too)."""
+    names = list(dict.fromkeys(f"{e.dataset}/{e.split}" for e in entries))
+    counts = {(a, b): {"exact": 0, "near": 0, "caption": 0}
+              for x, a in enumerate(names) for b in names[x:]}
+    for i, j, kind, _ in rows:
+        a, b = sorted((f"{entries[k].dataset}/{entries[k].split}" for k in (i, j)), key=names.index)
+        counts[(a, b)][kind] += 1
+    return counts
+
+
+def write_csv(path: str, entries: Sequence[Entry], rows):
+    header = ["dataset_a", "split_a", "file_a", "dataset_b", "split_b", "file_b", "kind",
+              "distance"]
+
+    def write(f):
+        out = csv.writer(f)
+        out.writerow(header)
+        for i, j, kind, distance in rows:
+            a, b = entries[i], entries[j]
+            out.writerow([a.dataset, a.split, os.path.basename(a.path), b.dataset, b.split,
+                          os.path.basename(b.path), kind, distance])
+    atomic_write(path, write)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """python -m mrs_adapter.data overlap --datasets rsitmd rsicd --data-root data --csv o.csv"""
+    import argparse
+    from .data import DATASETS, load_splits
+    parser = argparse.ArgumentParser(prog="python -m mrs_adapter.data overlap",
+                                     description=find_overlaps.__doc__)
+    parser.add_argument("--datasets", nargs="+", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--csv", help="one row per pair of files")
+    parser.add_argument("--cache", help="hash cache file (default: <data-root>/.image_hashes.json)")
+    parser.add_argument("--threads", type=int, default=2, help="image decoding threads")
+    args = parser.parse_args(argv)
+    start, entries = time.time(), []
+    for name in args.datasets:
+        entries += split_entries(name, load_splits(name, args.data_root))
+    rows = find_overlaps(entries, args.cache or default_cache(args.data_root), args.threads)
+    print(f"{'split a':<16} {'split b':<16} {'exact':>6} {'near':>6} {'caption':>8}")
+    for (a, b), n in pair_counts(entries, rows).items():
+        print(f"{a:<16} {b:<16} {n['exact']:>6} {n['near']:>6} {n['caption']:>8}")
+    if args.csv:
+        write_csv(args.csv, entries, rows)
+        print(f"wrote {len(rows)} pairs to {args.csv}")
+    print(f"{len(entries)} images compared in {time.time() - start:.1f}s")
+    return 0
+
+
+def default_cache(data_root: str) -> str:
+    return os.path.join(data_root, ".image_hashes.json")
+
