@@ -22,7 +22,8 @@ WORLD, BATCH, STEPS = 2, 8, 2
 def problem(weights: str, method: str, objective: str):
     """(model as train.py builds it, moved off its initial values, in eval mode so no dropout
     differs between processes; images; tokens): the same in every process."""
-    args = Namespace(clip=weights, method=method, objective=objective, device="cpu")
+    args = train.get_parser().parse_args(["--dataset", "demo", "--clip", weights, "--method", method,
+                                          "--objective", objective, "--device", "cpu"])
     torch.manual_seed(0)  # the methods' new modules draw their initial values
     model = train.build_model(args, verbose=False)[0].eval()
     g = torch.Generator().manual_seed(0)

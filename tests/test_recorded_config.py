@@ -79,8 +79,9 @@ def test_an_unrecorded_option_is_an_error_not_a_default(tmp_path):
 @pytest.mark.parametrize("objective", ["hmmc", "info_nce"])
 def test_full_checkpoints_hold_logit_scale_only_where_the_objective_reads_it(objective, tmp_path):
     torch.save(make_tiny_clip().state_dict(), tmp_path / "tiny.pt")
-    args = Namespace(clip=str(tmp_path / "tiny.pt"), method="full", objective=objective,
-                     device="cpu")
+    args = train.get_parser().parse_args(["--dataset", "demo", "--clip", str(tmp_path / "tiny.pt"),
+                                          "--method", "full", "--objective", objective,
+                                          "--device", "cpu"])
     model, _, options = train.build_model(args, verbose=False)
     config = {"method": "full", "method_options": options, "objective": objective}
     save_trainable(model, tmp_path / "best.pt", config=config)
