@@ -1,4 +1,4 @@
-"""Search a folder of your own aerial images by text or by image, with a trained best.pt or zero-shot CLIP.
+"""Search a folder of your own aerial images by text or image, with a best.pt or zero-shot CLIP.
 
     python search.py index IMAGES_DIR --out INDEX_DIR --checkpoint runs/rsitmd/best.pt
     python search.py index IMAGES_DIR --out INDEX_DIR --clip ViT-B/32          # zero-shot
@@ -10,7 +10,6 @@ Large images are cut into --tile px tiles every --stride px (mrs_adapter/search.
 256 / 192); a rerun embeds only new or changed files, and an interrupted run continues.
 """
 import argparse
-import json
 import os
 import sys
 import textwrap
@@ -25,23 +24,23 @@ from mrs_adapter.runfiles import atomic_write, write_json
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("index", "query"):
         s = sub.add_parser(name)
-        s.add_argument("--checkpoint", help="best.pt written by train.py (query: default the index's)")
-        s.add_argument("--clip", help="CLIP name (ViT-B/32) or weights file: the zero-shot model, or "
-                                      "the backbone of --checkpoint (default: the checkpoint's)")
+        s.add_argument("--checkpoint", help="best.pt of train.py (query: default the index's)")
+        s.add_argument("--clip", help="CLIP name (ViT-B/32) or weights file: the zero-shot model, "
+                                      "or the backbone of --checkpoint (default: the checkpoint's)")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     index, query, export = sub.choices["index"], sub.choices["query"], sub.add_parser("export")
-    index.add_argument("images", help="folder of .tif/.tiff/.jpg/.jpeg/.png images, searched recursively")
-    index.add_argument("--out", required=True, help="index folder (created, or updated if it exists)")
-    index.add_argument("--tile", type=int, default=search.TILE, help="tile side in pixels (default 256)")
-    index.add_argument("--stride", type=int, default=search.STRIDE, help="tile step in pixels (default 192)")
+    index.add_argument("images", help="folder of .tif/.tiff/.jpg/.jpeg/.png images (recursive)")
+    index.add_argument("--out", required=True, help="index folder (created, or updated)")
+    index.add_argument("--tile", type=int, default=search.TILE, help="tile side, px (256)")
+    index.add_argument("--stride", type=int, default=search.STRIDE, help="tile step, px (192)")
     index.add_argument("--batch-size", type=int, default=64)
-    index.add_argument("--workers", type=int, help="image decoding processes (default: 1 on CPU, where "
-                                                   "the encoder needs the cores; min(8, CPUs) on CUDA)")
+    index.add_argument("--workers", type=int, help="image decoding processes (default: 1 on CPU, "
+                                                   "min(8, CPUs) on CUDA)")
     index.add_argument("--save-every", type=int, default=search.SAVE_EVERY,
                        help="save what is embedded every N images, so an interrupted run continues")
     query.add_argument("index", help="index folder written by `search.py index`")
@@ -67,8 +66,9 @@ def run_index(args) -> int:
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 1
     model, preprocess, identity = search.load_model(args.checkpoint, args.clip, args.device)
-    result = search.build_index(args.images, args.out, model, preprocess, identity, args.tile, args.stride,
-                                args.batch_size, args.workers, args.save_every, args.device)
+    result = search.build_index(args.images, args.out, model, preprocess, identity, args.tile,
+                                args.stride, args.batch_size, args.workers, args.save_every,
+                                args.device)
     return 0 if result["rows"] else 1
 
 
@@ -82,11 +82,13 @@ def run_query(args) -> List[Dict]:
     query = search.embed_query(model, preprocess, args.device, args.text, args.image)
     hits = index.search(query, args.top)
     for h in hits:
-        print(f"{h['rank']:>4}  {h['score']:.4f}  {h['path']}" + (f"  {h['box']}" if h["box"] else ""))
+        box = f"  {h['box']}" if h["box"] else ""
+        print(f"{h['rank']:>4}  {h['score']:.4f}  {h['path']}{box}")
     if args.json:
         write_json(args.json, hits)
     if args.sheet:
-        contact_sheet(args.text or f"image: {os.path.basename(args.image)}", args.image, hits, args.sheet)
+        title = args.text or f"image: {os.path.basename(args.image)}"
+        contact_sheet(title, args.image, hits, args.sheet)
         print(f"wrote {args.sheet}")
     return hits
 
@@ -98,19 +100,21 @@ def contact_sheet(title: str, query_image: Optional[str], hits: List[Dict], path
     pad, text_h = 6, 30
     cells = ([query_image] if query_image else []) + [h for h in hits]
     rows = (len(cells) + columns - 1) // columns
-    canvas = Image.new("RGB", (pad + columns * (thumb + pad), text_h + rows * (thumb + text_h)), "white")
+    size = (pad + columns * (thumb + pad), text_h + rows * (thumb + text_h))
+    canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, pad), "\n".join(textwrap.wrap(f"query: {title}", (canvas.width - 2 * pad) // 6)[:2]),
-              fill="black")
+    lines = textwrap.wrap(f"query: {title}", (canvas.width - 2 * pad) // 6)[:2]
+    draw.text((pad, pad), "\n".join(lines), fill="black")
     for c, cell in enumerate(cells):
         x, y = pad + (c % columns) * (thumb + pad), text_h + (c // columns) * (thumb + text_h)
         name = cell if isinstance(cell, str) else cell["path"]
-        image = search.read_image(name, search._copy).convert("RGB")
+        image = search.open_image(name).convert("RGB")
         if not isinstance(cell, str) and cell["box"]:
             image = image.crop(tuple(cell["box"]))
         canvas.paste(ImageOps.fit(image, (thumb, thumb)), (x, y))
         label = "query" if isinstance(cell, str) else f"#{cell['rank']} {cell['score']:.3f}"
-        draw.text((x, y + thumb + 2), f"{label}\n{os.path.basename(name)[:thumb // 6]}", fill="black")
+        caption = f"{label}\n{os.path.basename(name)[:thumb // 6]}"
+        draw.text((x, y + thumb + 2), caption, fill="black")
     atomic_write(path, lambda f: canvas.save(f, format="PNG", optimize=True), mode="wb")
 
 

@@ -57,7 +57,8 @@ def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None
                 "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
                 "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None}
     if checkpoint:
-        model = apply_method(model, config["method"], config.get("method_options") or {}, verbose=False)
+        options = config.get("method_options") or {}
+        model = apply_method(model, config["method"], options, verbose=False)
         load_trainable_state_dict(model, ckpt["trainable"])
     return model.to(device).eval(), preprocess, identity
 
@@ -65,8 +66,9 @@ def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None
 def check_same_model(recorded: Dict, identity: Dict, where: str):
     differ = [k for k in SAME_MODEL if recorded.get(k) != identity.get(k)]
     if differ:
-        raise ValueError(f"{where} was built with another model ({', '.join(f'{k}: {recorded.get(k)}' for k in differ)}"
-                         f"); this run uses {', '.join(f'{k}: {identity.get(k)}' for k in differ)}. "
+        was = ", ".join(f"{k}: {recorded.get(k)}" for k in differ)
+        now = ", ".join(f"{k}: {identity.get(k)}" for k in differ)
+        raise ValueError(f"{where} was built with another model ({was}); this run uses {now}. "
                          f"Use that model, or another index folder")
 
 
@@ -85,12 +87,14 @@ def _starts(length: int, tile: int, stride: int) -> List[int]:
     if length <= tile:
         return [0]
     starts = list(range(0, length - tile + 1, stride))
-    return starts if starts[-1] + tile >= length else starts + [length - tile]  # last tile flush with the edge
+    if starts[-1] + tile < length:
+        starts.append(length - tile)  # the last tile flush with the edge
+    return starts
 
 
 def tile_boxes(width: int, height: int, tile: int = TILE, stride: int = STRIDE) -> List[Box]:
-    """[None] for an image of at most WHOLE_UP_TO tiles a side; else boxes of `tile` px every `stride`
-    px, row by row, the last row and column flush with the image edge, so together they cover it."""
+    """[None] for an image of at most WHOLE_UP_TO tiles a side; else boxes of `tile` px every
+    `stride` px, row by row, the last row and column flush with the edge: together they cover it."""
     if max(width, height) <= WHOLE_UP_TO * tile:
         return [None]
     return [(x, y, min(x + tile, width), min(y + tile, height))
@@ -101,11 +105,18 @@ def _copy(image):
     return image.copy()  # read_image closes the file; keep the decoded pixels
 
 
+def open_image(path: str):
+    """The decoded PIL image, through the package's one image reader (data.read_image)."""
+    return read_image(path, _copy)
+
+
 def read_tiles(path: str, decode, tile: int, stride: int) -> Tuple[torch.Tensor, List[Box]]:
-    """(T, C, H, W) uint8 tiles of one image after resize + crop (the steps before ToTensor), and boxes."""
-    image = read_image(path, _copy)  # the one image reader of the package (data.py)
+    """(T, C, H, W) uint8 tiles of one image after `decode` (resize + crop, the steps before
+    ToTensor), and their boxes."""
+    image = open_image(path)
     boxes = tile_boxes(*image.size, tile, stride)
-    tiles = [np.asarray(decode(image if box is None else image.crop(box)), dtype=np.uint8) for box in boxes]
+    tiles = [np.asarray(decode(image if box is None else image.crop(box)), dtype=np.uint8)
+             for box in boxes]  # (H, W, C) each
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous(), boxes
 
 
@@ -113,14 +124,16 @@ class _Tiles(Dataset):
     """Item i: (i, uint8 tiles, boxes, None), or (i, None, None, error) for an unreadable file."""
 
     def __init__(self, root: str, files: List[str], decode, tile: int, stride: int):
-        self.root, self.files, self.decode, self.tile, self.stride = root, files, decode, tile, stride
+        self.root, self.files, self.decode = root, files, decode
+        self.tile, self.stride = tile, stride
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
         try:
-            tiles, boxes = read_tiles(os.path.join(self.root, self.files[i]), self.decode, self.tile, self.stride)
+            path = os.path.join(self.root, self.files[i])
+            tiles, boxes = read_tiles(path, self.decode, self.tile, self.stride)
             return i, tiles, boxes, None
         except (OSError, ValueError, SyntaxError) as e:
             return i, None, None, str(e)
@@ -150,7 +163,8 @@ def read_manifest(folder: str) -> Optional[Dict]:
 def _write_npy(path: str, chunks, n_rows: int, dim: int):
     """Stream float16 row chunks into a .npy file, atomically."""
     def write(f):
-        np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": (n_rows, dim)})
+        header = {"descr": "<f2", "fortran_order": False, "shape": (n_rows, dim)}
+        np.lib.format.write_array_header_1_0(f, header)
         for chunk in chunks:
             f.write(np.ascontiguousarray(chunk, dtype="<f2").tobytes())
     atomic_write(path, write, mode="wb")
@@ -191,11 +205,12 @@ def _open_index(out: str, images: str, identity: Dict, tile: int, stride: int) -
 
 
 def _reusable(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple[str, int, list]]:
-    """Files already embedded whose size and mtime are unchanged: path -> (npy file, first row, boxes);
-    from the committed index, then from the parts of an interrupted run (newer wins)."""
+    """Files already embedded whose size and mtime are unchanged: path -> (npy file, first row,
+    boxes); from the committed index, then from the parts of an interrupted run (newer wins)."""
     sources = {}
     stored = [(os.path.join(out, manifest["embeddings"] or ""), manifest["files"])]
-    stored += [(_part_path(out, n, "npy"), part["files"]) for n, part in _parts(out, manifest["next_part"])]
+    stored += [(_part_path(out, n, "npy"), part["files"])
+               for n, part in _parts(out, manifest["next_part"])]
     for npy, files in stored:
         for rel, e in files.items():
             if stats.get(rel) == [e["size"], e["mtime_ns"]]:
@@ -220,7 +235,8 @@ class _Part:
             rows = np.concatenate(self.rows)
             npy = _part_path(self.out, self.number, "npy")
             _write_npy(npy, [rows], len(rows), rows.shape[1])
-            write_json(_part_path(self.out, self.number, "json"), {"files": self.files, "rows": len(rows)})
+            write_json(_part_path(self.out, self.number, "json"),  # last: marks the part complete
+                       {"files": self.files, "rows": len(rows)})
             sources.update({rel: (npy, e["first"], e["boxes"]) for rel, e in self.files.items()})
         return _Part(self.out, self.number + 1) if self.files else self
 
@@ -258,19 +274,21 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
         st = os.stat(os.path.join(images, rel))
         stats[rel] = [st.st_size, st.st_mtime_ns]
     sources = _reusable(out, manifest, stats)
-    skipped = {rel: e for rel, e in manifest["skipped"].items()  # unreadable before, unchanged since
-               if stats.get(rel) == [e["size"], e["mtime_ns"]]}
+    skipped = {rel: e for rel, e in manifest["skipped"].items()
+               if stats.get(rel) == [e["size"], e["mtime_ns"]]}  # unreadable, unchanged since
     todo = [rel for rel in stats if rel not in sources and rel not in skipped]
     numbers = [n for n, _ in _parts(out, 0)]
     part = _Part(out, max(numbers + [manifest["next_part"] - 1]) + 1)
     decode, finish = split_at_to_tensor(preprocess)  # workers decode + resize + crop; we normalise
-    loader = DataLoader(_Tiles(images, todo, decode, tile, stride), batch_size=None, num_workers=workers)
+    loader = DataLoader(_Tiles(images, todo, decode, tile, stride), batch_size=None,
+                        num_workers=workers)  # workers decode the next images while we encode
     log(f"indexing {len(todo)} new or changed of {len(stats)} images under {images} "
         f"({len(sources)} already embedded, {len(skipped)} known unreadable)")
     pending, n_tiles, since_save, start, last = [], 0, 0, time.time(), time.time()
     for done, (i, tiles, boxes, error) in enumerate(loader, 1):
         if error is not None:
-            skipped[todo[i]] = {"size": stats[todo[i]][0], "mtime_ns": stats[todo[i]][1], "error": error}
+            size, mtime_ns = stats[todo[i]]
+            skipped[todo[i]] = {"size": size, "mtime_ns": mtime_ns, "error": error}
             log(f"  skipped {todo[i]}: {error}")
         else:
             pending.append((todo[i], stats[todo[i]], boxes, tiles))
@@ -304,21 +322,25 @@ def _commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict)
     files, first = {}, 0
     for rel in order:
         boxes = sources[rel][2]
-        files[rel] = {"size": stats[rel][0], "mtime_ns": stats[rel][1], "first": first, "boxes": boxes}
+        files[rel] = {"size": stats[rel][0], "mtime_ns": stats[rel][1], "first": first,
+                      "boxes": boxes}
         first += len(boxes)
     maps = {npy: np.load(npy, mmap_mode="r") for npy in {sources[rel][0] for rel in order}}
     dim = manifest["dim"] or (next(iter(maps.values())).shape[1] if maps else None)
     generation = manifest["generation"] + 1
     name = f"embeddings-{generation:06d}.npy" if dim else None
     if name:
-        chunks = (maps[sources[r][0]][sources[r][1]:sources[r][1] + len(sources[r][2])] for r in order)
+        chunks = (maps[npy][start:start + len(boxes)]
+                  for npy, start, boxes in (sources[rel] for rel in order))
         _write_npy(os.path.join(out, name), chunks, first, dim)
     numbers = [n for n, _ in _parts(out, 0)]
-    manifest = dict(manifest, dim=dim, rows=first, embeddings=name, generation=generation, files=files,
-                    skipped=skipped, next_part=max(numbers + [manifest["next_part"] - 1]) + 1)
+    manifest = dict(manifest, dim=dim, rows=first, embeddings=name, generation=generation,
+                    files=files, skipped=skipped,
+                    next_part=max(numbers + [manifest["next_part"] - 1]) + 1)
     write_json(os.path.join(out, "index.json"), manifest)
     del maps
-    for path in glob.glob(os.path.join(out, "embeddings-*.npy")) + glob.glob(os.path.join(out, "parts", "*")):
+    replaced = glob.glob(os.path.join(out, "embeddings-*.npy"))
+    for path in replaced + glob.glob(os.path.join(out, "parts", "*")):
         if os.path.basename(path) != name:
             os.remove(path)
     return manifest
@@ -326,7 +348,8 @@ def _commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict)
 
 # ---- queries ---------------------------------------------------------------------------------
 
-def top_k(embeddings: np.ndarray, query: np.ndarray, k: int, block: int = 1 << 18) -> Tuple[np.ndarray, np.ndarray]:
+def top_k(embeddings: np.ndarray, query: np.ndarray, k: int,
+          block: int = 1 << 18) -> Tuple[np.ndarray, np.ndarray]:
     """(rows, scores) of the k rows of `embeddings` (N, E) float16, memory-mapped, with the highest
     dot product with `query` (E,), best first; ties by row.
 
@@ -354,7 +377,7 @@ def top_k(embeddings: np.ndarray, query: np.ndarray, k: int, block: int = 1 << 1
 
 
 class SearchIndex:
-    """An index folder opened for queries: the embeddings memory-mapped, rows mapped to (path, box)."""
+    """An index folder opened for queries: embeddings memory-mapped, rows mapped to (path, box)."""
 
     def __init__(self, folder: str):
         manifest = read_manifest(folder)
@@ -372,16 +395,18 @@ class SearchIndex:
         """(image path, box or None) of embedding row `row`."""
         j = int(np.searchsorted(self.firsts, row, side="right")) - 1
         rel = self.paths[j]
-        return os.path.join(self.manifest["images"], rel), self.manifest["files"][rel]["boxes"][row - self.firsts[j]]
+        box = self.manifest["files"][rel]["boxes"][row - self.firsts[j]]
+        return os.path.join(self.manifest["images"], rel), box
 
     def search(self, query: np.ndarray, k: int = 20) -> List[Dict]:
         rows, scores = top_k(self.embeddings, query, k)
-        return [{"rank": r + 1, "score": float(s), "path": self.entry(row)[0], "box": self.entry(row)[1]}
+        return [dict(rank=r + 1, score=float(s), **dict(zip(("path", "box"), self.entry(row))))
                 for r, (row, s) in enumerate(zip(rows, scores))]
 
 
 @torch.no_grad()
-def embed_query(model, preprocess, device, text: Optional[str] = None, image: Optional[str] = None) -> np.ndarray:
+def embed_query(model, preprocess, device, text: Optional[str] = None,
+                image: Optional[str] = None) -> np.ndarray:
     """(E,) float32 L2-normalised embedding of a text or of a whole image (no tiling)."""
     if text is not None:
         tokens = tokenize([text], model.context_length).to(device)

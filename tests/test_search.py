@@ -16,8 +16,8 @@ from mrs_adapter.adapter import save_trainable
 from mrs_adapter.methods import apply_method
 from mrs_adapter.tokenizer import tokenize
 
-_spec = importlib.util.spec_from_file_location("search_script",
-                                               os.path.join(os.path.dirname(__file__), "..", "search.py"))
+_spec = importlib.util.spec_from_file_location(
+    "search_script", os.path.join(os.path.dirname(__file__), "..", "search.py"))
 cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 TILE = ["--tile", "64", "--stride", "48", "--workers", "0", "--batch-size", "8"]
@@ -43,8 +43,8 @@ def write_images(folder, names_sizes, seed: int = 0):
         scene(seed + i, *size).save(path)
 
 
-IMAGES = [("a.png", (40, 30)), ("sub/big.TIF", (150, 100)), ("c.jpg", (64, 64)), ("d.tiff", (90, 80)),
-          ("sub/deeper/e.jpeg", (200, 60))]
+IMAGES = [("a.png", (40, 30)), ("sub/big.TIF", (150, 100)), ("c.jpg", (64, 64)),
+          ("d.tiff", (90, 80)), ("sub/deeper/e.jpeg", (200, 60))]
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +66,17 @@ def index(images, out, weights, *extra) -> int:
 
 def read_index(out):
     idx = search.SearchIndex(str(out))
-    return [idx.entry(r) for r in range(len(idx.embeddings))], np.asarray(idx.embeddings, dtype=np.float32)
+    entries = [idx.entry(r) for r in range(len(idx.embeddings))]
+    return entries, np.asarray(idx.embeddings, dtype=np.float32)
 
 
 def test_tile_boxes_cover_the_image():
     assert search.tile_boxes(96, 40, 64, 48) == [None]  # up to 1.5 tiles a side: whole
-    assert search.tile_boxes(150, 100, 64, 48) == [(0, 0, 64, 64), (48, 0, 112, 64), (86, 0, 150, 64),
-                                                   (0, 36, 64, 100), (48, 36, 112, 100), (86, 36, 150, 100)]
-    for width, height, tile, stride in ((97, 40, 64, 48), (1000, 700, 256, 192), (300, 300, 64, 64), (500, 30, 64, 40)):
+    assert search.tile_boxes(150, 100, 64, 48) == [
+        (0, 0, 64, 64), (48, 0, 112, 64), (86, 0, 150, 64),  # the last column flush right
+        (0, 36, 64, 100), (48, 36, 112, 100), (86, 36, 150, 100)]  # the last row flush bottom
+    for width, height, tile, stride in ((97, 40, 64, 48), (1000, 700, 256, 192), (300, 300, 64, 64),
+                                        (500, 30, 64, 40)):
         covered = np.zeros((height, width), int)
         for left, top, right, bottom in search.tile_boxes(width, height, tile, stride):
             assert 0 <= left < right <= width and 0 <= top < bottom <= height
@@ -94,7 +97,8 @@ def test_tiles_hold_the_pixels_of_their_boxes(tmp_path):
 
 def test_lists_images_recursively_any_case(setup):
     _, images, _ = setup
-    assert search.list_images(images) == ["a.png", "c.jpg", "d.tiff", "sub/big.TIF", "sub/deeper/e.jpeg"]
+    assert search.list_images(images) == ["a.png", "c.jpg", "d.tiff", "sub/big.TIF",
+                                          "sub/deeper/e.jpeg"]
 
 
 def test_top_k_equals_a_full_sort():
@@ -120,7 +124,8 @@ def trained_checkpoint(root, weights):
             if p.requires_grad:
                 p.add_(0.5 * torch.randn_like(p))
     path = str(root / "best.pt")
-    save_trainable(model, path, config={"clip": weights, "method": "mrs_adapter", "method_options": {}})
+    config = {"clip": weights, "method": "mrs_adapter", "method_options": {}}
+    save_trainable(model, path, config=config)
     return path, model.eval()
 
 
@@ -205,7 +210,8 @@ def test_killed_run_resumes(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(search, "encode_images", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        search.build_index(images, out, model, preprocess, identity, 64, 48, batch_size=1, save_every=1)
+        search.build_index(images, out, model, preprocess, identity, 64, 48, batch_size=1,
+                           save_every=1)
     monkeypatch.setattr(search, "encode_images", original)
     assert len([n for n in os.listdir(os.path.join(out, "parts")) if n.endswith(".json")]) == 2
     result = search.build_index(images, out, model, preprocess, identity, 64, 48, batch_size=4)
