@@ -43,15 +43,16 @@ def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None
     """(model in eval mode, preprocess, identity): a train.py checkpoint rebuilt as eval.py does
     (its backbone, or `clip_name`), or plain CLIP `clip_name` (zero-shot)."""
     ckpt = read_checkpoint(checkpoint) if checkpoint else {}
-    config = ckpt.get("config") or {}
+    config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
     if checkpoint and ("trainable" not in ckpt or "method" not in config):
         raise ValueError(f"{checkpoint} is not a train.py checkpoint (expected 'trainable' and "
                          f"config['method'])")
     clip_name = clip_name or config.get("clip") or "ViT-B/32"
     model, preprocess = clip.load(clip_name, "cpu")
     is_file = clip_name not in clip.available_models()
-    identity = {"backbone": os.path.abspath(clip_name) if is_file else clip_name,
-                "backbone_sha256": sha256_of(clip_name) if is_file else clip._MODELS[clip_name][0],
+    path = os.path.abspath(os.path.expanduser(clip_name))
+    identity = {"backbone": path if is_file else clip_name,
+                "backbone_sha256": sha256_of(path) if is_file else clip._MODELS[clip_name][0],
                 "activation": getattr(model, "activation", "quickgelu"),
                 "method": config.get("method", "zero_shot"),
                 "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
