@@ -9,6 +9,10 @@ Measures (medians of interleaved repeats):
   train_peak_mem_ratio_vs_full            MRS-Adapter vs full fine-tuning (peak RSS on CPU, peak allocated on CUDA)
   eval_overhead_ratio                     `python eval.py` end to end on a synthetic RSITMD-sized test set
                                           (452 images, 2,260 captions, 256x256 TIFF) / encoding its tensors alone
+  search_index_ratio_vs_encode            `search.py index` tiles/s / encoding the same tiles alone (48 256 px TIFFs +
+                                          2 1024 px scenes of 25 tiles; decoding overlaps encoding)
+  search_query_ms_1m, _peak_mb_1m         one top-20 query over 1,000,000 x 512 float16 embeddings memory-mapped
+                                          (2 threads; peak memory beyond the mapped file's pages)
   recipe_minutes_projected (CUDA)         the published RSITMD recipe (30 epochs x 17,160 pairs, validation every
                                           epoch, test) from a measured 1-epoch `train.py` run on synthetic data
 """
@@ -204,6 +208,89 @@ def recipe_projection(args, tmp: str) -> dict:
             "recipe_minutes_projected": (wall + 29 * per_epoch) / 60}
 
 
+def search_query_child(path: str, repeats: int = 5) -> dict:
+    """(in a fresh process, 2 threads) ms of one top-20 query over the memory-mapped float16 file
+    `path`, and the peak memory it adds beyond the mapped file's pages (page cache, shared)."""
+    from mrs_adapter.search import top_k
+
+    def status(key: str) -> int:  # kB -> bytes, from /proc/self/status (Linux)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+    torch.set_num_threads(2)
+    embeddings = np.load(path, mmap_mode="r")
+    query = np.random.default_rng(1).standard_normal(embeddings.shape[1]).astype(np.float32)
+    query /= np.linalg.norm(query)
+    rss, file_pages = status("VmRSS"), status("RssFile")
+    cold = timed(lambda: top_k(embeddings, query, 20), "cpu")  # pages may still be in the cache
+    warm, cpu = [], []
+    for _ in range(repeats):  # wall time, and CPU time of both threads (what a busy machine hides)
+        start = time.process_time()
+        warm.append(timed(lambda: top_k(embeddings, query, 20), "cpu"))
+        cpu.append(time.process_time() - start)
+    extra = status("VmHWM") - rss - (status("RssFile") - file_pages)
+    return {"first_s": cold, "median_s": statistics.median(warm), "cpu_s": statistics.median(cpu),
+            "peak_extra_bytes": extra}
+
+
+def search_figures(args, tmp: str) -> dict:
+    """search.py: `index` images/s / the encoder's images/s on the same tiles (RSITMD-like 256 px
+    TIFFs and two 1024 px scenes of 25 tiles), and one query over 1,000,000 stored embeddings."""
+    from mrs_adapter import search
+    from mrs_adapter.data import split_at_to_tensor
+    rng = np.random.default_rng(0)
+    images = os.path.join(tmp, "search_images")
+    os.makedirs(images)
+    for i in range(args.search_images):
+        write_tiff(os.path.join(images, f"{i:04d}.tif"), rng)
+    for i in range(2):
+        write_tiff(os.path.join(images, f"scene_{i}.tif"), rng, size=1024)
+    weights, model = random_weights(tmp)
+    model, preprocess = model.to(args.device), transform(224)
+    identity = {"backbone": weights, "backbone_sha256": "bench", "activation": "quickgelu",
+                "method": "zero_shot", "checkpoint": None, "checkpoint_sha256": None}
+    decode, finish = split_at_to_tensor(preprocess)
+    tiles = torch.cat([search.read_tiles(os.path.join(images, rel), decode, 256, 192)[0]
+                       for rel in search.list_images(images)])
+    x = finish(tiles.float().div(255))  # the tensors `index` encodes, decoded beforehand
+    workers = 1 if args.device == "cpu" else min(8, os.cpu_count() or 1)
+
+    def encode_only():
+        for i in range(0, len(x), 64):
+            search.encode_images(model, x[i:i + 64], args.device)
+
+    encode_only()  # warm-up
+    runs = {"index": [], "encode": []}
+    for r in range(args.eval_repeats):  # interleaved, medians
+        out = os.path.join(tmp, f"search_index_{r}")
+        runs["index"].append(search.build_index(images, out, model, preprocess, identity, workers=workers,
+                                                device=args.device, log=lambda *a: None)["seconds"])
+        runs["encode"].append(timed(encode_only, args.device))
+    index_s, encode_s = statistics.median(runs["index"]), statistics.median(runs["encode"])
+    out = {"search_index_tiles_per_s": len(x) / index_s, "search_encode_tiles_per_s": len(x) / encode_s,
+           "search_index_ratio_vs_encode": encode_s / index_s}
+    path = os.path.join(tmp, "search_1m.npy")  # 1,000,000 x 512 float16: 1 GB
+    emb = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(1_000_000, 512))
+    for start in range(0, len(emb), 65536):
+        block = rng.standard_normal((min(65536, len(emb) - start), 512), dtype=np.float32)
+        emb[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    emb.flush()
+    del emb
+    cmd = [sys.executable, __file__, "--_search_query", path]
+    child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                      cwd=HERE).stdout.strip().splitlines()[-1])
+    os.remove(path)
+    tokens = tokenize(["a baseball field beside a highway"])
+    with torch.no_grad():
+        model.cpu().encode_text(tokens)  # warm-up
+        text_s = statistics.median(timed(lambda: model.encode_text(tokens), "cpu") for _ in range(5))
+    return dict(out, search_query_ms_1m=1000 * child["median_s"],
+                search_query_first_ms_1m=1000 * child["first_s"],
+                search_query_cpu_ms_1m=1000 * child["cpu_s"],
+                search_query_peak_mb_1m=child["peak_extra_bytes"] / 2 ** 20,
+                search_text_encode_ms=1000 * text_s)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -214,18 +301,23 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="timed training steps per process")
     p.add_argument("--eval-repeats", type=int, default=3, help="interleaved eval.py / encode-only runs (medians)")
     p.add_argument("--rounds", type=int, default=2, help="A B rounds of the training-step processes")
-    p.add_argument("--skip", nargs="*", default=[], choices=["encode", "train", "eval", "recipe"])
+    p.add_argument("--search-images", type=int, default=48, help="256 px TIFFs indexed by the search bench")
+    p.add_argument("--skip", nargs="*", default=[], choices=["encode", "train", "eval", "recipe", "search"])
     p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--_search_query", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
         print(json.dumps(train_step_child(args._child, args.device, args.steps)))
+        return {}
+    if args._search_query:
+        print(json.dumps(search_query_child(args._search_query)))
         return {}
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     out = {"device": device_name, "torch": str(torch.__version__),
            "precision": "bf16 autocast" if args.device.startswith("cuda") else "fp32"}
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in (("encode", encode_ratios), ("train", train_ratios), ("eval", eval_overhead),
-                         ("recipe", recipe_projection)):
+                         ("recipe", recipe_projection), ("search", search_figures)):
             if name in args.skip or (name == "recipe" and not args.device.startswith("cuda")):
                 continue
             start = time.time()
