@@ -17,12 +17,19 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from mrs_adapter import clip
-from mrs_adapter.adapter import load_trainable_state_dict, read_checkpoint
-from mrs_adapter.data import (CAPTIONS_PER_IMAGE, DATASETS, Split, eval_loaders, load_splits,
-                              read_image)
+from mrs_adapter.adapter import read_checkpoint
+from mrs_adapter.data import (
+    CAPTIONS_PER_IMAGE,
+    DATASETS,
+    Split,
+    eval_loaders,
+    load_splits,
+    read_image,
+)
 from mrs_adapter.download import DownloadError
-from mrs_adapter.methods import METHODS, apply_method, freeze_unread, method_options
+from mrs_adapter.methods import METHODS
 from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k
+from mrs_adapter.rebuild import apply_checkpoint, load_backbone
 from mrs_adapter.runfiles import atomic_write, check_file_writable
 
 WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overwrite
@@ -77,26 +84,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def apply_checkpoint(model: torch.nn.Module, ckpt: Dict, method: Optional[str] = None) -> torch.nn.Module:
-    """Compose the PETL method named in ckpt["config"] into `model` (as train.py built it) and load
-    ckpt["trainable"] strictly: a missing, unexpected or mis-shaped tensor is an error."""
-    config = ckpt.get("config") or {}
-    if "trainable" not in ckpt or "method" not in config:
-        raise ValueError(f"not a train.py checkpoint: expected 'trainable' and config['method'], "
-                         f"found {sorted(ckpt)} and config keys {sorted(config)}")
-    if method is not None and method != config["method"]:
-        raise ValueError(f"--method {method} given, but the checkpoint was trained with {config['method']}")
-    recorded, takes = config.get("method_options") or {}, method_options(config["method"])
-    if set(recorded) != set(takes):  # today's defaults would silently stand in for what was trained
-        raise ValueError(f"the checkpoint records options {sorted(recorded)} for method "
-                         f"{config['method']}, whose apply takes {sorted(takes)}: written by "
-                         f"another version of the code")
-    model = apply_method(model, config["method"], recorded)  # recorded, not today's constants
-    freeze_unread(model, config.get("objective", "hmmc"))  # the trained set, as train.py made it
-    load_trainable_state_dict(model, ckpt["trainable"])
-    return model
-
-
 def eval_precision(args: argparse.Namespace, trained: str) -> str:
     """--precision, else the training run's (train.py's default: bf16 on CUDA); fp32 on the CPU."""
     return args.precision or (trained if args.device.startswith("cuda") else "fp32")
@@ -124,30 +111,11 @@ def build_model_for_eval(args: argparse.Namespace):
 
 
 def load_recorded_backbone(args: argparse.Namespace, config: Dict):
-    """The CLIP a checkpoint was trained on: its recorded name or absolute path, activation and
-    sha256 (train.py's config["backbone"]). --clip points at the weights when they moved; weights
-    with another sha256 are an error unless --clip-sha256 names that hash on purpose."""
-    recorded = config.get("backbone") or {}
-    activation = args.clip_activation or recorded.get("activation")
-    want = recorded.get("sha256")
-    if args.clip is None:
-        given = recorded.get("clip") or config.get("clip") or "ViT-B/32"
-        named = given in clip.available_models()
-        args.clip = given if named else recorded.get("path") or os.path.abspath(given)
-        if not named and not os.path.isfile(args.clip):
-            raise FileNotFoundError(
-                f"the CLIP weights {args.checkpoint} was trained on are not at {args.clip} "
-                f"(given to train.py as {given!r}); it wants the file with sha256 "
-                f"{want or '(not recorded)'}: pass --clip <where it is now>")
-    model, preprocess = clip.load(args.clip, "cpu", activation=activation, sha256=args.clip_sha256)
-    if args.clip_activation is None and recorded.get("activation"):
-        model.backbone["activation_from"] = f"recorded in {args.checkpoint}"
-    got = model.backbone["sha256"]
-    if want and got != want and args.clip_sha256 is None:
-        raise ValueError(f"{model.backbone['path']} has sha256 {got}, but {args.checkpoint} "
-                         f"was trained on {recorded.get('path')} with sha256 {want}; pass the "
-                         f"right file with --clip, or, to evaluate on this one on purpose, "
-                         f"--clip-sha256 {got}")
+    """The CLIP a checkpoint was trained on (rebuild.load_backbone); --clip where the weights moved,
+    --clip-sha256 to use other weights on purpose. Sets args.clip to what was loaded."""
+    model, preprocess = load_backbone(config, args.clip, args.clip_activation, args.clip_sha256,
+                                      where=args.checkpoint)
+    args.clip = model.backbone["clip"]
     return model, preprocess
 
 

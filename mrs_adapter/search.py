@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import clip
-from .adapter import load_trainable_state_dict, read_checkpoint
+from .adapter import read_checkpoint
 from .data import read_image, split_at_to_tensor
 from .download import sha256_of
-from .methods import apply_method
+from .rebuild import apply_checkpoint, load_backbone
 from .runfiles import atomic_write, write_json
 from .tokenizer import tokenize
 
@@ -41,26 +41,27 @@ Box = Optional[Tuple[int, int, int, int]]  # (left, top, right, bottom) in pixel
 
 def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None, device="cpu"):
     """(model in eval mode, preprocess, identity): a train.py checkpoint rebuilt as eval.py does
-    (its backbone, or `clip_name`), or plain CLIP `clip_name` (zero-shot)."""
+    (its recorded backbone, or `clip_name` where the weights moved), or plain CLIP `clip_name`."""
     ckpt = read_checkpoint(checkpoint) if checkpoint else {}
     config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
     if checkpoint and ("trainable" not in ckpt or "method" not in config):
         raise ValueError(f"{checkpoint} is not a train.py checkpoint (expected 'trainable' and "
                          f"config['method'])")
-    clip_name = clip_name or config.get("clip") or "ViT-B/32"
-    model, preprocess = clip.load(clip_name, "cpu")
-    is_file = clip_name not in clip.available_models()
-    path = os.path.abspath(os.path.expanduser(clip_name))
-    identity = {"backbone": path if is_file else clip_name,
-                "backbone_sha256": sha256_of(path) if is_file else clip._MODELS[clip_name][0],
-                "activation": getattr(model, "activation", "quickgelu"),
+    if clip_name is not None:
+        clip_name = os.path.expanduser(clip_name)
+    if checkpoint:
+        model, preprocess = load_backbone(config, clip_name, where=checkpoint)
+        model = apply_checkpoint(model, ckpt)
+    else:
+        model, preprocess = clip.load(clip_name or "ViT-B/32", "cpu")
+    backbone = getattr(model, "backbone", None) or model.clip.backbone  # heads wrap the CLIP
+    named = backbone["clip"] in clip.available_models()
+    identity = {"backbone": backbone["clip"] if named else backbone["path"],
+                "backbone_sha256": backbone["sha256"],
+                "activation": backbone["activation"],
                 "method": config.get("method", "zero_shot"),
                 "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
                 "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None}
-    if checkpoint:
-        options = config.get("method_options") or {}
-        model = apply_method(model, config["method"], options, verbose=False)
-        load_trainable_state_dict(model, ckpt["trainable"])
     return model.to(device).eval(), preprocess, identity
 
 

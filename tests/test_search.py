@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_clip
 from PIL import Image
 
-from conftest import make_tiny_clip
 from mrs_adapter import search
 from mrs_adapter.adapter import save_trainable
-from mrs_adapter.methods import apply_method
+from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.tokenizer import tokenize
 
 _spec = importlib.util.spec_from_file_location(
@@ -124,7 +124,8 @@ def trained_checkpoint(root, weights):
             if p.requires_grad:
                 p.add_(0.5 * torch.randn_like(p))
     path = str(root / "best.pt")
-    config = {"clip": weights, "method": "mrs_adapter", "method_options": {}}
+    config = {"clip": weights, "method": "mrs_adapter",
+              "method_options": method_options("mrs_adapter")}  # as train.py records them
     save_trainable(model, path, config=config)
     return path, model.eval()
 

@@ -1,0 +1,65 @@
+"""Rebuild the model a train.py checkpoint was trained with: its backbone and its method.
+
+A `best.pt` records the CLIP it was trained on (name or absolute path, sha256, MLP activation)
+and the method's whole configuration (every keyword of its `apply`), so eval.py and search.py
+rebuild it from the record alone, never from today's defaults.
+"""
+import os
+from typing import Dict, Optional, Tuple
+
+from torch import nn
+
+from . import clip
+from .adapter import load_trainable_state_dict
+from .methods import apply_method, freeze_unread, method_options
+
+
+def load_backbone(config: Dict, clip_path: Optional[str] = None, activation: Optional[str] = None,
+                  sha256: Optional[str] = None, where: str = "the checkpoint") -> Tuple[nn.Module, object]:
+    """(CLIP, preprocess): the backbone recorded in train.py's `config` ("backbone": clip, path,
+    sha256, activation). `clip_path` points at the weights when they moved; weights with another
+    sha256 are an error unless `sha256` names that hash on purpose."""
+    recorded = config.get("backbone") or {}
+    from_record = activation is None and recorded.get("activation") is not None
+    activation = activation or recorded.get("activation")
+    want = recorded.get("sha256")
+    if clip_path is None:
+        given = recorded.get("clip") or config.get("clip") or "ViT-B/32"
+        named = given in clip.available_models()
+        clip_path = given if named else recorded.get("path") or os.path.abspath(given)
+        if not named and not os.path.isfile(clip_path):
+            raise FileNotFoundError(
+                f"the CLIP weights {where} was trained on are not at {clip_path} "
+                f"(given to train.py as {given!r}); it wants the file with sha256 "
+                f"{want or '(not recorded)'}: pass --clip <where it is now>")
+    model, preprocess = clip.load(clip_path, "cpu", activation=activation, sha256=sha256)
+    if from_record:
+        model.backbone["activation_from"] = f"recorded in {where}"
+    got = model.backbone["sha256"]
+    if want and got != want and sha256 is None:
+        raise ValueError(f"{model.backbone['path']} has sha256 {got}, but {where} "
+                         f"was trained on {recorded.get('path')} with sha256 {want}; pass the "
+                         f"right file with --clip, or, to evaluate on this one on purpose, "
+                         f"--clip-sha256 {got}")
+    return model, preprocess
+
+
+def apply_checkpoint(model: nn.Module, ckpt: Dict, method: Optional[str] = None) -> nn.Module:
+    """Compose the PETL method named in ckpt["config"] into `model` (as train.py built it) and load
+    ckpt["trainable"] strictly: a missing, unexpected or mis-shaped tensor is an error."""
+    config = ckpt.get("config") or {}
+    if "trainable" not in ckpt or "method" not in config:
+        raise ValueError(f"not a train.py checkpoint: expected 'trainable' and config['method'], "
+                         f"found {sorted(ckpt)} and config keys {sorted(config)}")
+    if method is not None and method != config["method"]:
+        raise ValueError(f"--method {method} given, but the checkpoint was trained with "
+                         f"{config['method']}")
+    recorded, takes = config.get("method_options") or {}, method_options(config["method"])
+    if set(recorded) != set(takes):  # today's defaults would silently stand in for what was trained
+        raise ValueError(f"the checkpoint records options {sorted(recorded)} for method "
+                         f"{config['method']}, whose apply takes {sorted(takes)}: written by "
+                         f"another version of the code")
+    model = apply_method(model, config["method"], recorded)  # recorded, not today's constants
+    freeze_unread(model, config.get("objective", "hmmc"))  # the trained set, as train.py made it
+    load_trainable_state_dict(model, ckpt["trainable"])
+    return model
