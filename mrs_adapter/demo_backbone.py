@@ -13,8 +13,9 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from .clip import CLIP, MEAN, STD, build_model
+from .clip import MEAN, STD
 from .loss import info_nce
+from .model import CLIP, build_model
 from .runfiles import atomic_write
 from .tokenizer import tokenize
 

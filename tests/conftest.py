@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mrs_adapter.clip import CLIP
 from mrs_adapter.demo import make_demo
 from mrs_adapter.demo_backbone import pretrain
+from mrs_adapter.model import CLIP
 
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
             context_length=32, vocab_size=49408, transformer_width=96, transformer_heads=1, transformer_layers=2)
@@ -97,6 +97,7 @@ def two_datasets(tmp_path_factory):
     (quality 75) and a 64 -> 56 px resized copy of two rsitmd test images each, and rsitmd's
     training pool a JPEG copy of one rsicd test image. Every other image is a distinct scene."""
     import random
+
     from mrs_adapter.demo import captions, render, sample_scene
     root, rng = tmp_path_factory.mktemp("two"), random.Random(5)
     scenes = {}

@@ -13,7 +13,7 @@ from conftest import make_tiny_clip
 from mrs_adapter.adapter import (AdaptedBlock, MRSAdapter, add_adapters, count_parameters, load_trainable,
                                  load_trainable_state_dict, print_trainable_parameters, save_trainable,
                                  trainable_state_dict)
-from mrs_adapter.clip import CLIP
+from mrs_adapter.model import CLIP
 from mrs_adapter.loss import hmmc_loss
 
 CLIP_VIT_B32_PARAMS = 151_277_313  # method.md 1

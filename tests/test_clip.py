@@ -5,12 +5,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import as_torchscript_archive
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
-from conftest import as_torchscript_archive
 from mrs_adapter import clip
-from mrs_adapter.clip import CLIP, build_model
+from mrs_adapter.model import CLIP, QuickGELU, build_model
 
 VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
                 context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
@@ -153,5 +153,5 @@ def test_feature_views_equal_plain_encoders_without_dropout(tiny_clip):
 
 def test_quick_gelu_gradient():
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(clip.QuickGELU(), (x,))
-    assert torch.equal(clip.QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+    assert torch.autograd.gradcheck(QuickGELU(), (x,))
+    assert torch.equal(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
