@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 from torch import nn
 
 from . import clip
-from .adapter import load_trainable_state_dict
+from .checkpoint import load_trainable_state_dict
 from .methods import apply_method, freeze_unread, method_options
 
 

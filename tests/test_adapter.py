@@ -7,14 +7,20 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_clip
 from torch import nn
 
-from conftest import make_tiny_clip
-from mrs_adapter.adapter import (AdaptedBlock, MRSAdapter, add_adapters, count_parameters, load_trainable,
-                                 load_trainable_state_dict, print_trainable_parameters, save_trainable,
-                                 trainable_state_dict)
-from mrs_adapter.model import CLIP
+from mrs_adapter.adapter import AdaptedBlock, MRSAdapter, add_adapters
+from mrs_adapter.checkpoint import (
+    count_parameters,
+    load_trainable,
+    load_trainable_state_dict,
+    print_trainable_parameters,
+    save_trainable,
+    trainable_state_dict,
+)
 from mrs_adapter.loss import hmmc_loss
+from mrs_adapter.model import CLIP
 
 CLIP_VIT_B32_PARAMS = 151_277_313  # method.md 1
 TINY = dict(transformer_width=96, vision_width=128)  # wider than shared_dim=64; unequal to catch mix-ups

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_clip
-from mrs_adapter.adapter import count_parameters, load_trainable, save_trainable
+from mrs_adapter.checkpoint import count_parameters, load_trainable, save_trainable
 from mrs_adapter.loss import hmmc_loss
 from mrs_adapter.methods import (ADAPTER_LR, METHODS, apply_method, default_lr, method_config, method_module)
 from mrs_adapter.methods.convpass import Convpass
