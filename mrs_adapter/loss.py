@@ -1,4 +1,4 @@
-"""The hybrid multi-modal contrastive (HMMC) loss (Yuan et al., TGRS 2023, Sec. III; method.md 3).
+"""The hybrid multi-modal contrastive (HMMC) loss (Yuan et al., TGRS 2023, Sec. III; docs/method.md §3).
 
 HMMC sums three max-violation hinge losses (VSE++ style, hardest in-batch negative): between
 images and texts, between images and their feature-dropout views, and between texts and theirs:

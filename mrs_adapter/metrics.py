@@ -1,4 +1,4 @@
-"""Retrieval metrics of remote sensing image-text retrieval: R@1/5/10 both ways and mR (method.md 6).
+"""Retrieval metrics of remote sensing image-text retrieval: R@1/5/10 both ways and mR (docs/method.md §6).
 
 Every test image is embedded once and every caption once; S[i, j] is the cosine similarity of
 image i and caption j. Image->text ranks an image by its best-placed own caption; text->image
@@ -139,7 +139,7 @@ def encode_dataset(model: torch.nn.Module, image_loader: Iterable, caption_loade
 
 def evaluate(model: torch.nn.Module, image_loader: Iterable, caption_loader: Iterable, txt2img, device,
              amp_dtype=torch.bfloat16, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """`recall_at_k` of the cosine similarities of `encode_dataset`'s embeddings (method.md 6)."""
+    """`recall_at_k` of the cosine similarities of `encode_dataset`'s embeddings (docs/method.md §6)."""
     img, txt = encode_dataset(model, image_loader, caption_loader, device, amp_dtype)
     txt2img = torch.as_tensor(txt2img, dtype=torch.long)
     if len(txt) != len(txt2img):

@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer (method.md section 1).
+"""CLIP's byte-level BPE tokenizer (docs/method.md §1).
 
 Text is cleaned (ftfy, HTML unescape, whitespace collapse, lower case), split into words,
 each word's UTF-8 bytes are mapped to printable characters and merged with the ranked BPE

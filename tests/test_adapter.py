@@ -1,5 +1,5 @@
-"""MRS-Adapter (method.md 2), its insertion into CLIP, trainable-state checkpoints, and the
-feature-dropout views of clip.py (method.md 3). Tiny CLIPs except the ViT-B/32 count checks."""
+"""MRS-Adapter (docs/method.md §2), its insertion into CLIP, trainable-state checkpoints, and the
+feature-dropout views of model.py (docs/method.md §3). Tiny CLIPs except the ViT-B/32 count checks."""
 import copy
 import os
 import re
@@ -22,7 +22,7 @@ from mrs_adapter.checkpoint import (
 from mrs_adapter.loss import hmmc_loss
 from mrs_adapter.model import CLIP
 
-CLIP_VIT_B32_PARAMS = 151_277_313  # method.md 1
+CLIP_VIT_B32_PARAMS = 151_277_313  # docs/method.md §1
 TINY = dict(transformer_width=96, vision_width=128)  # wider than shared_dim=64; unequal to catch mix-ups
 
 
@@ -31,7 +31,7 @@ def linear_params(d_in, d_out):
 
 
 def mrs_adapter_params(text_width, vision_width, bottleneck=64, shared=64):
-    """The table of method.md 2 as a formula: downs, own ups, shared up."""
+    """The table of docs/method.md §2 as a formula: downs, own ups, shared up."""
     return (linear_params(text_width, bottleneck) + linear_params(vision_width, bottleneck)
             + linear_params(bottleneck, text_width - shared) + linear_params(bottleneck, vision_width - shared)
             + linear_params(bottleneck, shared))
@@ -324,7 +324,7 @@ def test_save_is_atomic_and_load_checks_the_format(tmp_path):
         load_trainable(model, str(tmp_path / "other.pt"))
 
 
-# ---- feature-dropout views (clip.py, method.md 3) ----
+# ---- feature-dropout views (model.py, docs/method.md §3) ----
 
 def test_feature_dropout_is_off_in_eval_mode():
     model = make_tiny_clip().eval()

@@ -1,4 +1,4 @@
-"""HMMC, its max-violation hinge and InfoNCE against plain double-loop references (method.md 3)."""
+"""HMMC, its max-violation hinge and InfoNCE against plain double-loop references (docs/method.md §3)."""
 import math
 
 import pytest
@@ -12,7 +12,7 @@ def cosine(u, v):
 
 
 def reference_hinge(a, b, margin):
-    """H(a, b) of method.md 3 written out with Python loops over pairs."""
+    """H(a, b) of docs/method.md §3 written out with Python loops over pairs."""
     B = a.shape[0]
     S = [[cosine(a[i], b[j]) for j in range(B)] for i in range(B)]
     total = 0.0
