@@ -26,7 +26,8 @@ _MODELS = {  # name -> (sha256, which is also the URL's folder, file name)
     "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
     "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
     "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
-    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
+    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+                       "ViT-L-14-336px.pt"),
 }
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -96,7 +97,7 @@ def read_state_dict(path: str) -> dict:
                          f"{members}; expected one: extract the one you want and pass it")
     try:
         if kind == "torchscript":
-            with warnings.catch_warnings():  # TorchScript is deprecated, but it is the official format
+            with warnings.catch_warnings():  # TorchScript is deprecated, but it is OpenAI's format
                 warnings.simplefilter("ignore", FutureWarning)
                 return torch.jit.load(path, map_location="cpu").state_dict()
         if kind == "archive":
@@ -104,7 +105,8 @@ def read_state_dict(path: str) -> dict:
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is neither a TorchScript CLIP archive nor a readable state dict: {e}") from e
+        raise ValueError(f"{path} is neither a TorchScript CLIP archive nor a readable state "
+                         f"dict: {e}") from e
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a dict of tensors")
     return unwrap(state_dict)

@@ -42,7 +42,8 @@ class QuickGELUFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         s = x.mul(1.702).sigmoid_()
-        return (1 - s).mul_(s).mul_(x).mul_(1.702).add_(s).mul_(grad)  # d/dx [x s(1.702 x)] = s + 1.702 x s (1 - s)
+        # d/dx [x s(1.702 x)] = s + 1.702 x s (1 - s)
+        return (1 - s).mul_(s).mul_(x).mul_(1.702).add_(s).mul_(grad)
 
 
 class QuickGELU(nn.Module):
@@ -67,25 +68,30 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D); with query_index (B,), only that token's output per row: (B, 1, D)."""
+        """(B, L, D) -> (B, L, D); with query_index (B,), only that token's output per row:
+        (B, 1, D)."""
         if query_index is not None:
             return self.attend_one(x, query_index)
         B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
-        qkv = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D/H)
+        qkv = qkv.view(B, L, 3, self.heads, D // self.heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, L, D/H)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
         x = x.transpose(1, 2).reshape(B, L, D)  # (B, H, L, D/H) -> (B, L, D)
         return self.out_proj(x)
 
     def attend_one(self, x: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
-        """Attention output of one query token per row (the token a head pools), keys from all tokens."""
+        """Attention output of one query token per row (the token a head pools), keys from all
+        tokens."""
         B, L, D = x.shape
         w, b = self.in_proj_weight, self.in_proj_bias
         q = F.linear(pick(x, query_index), w[:D], b[:D])  # (B, 1, D)
-        kv = F.linear(x, w[D:], b[D:]).view(B, L, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        kv = F.linear(x, w[D:], b[D:]).view(B, L, 2, self.heads, D // self.heads)
+        kv = kv.permute(2, 0, 3, 1, 4)  # (2, B, H, L, D/H)
         mask = None
         if self.causal:  # the query at position p sees positions <= p
-            mask = (torch.arange(L, device=x.device) <= query_index[:, None])[:, None, None, :]  # (B, 1, 1, L)
+            seen = torch.arange(L, device=x.device) <= query_index[:, None]  # (B, L)
+            mask = seen[:, None, None, :]  # (B, 1, 1, L)
         q = q.view(B, 1, self.heads, D // self.heads).transpose(1, 2)  # (B, H, 1, D/H)
         x = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
         return self.out_proj(x.transpose(1, 2).reshape(B, 1, D))
@@ -130,7 +136,8 @@ class Transformer(nn.Module):
                                          for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D), or with query_index (B,) the pooled token of each row only: (B, 1, D).
+        """(B, L, D) -> (B, L, D), or with query_index (B,) the pooled token of each row only:
+        (B, 1, D).
 
         The heads read one token per row ([CLS], or the end-of-text token), so the last block need
         not compute the others: blocks that declare `accepts_query_index` skip them (exact; about
@@ -154,23 +161,26 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        tokens = (input_resolution // patch_size) ** 2 + 1  # the patches and [CLS]
+        self.positional_embedding = nn.Parameter(scale * torch.randn(tokens, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, activation=activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> the token sequence entering the first block (B, 1 + grid ** 2, width)."""
+        """Images (B, 3, H, W) -> the tokens entering the first block (B, 1 + grid ** 2, width)."""
         x = self.conv1(x)  # shape = [B, width, grid, grid]
         x = x.flatten(2).transpose(1, 2)  # shape = [B, grid ** 2, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # shape = [B, grid ** 2 + 1, width]
+        x = torch.cat([cls, x], dim=1)  # shape = [B, grid ** 2 + 1, width]
+        x = x + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Embedded tokens (B, L, width) -> image embedding (B, output_dim) from the [CLS] token."""
-        x = self.transformer(x, query_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # [CLS] is token 0
+        x = self.transformer(x, query_index=cls)
         return self.ln_post(x[:, 0, :]) @ self.proj  # (B, 1, width) -> (B, output_dim)
 
     def forward(self, x: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
@@ -180,15 +190,18 @@ class VisionTransformer(nn.Module):
 class CLIP(nn.Module):
     def __init__(self, embed_dim: int,
                  # vision
-                 image_resolution: int, vision_layers: int, vision_width: int, vision_patch_size: int,
+                 image_resolution: int, vision_layers: int, vision_width: int,
+                 vision_patch_size: int,
                  # text
-                 context_length: int, vocab_size: int, transformer_width: int, transformer_heads: int,
-                 transformer_layers: int, vision_heads: int = None, activation: str = "quickgelu"):
+                 context_length: int, vocab_size: int, transformer_width: int,
+                 transformer_heads: int, transformer_layers: int,
+                 vision_heads: int = None, activation: str = "quickgelu"):
         super().__init__()
         self.context_length = context_length
         self.activation = activation  # the MLPs' nonlinearity, recorded with every run (train.py)
-        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                        vision_heads or vision_width // 64, embed_dim, activation)
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                        vision_layers, vision_heads or vision_width // 64,
+                                        embed_dim, activation)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
                                        causal=True, activation=activation)
         self.vocab_size = vocab_size
@@ -231,20 +244,25 @@ class CLIP(nn.Module):
 
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:
         """Token ids (B, L) -> token + positional embeddings (B, L, width)."""
-        return self.token_embedding(text).type(self.dtype) + self.positional_embedding[:text.shape[1]].type(self.dtype)
+        position = self.positional_embedding[:text.shape[1]]
+        return self.token_embedding(text).type(self.dtype) + position.type(self.dtype)
 
     def text_head(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens (B, L, width) -> (B, embed_dim) at the end-of-text token (the largest id)."""
+        """Embedded tokens (B, L, width) -> (B, embed_dim) at the end-of-text token (the largest
+        id)."""
         x = self.transformer(x, query_index=text.argmax(dim=-1))  # (B, 1, width)
         return self.ln_final(x[:, 0]) @ self.text_projection
 
-    def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0, trim: bool = True) -> torch.Tensor:
+    def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0,
+                    trim: bool = True) -> torch.Tensor:
         """(B, L) token ids -> (B, embed_dim), not normalised. trim=False when `text` is trimmed
         already (trimming reads the ids, which on a GPU waits for the device)."""
         text = self.trim(text) if trim else text
-        return self.text_head(F.dropout(self.embed_text(text), feature_dropout, self.training), text)
+        x = F.dropout(self.embed_text(text), feature_dropout, self.training)
+        return self.text_head(x, text)
 
-    def encode_image_views(self, image: torch.Tensor, feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode_image_views(self, image: torch.Tensor,
+                           feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
         """The clean view and the feature-dropout view of a batch in one pass through the blocks.
 
         The patch embedding is computed once; the clean and the dropped tokens are stacked on the
@@ -288,8 +306,9 @@ def build_model(state_dict: dict, activation: str = "quickgelu") -> CLIP:
     mlp_activation(activation)  # an unknown name fails here, before any work
     state_dict = {k: v for k, v in unwrap(state_dict).items()
                   if k not in ("input_resolution", "context_length", "vocab_size")}
-    required = ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj",
-                "token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight"]
+    required = ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+                "visual.proj", "token_embedding.weight", "positional_embedding", "text_projection",
+                "ln_final.weight"]
     missing = [k for k in required if k not in state_dict]
     if missing:
         hint = " (this looks like a ResNet CLIP; only ViT CLIPs are supported)" \
@@ -298,24 +317,27 @@ def build_model(state_dict: dict, activation: str = "quickgelu") -> CLIP:
                          f"found {len(state_dict)} keys, e.g. {sorted(state_dict)[:5]}")
     vision_width = state_dict["visual.conv1.weight"].shape[0]
     vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
-    vision_layers = len([k for k in state_dict if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
+    vision_layers = len([k for k in state_dict
+                         if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     transformer_width = state_dict["ln_final.weight"].shape[0]
     with torch.device("meta"):  # no memory and no random init for tensors the state dict replaces
         model = CLIP(
             embed_dim=state_dict["text_projection"].shape[1],
-            image_resolution=vision_patch_size * grid, vision_layers=vision_layers, vision_width=vision_width,
-            vision_patch_size=vision_patch_size,
+            image_resolution=vision_patch_size * grid, vision_layers=vision_layers,
+            vision_width=vision_width, vision_patch_size=vision_patch_size,
             context_length=state_dict["positional_embedding"].shape[0],
-            vocab_size=state_dict["token_embedding.weight"].shape[0], transformer_width=transformer_width,
+            vocab_size=state_dict["token_embedding.weight"].shape[0],
+            transformer_width=transformer_width,
             transformer_heads=max(1, transformer_width // 64),
             transformer_layers=len([k for k in state_dict if k.startswith("transformer.resblocks.")
                                     and k.endswith(".attn.in_proj_weight")]),
             vision_heads=max(1, vision_width // 64), activation=activation)
     # copies, so the model never shares memory with (and never trains) the caller's tensors
-    result = model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state_dict.items()},
-                                   strict=False, assign=True)
+    copies = {k: v.to(torch.float32, copy=True) for k, v in state_dict.items()}
+    result = model.load_state_dict(copies, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"state dict does not match a ViT CLIP of the shapes it implies: "
-                         f"missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
+                         f"missing keys {result.missing_keys}, "
+                         f"unexpected keys {result.unexpected_keys}")
     return model.float().eval()
