@@ -141,7 +141,8 @@ class Transformer(nn.Module):
 
         The heads read one token per row ([CLS], or the end-of-text token), so the last block need
         not compute the others: blocks that declare `accepts_query_index` skip them (exact; about
-        1/12 of a ViT-B forward). Other blocks (e.g. prompt wrappers) run in full, then we pick.
+        1/12 of a ViT-B forward; docs/method.md §1). Other blocks (e.g. prompt wrappers) run in
+        full, then we pick. adapter.py's `AdaptedBlock` states what such a block must provide.
         """
         if query_index is None:
             return self.resblocks(x)
