@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mrs_adapter.clip import CLIP, build_model, transform
+from mrs_adapter.clip import transform
 from mrs_adapter.demo import captions as demo_captions, sample_scene
+from mrs_adapter.model import CLIP, build_model
 from mrs_adapter.runfiles import write_json
 from mrs_adapter.tokenizer import tokenize
 

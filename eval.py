@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from mrs_adapter import clip
-from mrs_adapter.adapter import read_checkpoint
+from mrs_adapter.checkpoint import read_checkpoint
 from mrs_adapter.data import (
     CAPTIONS_PER_IMAGE,
     DATASETS,

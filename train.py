@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from mrs_adapter import clip
-from mrs_adapter.adapter import load_trainable, print_trainable_parameters, save_trainable
+from mrs_adapter.checkpoint import load_trainable, print_trainable_parameters, save_trainable
 from mrs_adapter.cuda_graph import GraphedStep
 from mrs_adapter.data import (CAPTIONS_PER_IMAGE, DATASETS, TrainDataset, check_command,
                               eval_loaders, load_splits, union_splits, verify_images)

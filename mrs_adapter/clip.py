@@ -1,10 +1,6 @@
-"""CLIP with a ViT image tower and a causal text transformer (Radford et al. 2021; method.md 1).
+"""Loading CLIP: named weights, downloads, archives and state-dict files (docs/method.md §1).
 
-Parameter names are OpenAI's checkpoint names, so the official weights load with strict=True.
-`build_model` reads the architecture off tensor shapes. Attention is batch-first and runs
-through `F.scaled_dot_product_attention`. Both encoders take `feature_dropout`, the paper's
-feature-dropout view (method.md 3): dropout on the embeddings that enter the first block.
-`encode_*_views` return the clean and the dropped view from one batched pass.
+The architecture is in model.py (as openai/CLIP keeps model.py apart from clip.py).
 `load` fetches the OpenAI TorchScript archives or a named remote-sensing CLIP (backbones.py;
 verified by sha256, see download.py) or reads a local file - a TorchScript archive, a plain,
 nested or `module.`-prefixed state dict, or a zip holding one (SkyCLIP) - and returns the
@@ -16,328 +12,25 @@ import io
 import os
 import warnings
 import zipfile
-from collections import OrderedDict
 from typing import Callable, List, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torchvision import transforms as T
 
 from .backbones import OPENAI_PUBLISHED, REMOTE_SENSING
 from .download import download, recorded_sha256, sha256_of
+from .model import ACTIVATIONS, CLIP, build_model, unwrap
 
 _URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
 _MODELS = {  # name -> (sha256, which is also the URL's folder, file name)
     "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
     "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
     "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
-    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
+    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+                       "ViT-L-14-336px.pt"),
 }
-ACTIVATIONS = ("quickgelu", "gelu")
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype, as OpenAI's CLIP."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
-
-
-class QuickGELUFunction(torch.autograd.Function):
-    """x * sigmoid(1.702 x), keeping only x for backward and recomputing the sigmoid there.
-
-    Written as three autograd ops it would keep x, the sigmoid and more: (B, L, 4D) tensors in
-    every block, the largest activations of a training step."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x.mul(1.702).sigmoid_().mul_(x)  # in place: one (B, L, 4D) buffer instead of three
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        s = x.mul(1.702).sigmoid_()
-        return (1 - s).mul_(s).mul_(x).mul_(1.702).add_(s).mul_(grad)  # d/dx [x s(1.702 x)] = s + 1.702 x s (1 - s)
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return QuickGELUFunction.apply(x)
-
-
-def pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Row i's token index[i]: (B, L, D), (B,) -> (B, 1, D)."""
-    return x[torch.arange(x.shape[0], device=x.device), index][:, None]
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with nn.MultiheadAttention's parameter names, batch-first."""
-
-    def __init__(self, width: int, heads: int, causal: bool = False):
-        super().__init__()
-        assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
-        self.heads, self.causal = heads, causal
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D); with query_index (B,), only that token's output per row: (B, 1, D)."""
-        if query_index is not None:
-            return self.attend_one(x, query_index)
-        B, L, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
-        qkv = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D/H)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
-        x = x.transpose(1, 2).reshape(B, L, D)  # (B, H, L, D/H) -> (B, L, D)
-        return self.out_proj(x)
-
-    def attend_one(self, x: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
-        """Attention output of one query token per row (the token a head pools), keys from all tokens."""
-        B, L, D = x.shape
-        w, b = self.in_proj_weight, self.in_proj_bias
-        q = F.linear(pick(x, query_index), w[:D], b[:D])  # (B, 1, D)
-        kv = F.linear(x, w[D:], b[D:]).view(B, L, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        mask = None
-        if self.causal:  # the query at position p sees positions <= p
-            mask = (torch.arange(L, device=x.device) <= query_index[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        q = q.view(B, 1, self.heads, D // self.heads).transpose(1, 2)  # (B, H, 1, D/H)
-        x = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
-        return self.out_proj(x.transpose(1, 2).reshape(B, 1, D))
-
-
-def mlp_activation(name: str) -> nn.Module:
-    """The MLP's nonlinearity: OpenAI's QuickGELU, or the exact (erf) GELU of CLIPs trained with
-    open_clip's GELU configs (e.g. from LAION weights). It cannot be read off the tensors."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown CLIP MLP activation {name!r}; expected one of {ACTIVATIONS}")
-    return QuickGELU() if name == "quickgelu" else nn.GELU()
-
-
-class ResidualAttentionBlock(nn.Module):
-    accepts_query_index = True  # see Transformer.forward
-
-    def __init__(self, width: int, heads: int, causal: bool = False, activation: str = "quickgelu"):
-        super().__init__()
-        self.attn = Attention(width, heads, causal)
-        self.ln_1 = LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)),
-            ("gelu", mlp_activation(activation)),
-            ("c_proj", nn.Linear(width * 4, width)),
-        ]))
-        self.ln_2 = LayerNorm(width)
-
-    def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
-        # with query_index, x on the left is the residual stream of the pooled token only: (B, 1, D)
-        x_out = x if query_index is None else pick(x, query_index)
-        x = x_out + self.attn(self.ln_1(x), query_index)
-        x = x + self.mlp(self.ln_2(x))
-        return x
-
-
-class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False,
-                 activation: str = "quickgelu"):
-        super().__init__()
-        self.width, self.layers = width, layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, activation)
-                                         for _ in range(layers)])
-
-    def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D), or with query_index (B,) the pooled token of each row only: (B, 1, D).
-
-        The heads read one token per row ([CLS], or the end-of-text token), so the last block need
-        not compute the others: blocks that declare `accepts_query_index` skip them (exact; about
-        1/12 of a ViT-B forward). Other blocks (e.g. prompt wrappers) run in full, then we pick.
-        """
-        if query_index is None:
-            return self.resblocks(x)
-        *body, last = self.resblocks
-        for block in body:
-            x = block(x)
-        if getattr(last, "accepts_query_index", False):
-            return last(x, query_index)
-        return pick(last(x), query_index)
-
-
-class VisionTransformer(nn.Module):
-    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int, activation: str = "quickgelu"):
-        super().__init__()
-        self.input_resolution = input_resolution
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width ** -0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, activation=activation)
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> the token sequence entering the first block (B, 1 + grid ** 2, width)."""
-        x = self.conv1(x)  # shape = [B, width, grid, grid]
-        x = x.flatten(2).transpose(1, 2)  # shape = [B, grid ** 2, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # shape = [B, grid ** 2 + 1, width]
-        return self.ln_pre(x)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens (B, L, width) -> image embedding (B, output_dim) from the [CLS] token."""
-        x = self.transformer(x, query_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
-        return self.ln_post(x[:, 0, :]) @ self.proj  # (B, 1, width) -> (B, output_dim)
-
-    def forward(self, x: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
-        return self.encode(F.dropout(self.embed(x), feature_dropout, self.training))
-
-
-class CLIP(nn.Module):
-    def __init__(self, embed_dim: int,
-                 # vision
-                 image_resolution: int, vision_layers: int, vision_width: int, vision_patch_size: int,
-                 # text
-                 context_length: int, vocab_size: int, transformer_width: int, transformer_heads: int,
-                 transformer_layers: int, vision_heads: int = None, activation: str = "quickgelu"):
-        super().__init__()
-        self.context_length = context_length
-        self.activation = activation  # the MLPs' nonlinearity, recorded with every run (train.py)
-        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                        vision_heads or vision_width // 64, embed_dim, activation)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
-                                       causal=True, activation=activation)
-        self.vocab_size = vocab_size
-        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
-        self.ln_final = LayerNorm(transformer_width)
-        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.ones([]) * torch.log(torch.tensor(1 / 0.07)))
-        self.initialize_parameters()
-
-    def initialize_parameters(self):
-        """OpenAI's initialisation, for models trained from scratch (tests, the demo backbone)."""
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        for tower in (self.transformer, self.visual.transformer):
-            proj_std = (tower.width ** -0.5) * ((2 * tower.layers) ** -0.5)
-            attn_std, fc_std = tower.width ** -0.5, (2 * tower.width) ** -0.5
-            for block in tower.resblocks:
-                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
-
-    def encode_image(self, image: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, embed_dim), not normalised."""
-        return self.visual(image.type(self.dtype), feature_dropout)
-
-    @staticmethod
-    def trim(text: torch.Tensor) -> torch.Tensor:
-        """Drop the padding columns after the last end-of-text token of the batch (B, L) -> (B, L').
-
-        Exact: attention is causal, so no position up to an end token ever sees a later one;
-        RS captions use ~20-30 of the 77 positions, so the text tower does ~3x less work."""
-        return text[:, :int(text.argmax(dim=-1).max()) + 1]
-
-    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) -> token + positional embeddings (B, L, width)."""
-        return self.token_embedding(text).type(self.dtype) + self.positional_embedding[:text.shape[1]].type(self.dtype)
-
-    def text_head(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens (B, L, width) -> (B, embed_dim) at the end-of-text token (the largest id)."""
-        x = self.transformer(x, query_index=text.argmax(dim=-1))  # (B, 1, width)
-        return self.ln_final(x[:, 0]) @ self.text_projection
-
-    def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0, trim: bool = True) -> torch.Tensor:
-        """(B, L) token ids -> (B, embed_dim), not normalised. trim=False when `text` is trimmed
-        already (trimming reads the ids, which on a GPU waits for the device)."""
-        text = self.trim(text) if trim else text
-        return self.text_head(F.dropout(self.embed_text(text), feature_dropout, self.training), text)
-
-    def encode_image_views(self, image: torch.Tensor, feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The clean view and the feature-dropout view of a batch in one pass through the blocks.
-
-        The patch embedding is computed once; the clean and the dropped tokens are stacked on the
-        batch axis, so every random draw inside the blocks stays independent per row: the result
-        has the same distribution as two separate `encode_image` calls.
-        """
-        x = self.visual.embed(image.type(self.dtype))
-        x = torch.cat([x, F.dropout(x, feature_dropout, self.training)])  # (2B, L, width)
-        return self.visual.encode(x).chunk(2)
-
-    def encode_text_views(self, text: torch.Tensor, feature_dropout: float,
-                          trim: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Text counterpart of `encode_image_views`: (clean (B, D), dropped (B, D))."""
-        text = self.trim(text) if trim else text
-        x = self.embed_text(text)
-        x = torch.cat([x, F.dropout(x, feature_dropout, self.training)])  # (2B, L, width)
-        return self.text_head(x, text.repeat(2, 1)).chunk(2)
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Cosine logits scaled by exp(logit_scale): (B_img, B_txt) and its transpose."""
-        img = F.normalize(self.encode_image(image), dim=-1)
-        txt = F.normalize(self.encode_text(text), dim=-1)
-        logits = self.logit_scale.exp() * img @ txt.t()
-        return logits, logits.t()
-
-
-def unwrap(state_dict: dict) -> dict:
-    """The tensors of a plain state dict, of a training dict {"state_dict": ..., "epoch", ...}
-    (open_clip's, SkyCLIP's), with the `module.` prefix of a DDP-wrapped model removed."""
-    if isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def build_model(state_dict: dict, activation: str = "quickgelu") -> CLIP:
-    """A ViT CLIP whose architecture is read off `state_dict`'s shapes; strict load, fp32, eval.
-
-    `activation`: the MLPs' "quickgelu" (OpenAI's) or "gelu"; the tensors do not tell."""
-    mlp_activation(activation)  # an unknown name fails here, before any work
-    state_dict = {k: v for k, v in unwrap(state_dict).items()
-                  if k not in ("input_resolution", "context_length", "vocab_size")}
-    required = ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj",
-                "token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight"]
-    missing = [k for k in required if k not in state_dict]
-    if missing:
-        hint = " (this looks like a ResNet CLIP; only ViT CLIPs are supported)" \
-            if any(k.startswith("visual.layer1.") for k in state_dict) else ""
-        raise ValueError(f"not a ViT CLIP state dict{hint}: missing keys {missing}; "
-                         f"found {len(state_dict)} keys, e.g. {sorted(state_dict)[:5]}")
-    vision_width = state_dict["visual.conv1.weight"].shape[0]
-    vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
-    vision_layers = len([k for k in state_dict if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
-    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    transformer_width = state_dict["ln_final.weight"].shape[0]
-    with torch.device("meta"):  # no memory and no random init for tensors the state dict replaces
-        model = CLIP(
-            embed_dim=state_dict["text_projection"].shape[1],
-            image_resolution=vision_patch_size * grid, vision_layers=vision_layers, vision_width=vision_width,
-            vision_patch_size=vision_patch_size,
-            context_length=state_dict["positional_embedding"].shape[0],
-            vocab_size=state_dict["token_embedding.weight"].shape[0], transformer_width=transformer_width,
-            transformer_heads=max(1, transformer_width // 64),
-            transformer_layers=len([k for k in state_dict if k.startswith("transformer.resblocks.")
-                                    and k.endswith(".attn.in_proj_weight")]),
-            vision_heads=max(1, vision_width // 64), activation=activation)
-    # copies, so the model never shares memory with (and never trains) the caller's tensors
-    result = model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state_dict.items()},
-                                   strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"state dict does not match a ViT CLIP of the shapes it implies: "
-                         f"missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
-    return model.float().eval()
 
 
 def available_models() -> List[str]:
@@ -404,7 +97,7 @@ def read_state_dict(path: str) -> dict:
                          f"{members}; expected one: extract the one you want and pass it")
     try:
         if kind == "torchscript":
-            with warnings.catch_warnings():  # TorchScript is deprecated, but it is the official format
+            with warnings.catch_warnings():  # TorchScript is deprecated, but it is OpenAI's format
                 warnings.simplefilter("ignore", FutureWarning)
                 return torch.jit.load(path, map_location="cpu").state_dict()
         if kind == "archive":
@@ -412,7 +105,8 @@ def read_state_dict(path: str) -> dict:
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is neither a TorchScript CLIP archive nor a readable state dict: {e}") from e
+        raise ValueError(f"{path} is neither a TorchScript CLIP archive nor a readable state "
+                         f"dict: {e}") from e
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a dict of tensors")
     return unwrap(state_dict)

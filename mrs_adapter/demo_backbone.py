@@ -13,17 +13,20 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from .clip import CLIP, MEAN, STD, build_model
+from .clip import MEAN, STD
 from .loss import info_nce
+from .model import CLIP, build_model
 from .runfiles import atomic_write
 from .tokenizer import tokenize
 
-COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40),
-           "white": (235, 235, 235), "black": (25, 25, 25), "grey": (128, 128, 128), "brown": (120, 80, 40)}
+COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200),
+           "yellow": (220, 200, 40), "white": (235, 235, 235), "black": (25, 25, 25),
+           "grey": (128, 128, 128), "brown": (120, 80, 40)}
 SHAPES = ["circle", "square", "triangle", "bar"]
 NUMBERS = ["one", "two", "three", "four"]
-ARCH = dict(embed_dim=64, image_resolution=64, vision_layers=3, vision_width=128, vision_patch_size=16,
-            context_length=32, vocab_size=49408, transformer_width=128, transformer_heads=2, transformer_layers=3)
+ARCH = dict(embed_dim=64, image_resolution=64, vision_layers=3, vision_width=128,
+            vision_patch_size=16, context_length=32, vocab_size=49408, transformer_width=128,
+            transformer_heads=2, transformer_layers=3)
 
 
 def shape_scene(rng: random.Random, size: int = 64):
@@ -47,29 +50,33 @@ def shape_scene(rng: random.Random, size: int = 64):
         else:
             draw.rectangle([x - r, y - r // 3, x + r, y + r // 3], fill=COLOURS[colour])
     noun = shape + ("s" if count > 1 else "")
-    caption = rng.choice([f"{NUMBERS[count - 1]} {colour} {noun} on the {side} of a {background} background",
-                          f"a {background} picture with {NUMBERS[count - 1]} {colour} {noun} on the {side}",
-                          f"{NUMBERS[count - 1]} {colour} {noun} on {background}, {side} side"])
+    number = NUMBERS[count - 1]
+    caption = rng.choice([f"{number} {colour} {noun} on the {side} of a {background} background",
+                          f"a {background} picture with {number} {colour} {noun} on the {side}",
+                          f"{number} {colour} {noun} on {background}, {side} side"])
     return image, caption
 
 
 def pretrain(steps: int = 400, n_images: int = 4000, batch_size: int = 64, lr: float = 5e-4,
              seed: int = 0, log_every: int = 50, arch: dict = None) -> CLIP:
-    """Train `arch` (default ARCH) from scratch on shape scenes for `steps` steps (~40 s on 2 CPU cores)."""
+    """Train `arch` (default ARCH) from scratch on shape scenes for `steps` steps (~40 s on 2
+    CPU cores)."""
     arch = arch or ARCH
     size = arch["image_resolution"]
     rng = random.Random(seed)
     torch.manual_seed(seed)
     scenes = [shape_scene(rng, size) for _ in range(n_images)]
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-    images = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
-                          for im, _ in scenes]).permute(0, 3, 1, 2)  # (N, 3, size, size) uint8
+    pixels = [torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
+              for im, _ in scenes]
+    images = torch.stack(pixels).permute(0, 3, 1, 2)  # (N, 3, size, size) uint8
     tokens = tokenize([c for _, c in scenes], arch["context_length"])
     model = CLIP(**arch).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     start = time.time()
-    print(f"demo backbone: pre-training a tiny CLIP ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"params) on {n_images} synthetic shape pictures for {steps} steps (cached afterwards)")
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"demo backbone: pre-training a tiny CLIP ({millions:.1f}M params) on {n_images} "
+          f"synthetic shape pictures for {steps} steps (cached afterwards)")
     for step in range(1, steps + 1):
         idx = torch.randint(0, n_images, (batch_size,))
         x = (images[idx].float() / 255 - mean) / std
@@ -80,7 +87,8 @@ def pretrain(steps: int = 400, n_images: int = 4000, batch_size: int = 64, lr: f
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)  # CLIP's cap on the temperature, 100
         if step % log_every == 0:
-            print(f"  pre-train step {step}: contrastive loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+            print(f"  pre-train step {step}: contrastive loss {loss.item():.3f} "
+                  f"({time.time() - start:.0f}s)")
     return model.eval()
 
 
@@ -90,7 +98,8 @@ def default_path(data_root: str) -> str:
 
 
 def load_or_pretrain(path: str, **kwargs) -> str:
-    """Path of the cached demo backbone, pre-training and saving it (atomically) first if missing."""
+    """Path of the cached demo backbone, pre-training and saving it (atomically) first if
+    missing."""
     if os.path.isfile(path):
         try:
             build_model(torch.load(path, map_location="cpu", weights_only=True))

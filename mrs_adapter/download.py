@@ -25,7 +25,7 @@ class DownloadError(RuntimeError):
 
 
 def cache_dir(download_root: str = None) -> str:
-    """`download_root`, else $MRS_ADAPTER_CACHE, else ~/.cache/clip (the folder OpenAI's package uses)."""
+    """`download_root`, else $MRS_ADAPTER_CACHE, else ~/.cache/clip (OpenAI's package's folder)."""
     return os.path.expanduser(download_root or os.environ.get(CACHE_ENV) or "~/.cache/clip")
 
 
@@ -48,7 +48,8 @@ def _progress(done: int, total: int, start: float, name: str, last: list):
         return
     last[0], last[1] = now, int(pct // 10)
     speed = done / max(now - start, 1e-6) / 2 ** 20
-    size = f"{done / 2 ** 20:.1f}/{total / 2 ** 20:.1f} MiB ({pct:.0f}%)" if total else f"{done / 2 ** 20:.1f} MiB"
+    mib = f"{done / 2 ** 20:.1f}"
+    size = f"{mib}/{total / 2 ** 20:.1f} MiB ({pct:.0f}%)" if total else f"{mib} MiB"
     start_of_line = "\r" if tty else ""
     end_of_line = "" if tty and done != total else "\n"
     sys.stderr.write(f"{start_of_line}downloading {name}: {size} {speed:.1f} MiB/s{end_of_line}")
@@ -90,10 +91,11 @@ def download(url: str, sha256: str = None, root: str = None, filename: str = Non
               file=sys.stderr)
     got = []
 
-    def fetch(out):  # streamed into atomic_write's temporary file, which is renamed only if we return
+    def fetch(out):  # streamed into atomic_write's temporary file, renamed only if we return
         h = hashlib.sha256()
         with urllib.request.urlopen(url, timeout=timeout) as src:
-            total, done, start, last = int(src.headers.get("Content-Length") or 0), 0, time.time(), [0.0, -1]
+            total, done = int(src.headers.get("Content-Length") or 0), 0
+            start, last = time.time(), [0.0, -1]
             for block in iter(lambda: src.read(1 << 20), b""):
                 out.write(block)
                 h.update(block)
@@ -103,14 +105,15 @@ def download(url: str, sha256: str = None, root: str = None, filename: str = Non
             raise DownloadError(f"download of {url} ended after {done} of {total} bytes")
         got.append(h.hexdigest())
         if sha256 is not None and h.hexdigest() != sha256:
-            raise DownloadError(f"sha256 of the file downloaded from {url} is {h.hexdigest()}, expected "
-                               f"{sha256}; nothing was written to {target}")
+            raise DownloadError(f"sha256 of the file downloaded from {url} is {h.hexdigest()}, "
+                               f"expected {sha256}; nothing was written to {target}")
 
     try:
         atomic_write(target, fetch, mode="wb")
-    except (urllib.error.URLError, OSError) as e:  # offline, DNS, refused, timed out, a short read ...
-        raise DownloadError(f"could not download {url}: {getattr(e, 'reason', e)}. Nothing was written to the "
-                           f"cache; put the verified file at {target} yourself, or pass a local file.") from e
+    except (urllib.error.URLError, OSError) as e:  # offline, DNS, refused, timed out, short read
+        raise DownloadError(f"could not download {url}: {getattr(e, 'reason', e)}. Nothing was "
+                           f"written to the cache; put the verified file at {target} yourself, "
+                           f"or pass a local file.") from e
     if sha256 is None:
         _record_sha256(target, got[0])
         print(f"{target}: no published sha256; computed {got[0]} at download "

@@ -1,4 +1,5 @@
-"""The hybrid multi-modal contrastive (HMMC) loss (Yuan et al., TGRS 2023, Sec. III; method.md 3).
+"""The hybrid multi-modal contrastive (HMMC) loss (Yuan et al., TGRS 2023, Sec. III;
+docs/method.md §3).
 
 HMMC sums three max-violation hinge losses (VSE++ style, hardest in-batch negative): between
 images and texts, between images and their feature-dropout views, and between texts and theirs:
@@ -17,7 +18,8 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def max_violation_hinge(a: torch.Tensor, b: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
-    """Bidirectional hinge on the hardest in-batch negative, summed over the batch. (B, D), (B, D) -> ().
+    """Bidirectional hinge on the hardest in-batch negative, summed over the batch.
+    (B, D), (B, D) -> ().
 
         H(a, b) = sum_i max_{j != i} [margin - S(a_i, b_i) + S(a_i, b_j)]_+
                 + sum_j max_{i != j} [margin - S(a_j, b_j) + S(a_i, b_j)]_+
@@ -28,16 +30,18 @@ def max_violation_hinge(a: torch.Tensor, b: torch.Tensor, margin: float = 0.2) -
     """
     s = cosine_similarity_matrix(a, b)  # (B, B)
     positive = s.diagonal()  # (B,) S(a_i, b_i)
-    # Hinges are >= 0, so setting the diagonal (j = i) to 0 is the same as leaving it out of the max;
-    # for B = 1 the max then runs over that single 0.
+    # Hinges are >= 0, so setting the diagonal (j = i) to 0 is the same as leaving it out of
+    # the max; for B = 1 the max then runs over that single 0.
     is_positive = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
-    cost_b = (margin - positive[:, None] + s).clamp(min=0).masked_fill(is_positive, 0)  # (B, B) a_i against b_j
-    cost_a = (margin - positive[None, :] + s).clamp(min=0).masked_fill(is_positive, 0)  # (B, B) b_j against a_i
+    # (B, B) a_i against b_j, then b_j against a_i
+    cost_b = (margin - positive[:, None] + s).clamp(min=0).masked_fill(is_positive, 0)
+    cost_a = (margin - positive[None, :] + s).clamp(min=0).masked_fill(is_positive, 0)
     return cost_b.max(dim=1).values.sum() + cost_a.max(dim=0).values.sum()
 
 
 def hmmc_loss(img: torch.Tensor, txt: torch.Tensor, img_aug: torch.Tensor, txt_aug: torch.Tensor,
-              margin: float = 0.2, weights: Sequence[float] = (1.0, 1.0, 1.0), return_terms: bool = False
+              margin: float = 0.2, weights: Sequence[float] = (1.0, 1.0, 1.0),
+              return_terms: bool = False
               ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
     """L_HMMC = w0 H(v, t) + w1 H(v, v') + w2 H(t, t'); all inputs (B, D), unnormalised embeddings.
 
@@ -46,7 +50,8 @@ def hmmc_loss(img: torch.Tensor, txt: torch.Tensor, img_aug: torch.Tensor, txt_a
     unweighted terms {"image_text", "image_image", "text_text"}, for logging.
     """
     if len(weights) != 3:
-        raise ValueError(f"weights must hold 3 numbers (image_text, image_image, text_text), got {weights}")
+        raise ValueError(f"weights must hold 3 numbers (image_text, image_image, text_text), "
+                         f"got {weights}")
     terms = {
         "image_text": max_violation_hinge(img, txt, margin),  # inter-modal
         "image_image": max_violation_hinge(img, img_aug, margin),  # intra-modal, image vs its view
@@ -56,7 +61,8 @@ def hmmc_loss(img: torch.Tensor, txt: torch.Tensor, img_aug: torch.Tensor, txt_a
     return (total, terms) if return_terms else total
 
 
-def info_nce(img: torch.Tensor, txt: torch.Tensor, logit_scale: Union[torch.Tensor, float]) -> torch.Tensor:
+def info_nce(img: torch.Tensor, txt: torch.Tensor,
+             logit_scale: Union[torch.Tensor, float]) -> torch.Tensor:
     """CLIP's symmetric cross-entropy: (B, D), (B, D), log of the temperature scale () -> ().
 
         logits = exp(logit_scale) * S(v, t)     # (B, B)

@@ -1,4 +1,5 @@
-"""Retrieval metrics of remote sensing image-text retrieval: R@1/5/10 both ways and mR (method.md 6).
+"""Retrieval metrics of remote sensing image-text retrieval: R@1/5/10 both ways and mR
+(docs/method.md §6).
 
 Every test image is embedded once and every caption once; S[i, j] is the cosine similarity of
 image i and caption j. Image->text ranks an image by its best-placed own caption; text->image
@@ -29,14 +30,16 @@ def retrieval_ranks(sims: torch.Tensor, txt2img: torch.Tensor) -> Tuple[torch.Te
     n_img, n_cap = sims.shape
     txt2img = torch.as_tensor(txt2img, dtype=torch.long, device=sims.device)
     if txt2img.shape != (n_cap,):
-        raise ValueError(f"txt2img must have one entry per caption ({n_cap}), got shape {tuple(txt2img.shape)}")
+        raise ValueError(f"txt2img must have one entry per caption ({n_cap}), "
+                         f"got shape {tuple(txt2img.shape)}")
     if n_cap and (txt2img.min() < 0 or txt2img.max() >= n_img):
         raise ValueError(f"txt2img holds image indices outside [0, {n_img})")
     if torch.isnan(sims).any():
         raise ValueError("sims contains NaN")
     counts = torch.bincount(txt2img, minlength=n_img)
     if (counts == 0).any():
-        raise ValueError(f"images without any caption: {torch.nonzero(counts == 0).flatten()[:10].tolist()}")
+        alone = torch.nonzero(counts == 0).flatten()[:10].tolist()
+        raise ValueError(f"images without any caption: {alone}")
     sims = sims.float()
     own = txt2img[None, :] == torch.arange(n_img, device=sims.device)[:, None]  # (N_img, N_cap)
 
@@ -55,7 +58,8 @@ def _median_rank(ranks: torch.Tensor) -> float:
     return float(math.floor(torch.quantile(ranks.double(), 0.5).item()) + 1)
 
 
-def recall_at_k(sims: torch.Tensor, txt2img: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+def recall_at_k(sims: torch.Tensor, txt2img: torch.Tensor,
+                ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
     """R@K in percent both ways, their mean mR, and median ranks.
 
     sims: (N_img, N_cap); txt2img: (N_cap,) long. Returns `i2t_r{k}` (fraction of IMAGES with an
@@ -81,7 +85,8 @@ def chance_recall(txt2img: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict
     txt2img = torch.as_tensor(txt2img, dtype=torch.long)
     counts = torch.bincount(txt2img).tolist()
     n_img, n_cap = len(counts), len(txt2img)
-    out = {f"i2t_r{k}": 100.0 * sum(1 - math.comb(n_cap - c, k) / math.comb(n_cap, k) for c in counts) / n_img
+    out = {f"i2t_r{k}": 100.0 * sum(1 - math.comb(n_cap - c, k) / math.comb(n_cap, k)
+                                    for c in counts) / n_img
            for k in ks}
     out.update({f"t2i_r{k}": 100.0 * min(k, n_img) / n_img for k in ks})
     out["mR"] = sum(out.values()) / len(out)
@@ -113,7 +118,8 @@ def _encode(encode, loader: Iterable, device: torch.device, amp_dtype) -> torch.
     for batch in loader:
         x = _first(batch).to(device, non_blocking=True)
         # bf16 autocast on CUDA only; the CPU path stays fp32 (and bit-reproducible)
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=device.type == "cuda" and amp_dtype is not None):
+        autocast = device.type == "cuda" and amp_dtype is not None
+        with torch.autocast("cuda", dtype=amp_dtype, enabled=autocast):
             chunks.append(F.normalize(encode(x).float(), dim=-1))
     return torch.cat(chunks)
 
@@ -137,9 +143,10 @@ def encode_dataset(model: torch.nn.Module, image_loader: Iterable, caption_loade
     return img, txt
 
 
-def evaluate(model: torch.nn.Module, image_loader: Iterable, caption_loader: Iterable, txt2img, device,
-             amp_dtype=torch.bfloat16, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """`recall_at_k` of the cosine similarities of `encode_dataset`'s embeddings (method.md 6)."""
+def evaluate(model: torch.nn.Module, image_loader: Iterable, caption_loader: Iterable, txt2img,
+             device, amp_dtype=torch.bfloat16, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """`recall_at_k` of the cosine similarities of `encode_dataset`'s embeddings
+    (docs/method.md §6)."""
     img, txt = encode_dataset(model, image_loader, caption_loader, device, amp_dtype)
     txt2img = torch.as_tensor(txt2img, dtype=torch.long)
     if len(txt) != len(txt2img):

@@ -10,12 +10,13 @@ from typing import Dict, Optional, Tuple
 from torch import nn
 
 from . import clip
-from .adapter import load_trainable_state_dict
+from .checkpoint import load_trainable_state_dict
 from .methods import apply_method, freeze_unread, method_options
 
 
-def load_backbone(config: Dict, clip_path: Optional[str] = None, activation: Optional[str] = None,
-                  sha256: Optional[str] = None, where: str = "the checkpoint") -> Tuple[nn.Module, object]:
+def load_backbone(config: Dict, clip_path: Optional[str] = None,
+                  activation: Optional[str] = None, sha256: Optional[str] = None,
+                  where: str = "the checkpoint") -> Tuple[nn.Module, object]:
     """(CLIP, preprocess): the backbone recorded in train.py's `config` ("backbone": clip, path,
     sha256, activation). `clip_path` points at the weights when they moved; weights with another
     sha256 are an error unless `sha256` names that hash on purpose."""

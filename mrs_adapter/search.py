@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import clip
-from .adapter import read_checkpoint
+from .checkpoint import read_checkpoint
 from .data import read_image, split_at_to_tensor
 from .download import sha256_of
 from .rebuild import apply_checkpoint, load_backbone

@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer (method.md section 1).
+"""CLIP's byte-level BPE tokenizer (docs/method.md §1).
 
 Text is cleaned (ftfy, HTML unescape, whitespace collapse, lower case), split into words,
 each word's UTF-8 bytes are mapped to printable characters and merged with the ranked BPE
@@ -52,8 +52,9 @@ class SimpleTokenizer:
         self.decoder = {i: tok for tok, i in self.encoder.items()}
         self.merge_rank = {m: i for i, m in enumerate(merges)}
         self.cache = {SOT: SOT, EOT: EOT}
-        self.pattern = regex.compile(
-            r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+        self.pattern = regex.compile(  # the special tokens, contractions, letters, digits, other
+            r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
+            r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
             regex.IGNORECASE)
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
 
@@ -91,7 +92,8 @@ class SimpleTokenizer:
     def decode(self, ids: List[int]) -> str:
         c2b = {c: b for b, c in byte_to_char().items()}
         text = "".join(self.decoder[i] for i in ids)
-        return bytearray(c2b[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
+        text = bytearray(c2b[c] for c in text).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ")
 
 
 @functools.lru_cache()
@@ -99,7 +101,8 @@ def get_tokenizer() -> SimpleTokenizer:
     return SimpleTokenizer()
 
 
-def tokenize(texts: Union[str, List[str]], context_length: int = 77, truncate: bool = True) -> torch.LongTensor:
+def tokenize(texts: Union[str, List[str]], context_length: int = 77,
+             truncate: bool = True) -> torch.LongTensor:
     """Token ids, shape (N, context_length), zero padded: [SOT] + bpe(text) + [EOT].
 
     A text longer than the context keeps its first context_length - 1 ids and ends with EOT

@@ -5,24 +5,28 @@ import pytest
 import torch
 from PIL import Image
 
-from mrs_adapter.clip import CLIP
 from mrs_adapter.demo import make_demo
 from mrs_adapter.demo_backbone import pretrain
+from mrs_adapter.model import CLIP
 
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
-            context_length=32, vocab_size=49408, transformer_width=96, transformer_heads=1, transformer_layers=2)
+TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128,
+            vision_patch_size=8, context_length=32, vocab_size=49408, transformer_width=96,
+            transformer_heads=1, transformer_layers=2)
 
 
-def make_tiny_clip(seed: int = 0, embed_dim: int = 32, image_resolution: int = 32, vision_layers: int = 2,
-                   vision_width: int = 128, vision_patch_size: int = 8, context_length: int = 77,
-                   vocab_size: int = 49408, transformer_width: int = 96, transformer_layers: int = 2) -> CLIP:
-    """A randomly initialised CLIP small enough for CPU tests; heads = width // 64, as build_model reads them.
+def make_tiny_clip(seed: int = 0, embed_dim: int = 32, image_resolution: int = 32,
+                   vision_layers: int = 2, vision_width: int = 128, vision_patch_size: int = 8,
+                   context_length: int = 77, vocab_size: int = 49408, transformer_width: int = 96,
+                   transformer_layers: int = 2) -> CLIP:
+    """A randomly initialised CLIP small enough for CPU tests; heads = width // 64, as
+    build_model reads them.
 
-    The widths differ (text 96, vision 128) and exceed MRS-Adapter's shared 64 channels, so adapters fit
-    and a text / vision mix-up shows."""
+    The widths differ (text 96, vision 128) and exceed MRS-Adapter's shared 64 channels, so
+    adapters fit and a text / vision mix-up shows."""
     torch.manual_seed(seed)
-    model = CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, context_length,
-                 vocab_size, transformer_width, max(1, transformer_width // 64), transformer_layers)
+    model = CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, max(1, transformer_width // 64),
+                 transformer_layers)
     return model.eval()
 
 
@@ -33,7 +37,8 @@ def tiny_clip() -> CLIP:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """(data root, backbone path): a small demo set and a tiny CLIP pre-trained on shapes for 150 steps."""
+    """(data root, backbone path): a small demo set and a tiny CLIP pre-trained on shapes for
+    150 steps."""
     root = tmp_path_factory.mktemp("demo")
     make_demo(str(root), n_train=150, n_test=60, size=32)
     torch.manual_seed(0)
@@ -97,6 +102,7 @@ def two_datasets(tmp_path_factory):
     (quality 75) and a 64 -> 56 px resized copy of two rsitmd test images each, and rsitmd's
     training pool a JPEG copy of one rsicd test image. Every other image is a distinct scene."""
     import random
+
     from mrs_adapter.demo import captions, render, sample_scene
     root, rng = tmp_path_factory.mktemp("two"), random.Random(5)
     scenes = {}

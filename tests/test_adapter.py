@@ -1,5 +1,6 @@
-"""MRS-Adapter (method.md 2), its insertion into CLIP, trainable-state checkpoints, and the
-feature-dropout views of clip.py (method.md 3). Tiny CLIPs except the ViT-B/32 count checks."""
+"""MRS-Adapter (docs/method.md §2), its insertion into CLIP, trainable-state checkpoints, and the
+feature-dropout views of model.py (docs/method.md §3). Tiny CLIPs except the ViT-B/32 count
+checks."""
 import copy
 import os
 import re
@@ -7,17 +8,24 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_clip
 from torch import nn
 
-from conftest import make_tiny_clip
-from mrs_adapter.adapter import (AdaptedBlock, MRSAdapter, add_adapters, count_parameters, load_trainable,
-                                 load_trainable_state_dict, print_trainable_parameters, save_trainable,
-                                 trainable_state_dict)
-from mrs_adapter.clip import CLIP
+from mrs_adapter.adapter import AdaptedBlock, MRSAdapter, add_adapters
+from mrs_adapter.checkpoint import (
+    count_parameters,
+    load_trainable,
+    load_trainable_state_dict,
+    print_trainable_parameters,
+    save_trainable,
+    trainable_state_dict,
+)
 from mrs_adapter.loss import hmmc_loss
+from mrs_adapter.model import CLIP
 
-CLIP_VIT_B32_PARAMS = 151_277_313  # method.md 1
-TINY = dict(transformer_width=96, vision_width=128)  # wider than shared_dim=64; unequal to catch mix-ups
+CLIP_VIT_B32_PARAMS = 151_277_313  # docs/method.md §1
+# wider than shared_dim=64; unequal, to catch mix-ups
+TINY = dict(transformer_width=96, vision_width=128)
 
 
 def linear_params(d_in, d_out):
@@ -25,9 +33,10 @@ def linear_params(d_in, d_out):
 
 
 def mrs_adapter_params(text_width, vision_width, bottleneck=64, shared=64):
-    """The table of method.md 2 as a formula: downs, own ups, shared up."""
+    """The table of docs/method.md §2 as a formula: downs, own ups, shared up."""
     return (linear_params(text_width, bottleneck) + linear_params(vision_width, bottleneck)
-            + linear_params(bottleneck, text_width - shared) + linear_params(bottleneck, vision_width - shared)
+            + linear_params(bottleneck, text_width - shared)
+            + linear_params(bottleneck, vision_width - shared)
             + linear_params(bottleneck, shared))
 
 
@@ -63,11 +72,12 @@ def adapted_tiny_clip(seed=0, **kwargs):
 
 @pytest.fixture(scope="module")
 def vit_b32():
-    """Full-size random CLIP with ViT-B/32 shapes and the published shared adapter (a few seconds)."""
+    """Full-size random CLIP with ViT-B/32 shapes and the published shared adapter (a few
+    seconds)."""
     torch.manual_seed(0)
-    model = CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                 context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                 transformer_layers=12)
+    model = CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                 vision_patch_size=32, context_length=77, vocab_size=49408, transformer_width=512,
+                 transformer_heads=8, transformer_layers=12)
     return add_adapters(model, verbose=False)
 
 
@@ -83,12 +93,14 @@ def test_adapter_layers_follow_the_table_and_start_at_zero():
                       "shared_up.weight": (64, 64), "shared_up.bias": (64,)}
     assert sum(p.numel() for p in adapter.parameters()) == 161_088
     # No LayerNorm, scale or gate: only the five Linear layers and the dropout.
-    assert {type(m) for m in adapter.children()} == {nn.Linear, nn.Dropout} and adapter.dropout.p == 0.5
+    assert {type(m) for m in adapter.children()} == {nn.Linear, nn.Dropout}
+    assert adapter.dropout.p == 0.5
     for up in (adapter.text_up, adapter.vision_up, adapter.shared_up):
         assert not up.weight.any() and not up.bias.any()
     for down in (adapter.text_down, adapter.vision_down):
         assert not down.bias.any() and down.weight.std() > 0
-        bound = down.in_features ** -0.5  # PyTorch's default Linear init is U(-1/sqrt(in), 1/sqrt(in))
+        # PyTorch's default Linear init is U(-1/sqrt(in), 1/sqrt(in))
+        bound = down.in_features ** -0.5
         assert down.weight.abs().max() <= bound
     assert not adapter(torch.randn(2, 5, 512), "text").any()
 
@@ -131,7 +143,8 @@ def test_vit_b32_trains_exactly_161088_parameters_and_no_clip_tensor(vit_b32):
     # Every CLIP tensor is frozen, the projections and logit_scale included.
     frozen = {n for n, p in vit_b32.named_parameters() if not p.requires_grad}
     assert {"visual.proj", "text_projection", "logit_scale", "token_embedding.weight"} <= frozen
-    assert all(".adapter." not in n for n in frozen) and len(frozen) + 10 == len(list(vit_b32.parameters()))
+    assert all(".adapter." not in n for n in frozen)
+    assert len(frozen) + 10 == len(list(vit_b32.parameters()))
     # One adapter instance in all 24 blocks of both towers.
     blocks = list(vit_b32.transformer.resblocks) + list(vit_b32.visual.transformer.resblocks)
     assert len(blocks) == 24 and len({id(b.adapter) for b in blocks}) == 1
@@ -142,17 +155,20 @@ def test_trainable_line_is_printed(vit_b32, capsys):
     assert capsys.readouterr().out.strip() == \
         "trainable params: 161,088 || all params: 151,438,401 || trainable%: 0.1064"
     add_adapters(make_tiny_clip(**TINY))
-    assert capsys.readouterr().out.startswith(f"trainable params: {mrs_adapter_params(96, 128):,d} || all params: ")
+    line = f"trainable params: {mrs_adapter_params(96, 128):,d} || all params: "
+    assert capsys.readouterr().out.startswith(line)
 
 
 @pytest.mark.parametrize("layers", [1, 2])
 def test_adapter_follows_vit_l14_widths(layers):
-    model = CLIP(embed_dim=768, image_resolution=28, vision_layers=layers, vision_width=1024, vision_patch_size=14,
-                 context_length=77, vocab_size=1000, transformer_width=768, transformer_heads=12,
-                 transformer_layers=layers)
+    model = CLIP(embed_dim=768, image_resolution=28, vision_layers=layers, vision_width=1024,
+                 vision_patch_size=14, context_length=77, vocab_size=1000, transformer_width=768,
+                 transformer_heads=12, transformer_layers=layers)
     adapter = add_adapters(model, verbose=False).transformer.resblocks[0].adapter
-    assert tuple(adapter.text_down.weight.shape) == (64, 768) and tuple(adapter.vision_down.weight.shape) == (64, 1024)
-    assert tuple(adapter.text_up.weight.shape) == (704, 64) and tuple(adapter.vision_up.weight.shape) == (960, 64)
+    assert tuple(adapter.text_down.weight.shape) == (64, 768)
+    assert tuple(adapter.vision_down.weight.shape) == (64, 1024)
+    assert tuple(adapter.text_up.weight.shape) == (704, 64)
+    assert tuple(adapter.vision_up.weight.shape) == (960, 64)
     assert tuple(adapter.shared_up.weight.shape) == (64, 64)
     # Shared adapter: the count depends on the widths only, not on the depth.
     assert count_parameters(model)[0] == mrs_adapter_params(768, 1024) == 227_136
@@ -162,7 +178,8 @@ def test_per_block_ablation_has_one_single_modality_adapter_per_block():
     model = add_adapters(make_tiny_clip(vision_layers=3, **TINY), shared=False, verbose=False)
     text, vision = list(model.transformer.resblocks), list(model.visual.transformer.resblocks)
     assert len({id(b.adapter) for b in text + vision}) == 5
-    assert all(b.adapter.vision_down is None for b in text) and all(b.adapter.text_down is None for b in vision)
+    assert all(b.adapter.vision_down is None for b in text)
+    assert all(b.adapter.text_down is None for b in vision)
     per_text = linear_params(96, 64) + linear_params(64, 96)  # down, own up + shared up
     per_vision = linear_params(128, 64) + linear_params(64, 128)
     assert count_parameters(model)[0] == 2 * per_text + 3 * per_vision
@@ -178,10 +195,13 @@ def test_wrapper_holds_the_frozen_block_and_says_so():
     original = model.transformer.resblocks[1]
     add_adapters(model, verbose=False)
     wrapper = model.transformer.resblocks[1]
-    assert isinstance(wrapper, AdaptedBlock) and wrapper.block is original and wrapper.modality == "text"
+    assert isinstance(wrapper, AdaptedBlock) and wrapper.block is original
+    assert wrapper.modality == "text"
     assert model.visual.transformer.resblocks[0].modality == "vision"
     text = repr(model)
-    assert re.search(r"AdaptedBlock\(\s+modality='text', block_frozen=True\s+\(block\): ResidualAttentionBlock\(", text)
+    shown = (r"AdaptedBlock\(\s+modality='text', block_frozen=True"
+             r"\s+\(block\): ResidualAttentionBlock\(")
+    assert re.search(shown, text)
     assert "(adapter): MRSAdapter(" in text
     # The wrapper renames the frozen tensors in model.state_dict() (documented in AdaptedBlock).
     assert "transformer.resblocks.0.block.attn.in_proj_weight" in model.state_dict()
@@ -195,7 +215,8 @@ def test_adapted_block_writes_the_parallel_equation():
         block, adapter = wrapper.block, wrapper.adapter
         x = torch.randn(2, 9, block.ln_1.normalized_shape[0])
         after_attn = x + block.attn(block.ln_1(x))  # the residual stream the adapter must read
-        expected = after_attn + block.mlp(block.ln_2(after_attn)) + adapter(after_attn, wrapper.modality)
+        mlp = block.mlp(block.ln_2(after_attn))
+        expected = after_attn + mlp + adapter(after_attn, wrapper.modality)
         assert torch.allclose(wrapper(x), expected, atol=1e-6)
         # Reading the block's input instead (a sequential/pre-attention placement) would differ.
         wrong = after_attn + block.mlp(block.ln_2(after_attn)) + adapter(x, wrapper.modality)
@@ -286,16 +307,21 @@ def test_strict_loading_names_what_differs():
     target = adapted_tiny_clip()
     snapshot = trainable_state_dict(target)
 
-    with pytest.raises(ValueError, match=r"text_down\.weight: checkpoint \(64, 96\) vs model \(64, 128\)"):
+    shapes = r"text_down\.weight: checkpoint \(64, 96\) vs model \(64, 128\)"
+    with pytest.raises(ValueError, match=shapes):
         load_trainable_state_dict(adapted_tiny_clip(transformer_width=128), state)
-    with pytest.raises(ValueError, match=r"unexpected 10 names: .*adapter\.shared_up\.bias") as error:
-        load_trainable_state_dict(make_tiny_clip(), state)  # a plain CLIP: everything trainable, no adapter
+    unexpected = r"unexpected 10 names: .*adapter\.shared_up\.bias"
+    with pytest.raises(ValueError, match=unexpected) as error:
+        # a plain CLIP: everything trainable, no adapter
+        load_trainable_state_dict(make_tiny_clip(), state)
     assert "missing" in str(error.value) and "token_embedding.weight" in str(error.value)
     per_block = add_adapters(make_tiny_clip(**TINY), shared=False, verbose=False)
-    with pytest.raises(ValueError, match=r"missing .*transformer\.resblocks\.1\.adapter\.text_down\.weight"):
+    missing = r"missing .*transformer\.resblocks\.1\.adapter\.text_down\.weight"
+    with pytest.raises(ValueError, match=missing):
         load_trainable_state_dict(per_block, state)
     other_method = {"prompt_learner.ctx": torch.zeros(4, 64)}
-    with pytest.raises(ValueError, match=r"missing 10 names.*unexpected 1 names: prompt_learner\.ctx"):
+    both = r"missing 10 names.*unexpected 1 names: prompt_learner\.ctx"
+    with pytest.raises(ValueError, match=both):
         load_trainable_state_dict(target, other_method)
     # A refused state copies nothing; an exact one loads.
     assert all(torch.equal(trainable_state_dict(target)[n], t) for n, t in snapshot.items())
@@ -318,7 +344,7 @@ def test_save_is_atomic_and_load_checks_the_format(tmp_path):
         load_trainable(model, str(tmp_path / "other.pt"))
 
 
-# ---- feature-dropout views (clip.py, method.md 3) ----
+# ---- feature-dropout views (model.py, docs/method.md §3) ----
 
 def test_feature_dropout_is_off_in_eval_mode():
     model = make_tiny_clip().eval()
@@ -328,11 +354,13 @@ def test_feature_dropout_is_off_in_eval_mode():
     for views, x, encode in ((model.encode_image_views, images, model.encode_image),
                              (model.encode_text_views, tokens, model.encode_text)):
         clean, dropped = views(x, 0.2)
-        assert torch.allclose(clean, encode(x), atol=1e-5) and torch.allclose(dropped, clean, atol=1e-5)
+        assert torch.allclose(clean, encode(x), atol=1e-5)
+        assert torch.allclose(dropped, clean, atol=1e-5)
 
 
 def test_feature_dropout_drops_a_fifth_of_the_embeddings_in_train_mode():
-    model = make_tiny_clip().train()  # plain CLIP has no other random op, so the draws can be replayed
+    # plain CLIP has no other random op, so the draws can be replayed
+    model = make_tiny_clip().train()
     images, tokens = random_images(8), random_tokens(8)
     trimmed = model.trim(tokens)  # encode_text drops the padding after the last end token first
     cases = (("image", images, model.encode_image, model.visual.embed, model.visual.encode),
@@ -344,7 +372,8 @@ def test_feature_dropout_drops_a_fifth_of_the_embeddings_in_train_mode():
         torch.manual_seed(11)
         clean = embed(inputs)  # (B, L, width), the tokens entering the first block
         dropped = F.dropout(clean, 0.2, training=True)
-        # The same draw replayed on the embeddings reproduces encode_*: the dropout sits exactly there.
+        # The same draw replayed on the embeddings reproduces encode_*: the dropout sits exactly
+        # there.
         assert torch.equal(out, blocks_and_head(dropped)), name
         assert abs((dropped == 0).float().mean().item() - 0.2) < 0.02, name
         kept = dropped != 0

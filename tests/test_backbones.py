@@ -22,6 +22,7 @@ import train
 from mrs_adapter import clip
 from mrs_adapter.demo import make_demo
 from mrs_adapter.methods import METHODS, apply_method
+from mrs_adapter.model import QuickGELU, build_model
 
 FORMATS = {  # how the checkpoints in the wild hold the same tensors
     "plain": lambda sd: sd,  # RemoteCLIP, GeoRSCLIP
@@ -63,7 +64,7 @@ def test_parity_with_open_clip_in_every_format(config, activation, wrong, inputs
         assert img_err <= 1e-4 and txt_err <= 1e-4
         path.unlink()
     # negative control: the same tensors with the other activation load without error, and differ
-    img, txt = encode(clip.build_model(state, wrong), inputs)
+    img, txt = encode(build_model(state, wrong), inputs)
     img_gap, txt_gap = (img - want_img).abs().max().item(), (txt - want_txt).abs().max().item()
     print(f"{config} loaded with {wrong}: max abs difference image {img_gap:.3g}, "
           f"text {txt_gap:.3g}")
@@ -94,7 +95,7 @@ def test_file_defaults_to_quickgelu_and_says_so_unknown_activation_is_named(tiny
     model, _ = clip.load(str(tmp_path / "w.pt"))
     assert model.activation == "quickgelu"
     assert "default for a weights file" in clip.describe(model.backbone)
-    assert isinstance(model.transformer.resblocks[1].mlp.gelu, clip.QuickGELU)
+    assert isinstance(model.transformer.resblocks[1].mlp.gelu, QuickGELU)
     with pytest.raises(ValueError, match="unknown CLIP MLP activation 'relu'.*quickgelu.*gelu"):
         clip.load(str(tmp_path / "w.pt"), activation="relu")
 

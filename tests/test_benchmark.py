@@ -4,7 +4,7 @@ import json
 
 import benchmark
 from mrs_adapter import clip
-from mrs_adapter.adapter import count_parameters
+from mrs_adapter.checkpoint import count_parameters
 from mrs_adapter.methods import apply_method
 
 

@@ -1,23 +1,26 @@
-"""CLIP against an independent implementation (open_clip), shapes read off state dicts, strict errors."""
+"""CLIP against an independent implementation (open_clip), shapes read off state dicts, strict
+errors."""
 import copy
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import as_torchscript_archive
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
-from conftest import as_torchscript_archive
 from mrs_adapter import clip
-from mrs_adapter.clip import CLIP, build_model
+from mrs_adapter.model import CLIP, QuickGELU, build_model
 
-VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                vision_patch_size=32, context_length=77, vocab_size=49408, transformer_width=512,
+                transformer_heads=8, transformer_layers=12)
 
 
 def random_tokens(n: int, context: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """Ids < vocab - 1 with the end id (vocab - 1, the largest) at varied positions, zero padded after it."""
+    """Ids < vocab - 1 with the end id (vocab - 1, the largest) at varied positions, zero padded
+    after it."""
     tokens = torch.zeros(n, context, dtype=torch.long)
     for i in range(n):
         length = int(torch.randint(2, context + 1, (1,), generator=generator))
@@ -58,7 +61,8 @@ def test_parity_with_open_clip_non_standard_shape():
         vision_cfg=CLIPVisionCfg(layers=3, width=192, head_width=64, patch_size=12, image_size=60),
         text_cfg=CLIPTextCfg(context_length=21, vocab_size=1000, width=128, heads=2, layers=2),
         quick_gelu=True).eval()
-    for p in reference.parameters():  # open_clip zero-initialises some tensors; make every one matter
+    # open_clip zero-initialises some tensors; make every one matter
+    for p in reference.parameters():
         p.data.add_(0.02 * torch.randn_like(p))
     model = assert_parity(reference, 60, 21, 1000)
     assert (model.visual.input_resolution, model.context_length, model.vocab_size) == (60, 21, 1000)
@@ -71,7 +75,8 @@ def test_vit_b_32_parameter_count():
 
 def test_build_model_drops_archive_extras_and_returns_fp32_eval(tiny_clip):
     state = {k: v.half() for k, v in tiny_clip.state_dict().items()}
-    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77),
+                 vocab_size=torch.tensor(49408))
     model = build_model(state)
     assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
 
@@ -80,13 +85,15 @@ def test_build_model_names_missing_and_unexpected_keys(tiny_clip):
     state = tiny_clip.state_dict()
     truncated = {k: v for k, v in state.items() if not k.startswith("transformer.resblocks.1.mlp")}
     truncated.pop("visual.ln_post.bias")
-    with pytest.raises(ValueError, match=r"transformer\.resblocks\.1\.mlp\.c_fc\.weight.*|visual\.ln_post\.bias"):
+    missing = r"transformer\.resblocks\.1\.mlp\.c_fc\.weight.*|visual\.ln_post\.bias"
+    with pytest.raises(ValueError, match=missing):
         build_model(truncated)
     with pytest.raises(ValueError, match="unexpected keys.*visual.extra"):
         build_model({**state, "visual.extra": torch.zeros(1)})
     with pytest.raises(ValueError, match="missing keys.*visual.conv1.weight"):
         build_model({"weight": torch.zeros(3), "bias": torch.zeros(3)})
-    resnet = {"visual.conv1.weight": torch.zeros(32, 3, 3, 3), "visual.layer1.0.conv1.weight": torch.zeros(1),
+    resnet = {"visual.conv1.weight": torch.zeros(32, 3, 3, 3),
+              "visual.layer1.0.conv1.weight": torch.zeros(1),
               "visual.attnpool.positional_embedding": torch.zeros(50, 2048)}
     with pytest.raises(ValueError, match="ResNet CLIP"):
         build_model({**{k: v for k, v in state.items() if not k.startswith("visual.")}, **resnet})
@@ -97,7 +104,7 @@ def test_text_pools_the_end_token_and_is_causal(tiny_clip):
     with torch.no_grad():
         base = tiny_clip.encode_text(tokens)
         later = tokens.clone()
-        later[0, 10] = 500  # after the end token: causal attention never lets it reach the pooled token
+        later[0, 10] = 500  # after the end token: causal attention keeps it from the pooled token
         assert torch.equal(tiny_clip.encode_text(later), base)
         earlier = tokens.clone()
         earlier[0, 1] = 500
@@ -109,8 +116,10 @@ def test_torchscript_archive_loads_like_the_state_dict(tiny_clip, tmp_path):
     torch.save({k: v.half() for k, v in tiny_clip.state_dict().items()}, tmp_path / "plain.pt")
     from_archive, preprocess = clip.load(str(tmp_path / "ViT-tiny.pt"))
     from_plain, _ = clip.load(str(tmp_path / "plain.pt"))
-    assert set(clip.read_state_dict(str(tmp_path / "ViT-tiny.pt"))) >= {"input_resolution", "visual.proj"}
-    for (name, a), (_, b) in zip(from_archive.state_dict().items(), from_plain.state_dict().items()):
+    archive = clip.read_state_dict(str(tmp_path / "ViT-tiny.pt"))
+    assert set(archive) >= {"input_resolution", "visual.proj"}
+    plain = from_plain.state_dict().items()
+    for (name, a), (_, b) in zip(from_archive.state_dict().items(), plain):
         assert torch.equal(a, b), name
     images, tokens = torch.randn(2, 3, 32, 32), torch.tensor([[49406, 320, 49407] + [0] * 74] * 2)
     with torch.no_grad():
@@ -143,15 +152,18 @@ def test_preprocess_matches_open_clip(size, mode):
 
 def test_feature_views_equal_plain_encoders_without_dropout(tiny_clip):
     model = copy.deepcopy(tiny_clip)
-    images, tokens = torch.randn(3, 3, 32, 32), torch.tensor([[49406, 320, 1125, 49407] + [0] * 73] * 3)
+    images = torch.randn(3, 3, 32, 32)
+    tokens = torch.tensor([[49406, 320, 1125, 49407] + [0] * 73] * 3)
     with torch.no_grad():
         clean, dropped = model.encode_image_views(images, 0.2)  # eval mode: dropout is off
-        assert torch.allclose(clean, model.encode_image(images), atol=1e-5) and torch.allclose(clean, dropped, atol=1e-5)
+        assert torch.allclose(clean, model.encode_image(images), atol=1e-5)
+        assert torch.allclose(clean, dropped, atol=1e-5)
         clean, dropped = model.encode_text_views(tokens, 0.2)
-        assert torch.allclose(clean, model.encode_text(tokens), atol=1e-5) and torch.allclose(clean, dropped, atol=1e-5)
+        assert torch.allclose(clean, model.encode_text(tokens), atol=1e-5)
+        assert torch.allclose(clean, dropped, atol=1e-5)
 
 
 def test_quick_gelu_gradient():
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(clip.QuickGELU(), (x,))
-    assert torch.equal(clip.QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+    assert torch.autograd.gradcheck(QuickGELU(), (x,))
+    assert torch.equal(QuickGELU()(x), x * torch.sigmoid(1.702 * x))

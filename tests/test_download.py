@@ -9,14 +9,15 @@ import threading
 
 import pytest
 import torch
+from conftest import as_torchscript_archive
 
 from mrs_adapter import clip
 from mrs_adapter.download import DownloadError, download
-from conftest import as_torchscript_archive
 
 
 class Server:
-    """Serves `files` (url path -> bytes); `truncate` paths announce their full length, send half."""
+    """Serves `files` (url path -> bytes); `truncate` paths announce their full length, send
+    half."""
 
     def __init__(self):
         self.files, self.truncate, self.hits = {}, set(), []
@@ -65,7 +66,8 @@ def served_vit(server, tiny_clip, tmp_path, monkeypatch):
 def test_right_hash_is_cached_and_loaded(server, served_vit, tiny_clip, tmp_path):
     cache = tmp_path / "cache"
     model, _ = clip.load("ViT-B/32", download_root=str(cache))
-    assert os.listdir(cache) == ["ViT-B-32.pt"] and (cache / "ViT-B-32.pt").read_bytes() == served_vit
+    assert os.listdir(cache) == ["ViT-B-32.pt"]
+    assert (cache / "ViT-B-32.pt").read_bytes() == served_vit
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = tiny_clip.half().float().encode_image(images)
@@ -101,7 +103,8 @@ def test_unreachable_server_gives_a_clear_error_and_leaves_nothing(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(DownloadError, match=f"could not download http://127.0.0.1:{port}/m.pt.*local file"):
+    refused = f"could not download http://127.0.0.1:{port}/m.pt.*local file"
+    with pytest.raises(DownloadError, match=refused):
         download(f"http://127.0.0.1:{port}/m.pt", "0" * 64, str(tmp_path))
     assert os.listdir(tmp_path) == []
 
@@ -117,7 +120,8 @@ def test_corrupt_cached_file_is_fetched_again(server, served_vit, tmp_path):
 def test_official_urls_carry_their_hash():
     for name in clip._MODELS:
         sha, filename = clip._MODELS[name]
-        assert clip.model_url(name) == f"https://openaipublic.azureedge.net/clip/models/{sha}/{filename}"
+        url = f"https://openaipublic.azureedge.net/clip/models/{sha}/{filename}"
+        assert clip.model_url(name) == url
 
 
 def test_no_network_at_import():

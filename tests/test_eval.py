@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import make_tiny_clip
-from mrs_adapter.adapter import save_trainable
+from mrs_adapter.checkpoint import save_trainable
 from mrs_adapter.clip import transform
 from mrs_adapter.data import load_splits, read_image
 from mrs_adapter.demo import make_demo

@@ -1,4 +1,5 @@
-"""HMMC, its max-violation hinge and InfoNCE against plain double-loop references (method.md 3)."""
+"""HMMC, its max-violation hinge and InfoNCE against plain double-loop references
+(docs/method.md §3)."""
 import math
 
 import pytest
@@ -12,14 +13,16 @@ def cosine(u, v):
 
 
 def reference_hinge(a, b, margin):
-    """H(a, b) of method.md 3 written out with Python loops over pairs."""
+    """H(a, b) of docs/method.md §3 written out with Python loops over pairs."""
     B = a.shape[0]
     S = [[cosine(a[i], b[j]) for j in range(B)] for i in range(B)]
     total = 0.0
     for i in range(B):  # a_i as the anchor, hardest b_j
-        total += max([max(0.0, margin - S[i][i] + S[i][j]) for j in range(B) if j != i], default=0.0)
+        hinges = [max(0.0, margin - S[i][i] + S[i][j]) for j in range(B) if j != i]
+        total += max(hinges, default=0.0)
     for j in range(B):  # b_j as the anchor, hardest a_i
-        total += max([max(0.0, margin - S[j][j] + S[i][j]) for i in range(B) if i != j], default=0.0)
+        hinges = [max(0.0, margin - S[j][j] + S[i][j]) for i in range(B) if i != j]
+        total += max(hinges, default=0.0)
     return total
 
 
@@ -30,7 +33,8 @@ def reference_info_nce(img, txt, logit_scale):
     logits = [[scale * cosine(img[i], txt[j]) for j in range(B)] for i in range(B)]
 
     def ce(rows):
-        return sum(math.log(sum(math.exp(x) for x in row)) - row[k] for k, row in enumerate(rows)) / len(rows)
+        losses = [math.log(sum(math.exp(x) for x in row)) - row[k] for k, row in enumerate(rows)]
+        return sum(losses) / len(rows)
 
     columns = [[logits[i][j] for i in range(B)] for j in range(B)]
     return (ce(logits) + ce(columns)) / 2
@@ -45,24 +49,27 @@ def features(B, D=16, seed=0):
 @pytest.mark.parametrize("margin", [0.0, 0.2, 0.5])
 def test_hmmc_matches_double_loop_reference(B, margin):
     v, t, v_aug, t_aug = features(B, seed=B)
-    expected = [reference_hinge(v, t, margin), reference_hinge(v, v_aug, margin), reference_hinge(t, t_aug, margin)]
+    expected = [reference_hinge(v, t, margin), reference_hinge(v, v_aug, margin),
+                reference_hinge(t, t_aug, margin)]
     total, terms = hmmc_loss(v, t, v_aug, t_aug, margin=margin, return_terms=True)
     assert list(terms) == ["image_text", "image_image", "text_text"]
     for term, ref in zip(terms.values(), expected):
         assert term.item() == pytest.approx(ref, abs=1e-10)
     assert total.item() == pytest.approx(sum(expected), abs=1e-10)
     weighted = hmmc_loss(v, t, v_aug, t_aug, margin=margin, weights=(0.5, 2.0, 3.0))
-    assert weighted.item() == pytest.approx(0.5 * expected[0] + 2 * expected[1] + 3 * expected[2], abs=1e-10)
+    want = 0.5 * expected[0] + 2 * expected[1] + 3 * expected[2]
+    assert weighted.item() == pytest.approx(want, abs=1e-10)
 
 
 def test_hinge_sums_over_batch_and_uses_hardest_negative():
     # Unit vectors with S = a @ b^T = [[1, 0, .6], [0, 1, .8], [.6, .8, 1]] (a = b).
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=torch.float64)
     # Hardest negatives: a_0 -> b_2 (0.6), a_1 -> b_2 (0.8), a_2 -> b_1 (0.8); the same by columns.
-    # With margin 0.5 the hinges are 0.1, 0.3, 0.3 per direction: H = 2 * 0.7. The mean would be 0.7 / 3.
+    # With margin 0.5 the hinges are 0.1, 0.3, 0.3 per direction: H = 2 * 0.7. The mean would be
+    # 0.7 / 3.
     assert max_violation_hinge(a, a.clone(), margin=0.5).item() == pytest.approx(1.4)
-    # A second copy of the batch in orthogonal dimensions adds no active hinge (cross cosines 0 < 1 - 0.5),
-    # so the loss doubles: a sum over the batch, not a mean.
+    # A second copy of the batch in orthogonal dimensions adds no active hinge (cross cosines
+    # 0 < 1 - 0.5), so the loss doubles: a sum over the batch, not a mean.
     doubled = torch.block_diag(a, a)  # (6, 4)
     assert max_violation_hinge(doubled, doubled.clone(), margin=0.5).item() == pytest.approx(2.8)
 
@@ -81,16 +88,20 @@ def test_batch_of_one_is_zero_with_finite_zero_gradient():
 def test_hinge_is_symmetric_in_its_two_directions():
     a, b, _, _ = features(6, seed=3)
     # H sums both directions, so swapping the arguments swaps the two sums and leaves H unchanged.
-    assert max_violation_hinge(a, b).item() == pytest.approx(max_violation_hinge(b, a).item(), abs=1e-12)
+    h = max_violation_hinge(a, b).item()
+    assert h == pytest.approx(max_violation_hinge(b, a).item(), abs=1e-12)
     # ...and it is scale invariant (cosine similarity).
-    assert max_violation_hinge(3 * a, b).item() == pytest.approx(max_violation_hinge(a, b).item(), abs=1e-12)
+    assert max_violation_hinge(3 * a, b).item() == pytest.approx(h, abs=1e-12)
 
 
 def test_hmmc_and_hinge_pass_gradcheck():
     v, t, v_aug, t_aug = [x.requires_grad_() for x in features(5, D=6, seed=7)]
-    assert hmmc_loss(v, t, v_aug, t_aug).item() > 0  # some hinges are active, so the check is meaningful
+    # some hinges are active, so the check is meaningful
+    assert hmmc_loss(v, t, v_aug, t_aug).item() > 0
     assert torch.autograd.gradcheck(lambda a, b: max_violation_hinge(a, b, 0.2), (v, t))
-    assert torch.autograd.gradcheck(lambda *x: hmmc_loss(*x, weights=(1.0, 0.5, 2.0)), (v, t, v_aug, t_aug))
+    def weighted(*x):
+        return hmmc_loss(*x, weights=(1.0, 0.5, 2.0))
+    assert torch.autograd.gradcheck(weighted, (v, t, v_aug, t_aug))
 
 
 def test_wrong_number_of_weights_is_refused():
@@ -105,7 +116,8 @@ def test_info_nce_matches_reference(B):
     for log_scale in (0.0, math.log(1 / 0.07)):
         got = info_nce(img, txt, torch.tensor(log_scale, dtype=torch.float64))
         assert got.item() == pytest.approx(reference_info_nce(img, txt, log_scale), abs=1e-9)
-    assert info_nce(img, txt, 1.5).item() == pytest.approx(reference_info_nce(img, txt, 1.5), abs=1e-9)
+    want = reference_info_nce(img, txt, 1.5)
+    assert info_nce(img, txt, 1.5).item() == pytest.approx(want, abs=1e-9)
 
 
 def test_info_nce_gradient_reaches_logit_scale():

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_clip
-from mrs_adapter.adapter import count_parameters, load_trainable, save_trainable
-from mrs_adapter.clip import CLIP
+from mrs_adapter.checkpoint import count_parameters, load_trainable, save_trainable
 from mrs_adapter.loss import hmmc_loss
 from mrs_adapter.methods import (ADAPTER_LR, METHODS, apply_method, default_lr, method_config, method_module)
 from mrs_adapter.methods.convpass import Convpass
 from mrs_adapter.methods.lora import LoRABlock
 from mrs_adapter.methods.prompts import PromptedBlock, add_prompts
+from mrs_adapter.model import CLIP
 
 SOT, EOT = 49406, 49407
 # name: (the paper's trainable count on ViT-B/32 (method.md 7; None: not in the paper), ours exactly)

@@ -1,10 +1,17 @@
-"""recall_at_k against a brute-force sort-per-query reference, hand-built cases, and the encoding loop."""
+"""recall_at_k against a brute-force sort-per-query reference, hand-built cases, and the encoding
+loop."""
 import time
 
 import pytest
 import torch
 
-from mrs_adapter.metrics import chance_recall, encode_dataset, evaluate, recall_at_k, retrieval_ranks
+from mrs_adapter.metrics import (
+    chance_recall,
+    encode_dataset,
+    evaluate,
+    recall_at_k,
+    retrieval_ranks,
+)
 
 
 def reference_ranks(sims, txt2img):
@@ -39,7 +46,10 @@ def test_matches_brute_force(counts, integer_scores):
     g = torch.Generator().manual_seed(len(counts) + integer_scores)
     txt2img = captions_of(counts)
     shape = (len(counts), len(txt2img))
-    sims = torch.randint(0, 3, shape, generator=g).float() if integer_scores else torch.randn(shape, generator=g)
+    if integer_scores:
+        sims = torch.randint(0, 3, shape, generator=g).float()
+    else:
+        sims = torch.randn(shape, generator=g)
     got = recall_at_k(sims, torch.tensor(txt2img))
     want = reference_recalls(sims, txt2img)
     for key, value in want.items():
@@ -52,7 +62,8 @@ def test_perfect_and_constant_matrices():
     txt2img = torch.tensor(captions_of([5] * 20))
     perfect = (txt2img[None, :] == torch.arange(20)[:, None]).float()  # own captions 1, others 0
     m = recall_at_k(perfect, txt2img)
-    assert all(m[k] == 100 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"))
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+    assert all(m[k] == 100 for k in keys)
     assert m["i2t_medr"] == m["t2i_medr"] == 1
     # constant similarity: every wrong item ties with the correct one and is ranked first
     m = recall_at_k(torch.full((20, 100), 0.3), txt2img)
@@ -105,11 +116,13 @@ def test_chance_recall_is_the_mean_of_random_scores():
     for key, value in chance.items():
         assert sum(r[key] for r in runs) / len(runs) == pytest.approx(value, abs=2.5), key
     assert chance["t2i_r5"] == pytest.approx(500 / 6) and chance["t2i_r10"] == 100
-    assert chance["i2t_r1"] == pytest.approx(100 / 6)  # image first with probability c / 23; the c sum to 23
+    # image first with probability c / 23; the c sum to 23
+    assert chance["i2t_r1"] == pytest.approx(100 / 6)
 
 
 class OneHot(torch.nn.Module):
-    """A stand-in for CLIP: image x -> x, caption t -> one-hot of t[0]; so image i matches caption 'i'."""
+    """A stand-in for CLIP: image x -> x, caption t -> one-hot of t[0]; so image i matches
+    caption 'i'."""
 
     def __init__(self):
         super().__init__()
@@ -131,7 +144,8 @@ def test_evaluate_encodes_in_eval_mode_and_restores_mode():
     assert img.shape == (6, 6) and txt.shape == (12, 6)
     assert torch.allclose(txt.norm(dim=-1), torch.ones(12))  # L2-normalised
     assert model.training  # mode restored
-    m = evaluate(model, images, [(c, None) for c in captions], txt2img, "cpu")  # tuple batches work too
+    # tuple batches work too
+    m = evaluate(model, images, [(c, None) for c in captions], txt2img, "cpu")
     assert m["mR"] == 100
 
 

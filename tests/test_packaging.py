@@ -1,4 +1,5 @@
-"""Packaging: the README's two opening commands are what .ci/run runs; the package installs whole."""
+"""Packaging: the README's two opening commands are what .ci/run runs; the package installs
+whole."""
 import os
 import re
 import subprocess
@@ -17,9 +18,10 @@ def test_ci_runs_the_readme_commands():
             assert line in ci, f"README command not in .ci/run: {line}"
 
 
-def test_the_package_and_its_merges_file_are_installed_not_just_importable_from_the_checkout(tmp_path):
+def test_package_and_its_merges_file_are_installed_not_only_in_the_checkout(tmp_path):
     """Run from another folder, so the import can only come from the installed package."""
-    code = "import mrs_adapter.methods, mrs_adapter.tokenizer as t; assert t.tokenize('a')[0, 1] == 320"
+    code = ("import mrs_adapter.methods, mrs_adapter.tokenizer as t; "
+            "assert t.tokenize('a')[0, 1] == 320")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     setup = open(os.path.join(ROOT, "setup.py")).read()
     assert "bpe_simple_vocab_16e6.txt.gz" in setup

@@ -13,7 +13,7 @@ import torch
 import train
 from conftest import make_tiny_clip
 from mrs_adapter import clip
-from mrs_adapter.adapter import load_trainable_state_dict, save_trainable
+from mrs_adapter.checkpoint import load_trainable_state_dict, save_trainable
 from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.methods import mrs_adapter as mrs_file
 

@@ -12,7 +12,7 @@ from conftest import make_tiny_clip
 from PIL import Image
 
 from mrs_adapter import search
-from mrs_adapter.adapter import save_trainable
+from mrs_adapter.checkpoint import save_trainable
 from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.tokenizer import tokenize
 

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 from torch import nn
 
-from ..adapter import print_trainable_parameters
+from ..checkpoint import print_trainable_parameters
 
 METHODS = {  # --method name -> file in this folder
     "zero_shot": "zero_shot",

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model import QuickGELU
 from . import freeze
-from ..clip import QuickGELU
 
 BOTTLENECK = 4
 KERNEL = 3

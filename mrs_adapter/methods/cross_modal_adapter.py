@@ -22,8 +22,8 @@ Count on ViT-B/32: 24 x (512 x 2 + 2 + 2 x 496 + 496 + 768 x 2 + 2 + 2 x 752 + 7
 import torch
 from torch import nn
 
+from ..model import QuickGELU
 from . import freeze
-from ..clip import QuickGELU
 
 BOTTLENECK = 2
 SHARED_DIM = 16  # last up channels of every adapter, one layer for both towers
