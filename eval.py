@@ -18,14 +18,8 @@ from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from mrs_adapter import clip
 from mrs_adapter.adapter import read_checkpoint
-from mrs_adapter.data import (
-    CAPTIONS_PER_IMAGE,
-    DATASETS,
-    Split,
-    eval_loaders,
-    load_splits,
-    read_image,
-)
+from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, Split, load_splits
+from mrs_adapter.datasets import eval_loaders, read_image
 from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS
 from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k

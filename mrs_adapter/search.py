@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import clip
 from .adapter import read_checkpoint
-from .data import read_image, split_at_to_tensor
+from .datasets import read_image, split_at_to_tensor
 from .download import sha256_of
 from .rebuild import apply_checkpoint, load_backbone
 from .runfiles import atomic_write, write_json
@@ -108,7 +108,7 @@ def _copy(image):
 
 
 def open_image(path: str):
-    """The decoded PIL image, through the package's one image reader (data.read_image)."""
+    """The decoded PIL image, through the package's one image reader (datasets.read_image)."""
     return read_image(path, _copy)
 
 

@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mrs_adapter.check import check_dataset
+from mrs_adapter.check import main as _main
 from mrs_adapter.clip import transform
-from mrs_adapter.data import (CaptionDataset, ImageDataset, TrainDataset, _main, check_dataset, load_splits,
-                              validation_split)
+from mrs_adapter.data import load_splits, validation_split
+from mrs_adapter.datasets import CaptionDataset, ImageDataset, TrainDataset
 from mrs_adapter.demo import GROUNDS, make_demo
 
 

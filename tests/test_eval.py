@@ -5,12 +5,13 @@ import os
 
 import pytest
 import torch
+from conftest import make_tiny_clip
 from PIL import Image
 
-from conftest import make_tiny_clip
 from mrs_adapter.adapter import save_trainable
 from mrs_adapter.clip import transform
-from mrs_adapter.data import load_splits, read_image
+from mrs_adapter.data import load_splits
+from mrs_adapter.datasets import read_image
 from mrs_adapter.demo import make_demo
 from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.metrics import recall_at_k

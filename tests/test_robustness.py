@@ -12,15 +12,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import write_json, write_lines, write_precomp
+from test_eval import eval_script
 
 import benchmark
 import train
 from mrs_adapter import runfiles
+from mrs_adapter.check import check_dataset
+from mrs_adapter.check import main as _main
 from mrs_adapter.clip import transform
-from mrs_adapter.data import CaptionDataset, Split, _main, check_dataset, load_splits, read_image
+from mrs_adapter.data import Split, load_splits
+from mrs_adapter.datasets import CaptionDataset, read_image
 from mrs_adapter.demo import make_demo
-from test_data import write_json, write_lines, write_precomp
-from test_eval import eval_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
