@@ -36,7 +36,8 @@ def _check_images(listings: Dict[str, _Listing], image_dir: str, threads: int) -
     for split, listing in listings.items():
         for name, origin in zip(listing.names, listing.origins):
             if name in seen and seen[name][0] != split:
-                problems.append(Problem(False, *origin, f"{name} is in both {seen[name][0]} and {split}"))
+                message = f"{name} is in both {seen[name][0]} and {split}"
+                problems.append(Problem(False, *origin, message))
             seen.setdefault(name, (split, origin))
 
     def check(name: str) -> Tuple[Optional[str], Optional[str]]:  # (error, note on the bit depth)
@@ -91,7 +92,8 @@ def _long_captions(listings: Dict[str, _Listing], context_length: int) -> List[P
     return problems
 
 
-def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None, image_dir: Optional[str] = None,
+def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None,
+                  image_dir: Optional[str] = None,
                   verify_images: bool = True, threads: int = 8,
                   captions_per_image: int = CAPTIONS_PER_IMAGE,
                   context_length: int = CONTEXT_LENGTH) -> List[Problem]:

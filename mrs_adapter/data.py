@@ -21,7 +21,8 @@ _QU = "Qu et al. 2016; download links in https://github.com/201528014227051/RSIC
 _PRECOMP = "precomp text files from https://github.com/xiaoyuan1996/GaLR or AMFMN"
 DATASETS = {  # name -> (default layout, where the data comes from)
     "rsitmd": ("precomp", "https://github.com/xiaoyuan1996/AMFMN (images and precomp annotations)"),
-    "rsicd": ("precomp", f"images from https://github.com/201528014227051/RSICD_optimal; {_PRECOMP}"),
+    "rsicd": ("precomp",
+              f"images from https://github.com/201528014227051/RSICD_optimal; {_PRECOMP}"),
     "ucm": ("precomp", f"UCM-Captions images ({_QU}); {_PRECOMP}"),
     "sydney": ("json", f"Sydney-Captions images and dataset.json ({_QU})"),
     "demo": ("precomp", "generated on the fly by mrs_adapter.demo.make_demo (no download)"),
@@ -43,7 +44,8 @@ class Split:
         """The images `image_indices` (in that order) with their captions, re-indexed."""
         new_index = {old: new for new, old in enumerate(image_indices)}
         keep = [j for j, i in enumerate(self.txt2img) if i in new_index]
-        return Split(name, [self.image_paths[i] for i in image_indices], [self.captions[j] for j in keep],
+        paths = [self.image_paths[i] for i in image_indices]
+        return Split(name, paths, [self.captions[j] for j in keep],
                      [new_index[self.txt2img[j]] for j in keep])
 
     def __str__(self) -> str:
@@ -82,10 +84,11 @@ class _Listing:  # a split as read from disk, before any image is opened
     caption_origins: List[Tuple[str, Optional[int]]] = field(default_factory=list)  # each caption's
 
 
-def validation_split(n: int, seed: int = 2, train_fraction: float = 0.8) -> Tuple[List[int], List[int]]:
-    """The published rule (docs/method.md §4): shuffle range(n) as `random.seed(2); random.shuffle` does,
-    first int(0.8 n) train, the rest validate. A local Random(2) gives the same permutation as
-    the global seed without touching the global RNG."""
+def validation_split(n: int, seed: int = 2,
+                     train_fraction: float = 0.8) -> Tuple[List[int], List[int]]:
+    """The published rule (docs/method.md §4): shuffle range(n) as `random.seed(2);
+    random.shuffle` does, first int(0.8 n) train, the rest validate. A local Random(2) gives
+    the same permutation as the global seed without touching the global RNG."""
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
     cut = int(train_fraction * n)
@@ -112,28 +115,58 @@ def locate(dataset: str, data_root: str, layout: Optional[str] = None,
         names = os.listdir(data_root) if os.path.isdir(data_root) else []
         text = os.path.join(data_root, next((n for n in names if n.lower() == wanted), wanted))
         expected, found = text, os.path.isfile(text)
-    for what, path, ok in (("annotations", expected, found), ("images", image_dir, os.path.isdir(image_dir))):
+    wanted = (("annotations", expected, found), ("images", image_dir, os.path.isdir(image_dir)))
+    for what, path, ok in wanted:
         if not ok:
             other = "json" if layout == "precomp" else "precomp"
-            hint = f" (or choose layout='{other}' / --layout {other})" if what == "annotations" else ""
-            raise FileNotFoundError(f"{dataset}: {what} not found. The {layout} layout expects {path}{hint}, "
-                                    f"images in {image_dir} (override with image_dir / --image-dir). "
-                                    f"Data: {source}. See README 'Data'.")
+            switch = f" (or choose layout='{other}' / --layout {other})"
+            hint = switch if what == "annotations" else ""
+            raise FileNotFoundError(
+                f"{dataset}: {what} not found. The {layout} layout expects {path}{hint}, "
+                f"images in {image_dir} (override with image_dir / --image-dir). "
+                f"Data: {source}. See README 'Data'.")
     return layout, text, image_dir
 
 
 def _read_lines(path: str) -> List[str]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing file {path} (a precomp folder holds {{train,test}}_caps.txt "
-                                f"and {{train,test}}_filename.txt)")
+        raise FileNotFoundError(f"missing file {path} (a precomp folder holds "
+                                f"{{train,test}}_caps.txt and {{train,test}}_filename.txt)")
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            lines = f.read().split("\n")  # not splitlines(): it also splits at \x0b, \x1c, \u2028...
+            # not splitlines(): it also splits at \x0b, \x1c, \u2028...
+            lines = f.read().split("\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text: {e}") from e
     if lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
     return [line.rstrip("\r") for line in lines]
+
+
+def _group_captions(names: List[str], n_captions: int, caps_path: str, names_path: str,
+                    captions_per_image: int) -> Tuple[List[int], List[int], Optional[Problem]]:
+    """(line of each image in the name list, each caption's image, or a fatal Problem when the
+    two lists do not fit): one name per caption (a run of equal names is one image), or one
+    name per image with `captions_per_image` consecutive captions each."""
+    if len(names) == n_captions:  # one name per caption: an image = a run of equal names
+        image_lines, txt2img = [], []
+        for i, name in enumerate(names):
+            if i == 0 or name != names[i - 1]:
+                image_lines.append(i + 1)
+            txt2img.append(len(image_lines) - 1)
+        return image_lines, txt2img, None
+    if n_captions % len(names) == 0:  # one name per image, k captions each
+        k = n_captions // len(names)
+        if k == captions_per_image:
+            return list(range(1, len(names) + 1)), [j // k for j in range(n_captions)], None
+        return [], [], Problem(
+            True, names_path, None, f"{len(names)} file names for the {n_captions} captions "
+            f"of {caps_path} would be {k} captions per image; expected {captions_per_image} "
+            f"(state another count with --captions-per-image {k})")
+    return [], [], Problem(
+        True, names_path, None, f"{len(names)} file names do not fit the {n_captions} "
+        f"captions of {caps_path}: expected one name per caption, or one per image "
+        f"with {captions_per_image} captions each (--captions-per-image)")
 
 
 def _read_precomp(text_dir: str, split: str,
@@ -143,7 +176,8 @@ def _read_precomp(text_dir: str, split: str,
     image with `captions_per_image` consecutive captions each (train_filename.txt). In the
     second form the count is not written anywhere: any other ratio is an error, since reading
     it would attach captions to the wrong images."""
-    caps_path, names_path = (os.path.join(text_dir, f"{split}_{f}.txt") for f in ("caps", "filename"))
+    caps_path, names_path = (os.path.join(text_dir, f"{split}_{f}.txt")
+                             for f in ("caps", "filename"))
     captions, names = _read_lines(caps_path), [n.strip() for n in _read_lines(names_path)]
     while names and not names[-1]:
         names.pop()  # a trailing empty line is not an image
@@ -152,40 +186,28 @@ def _read_precomp(text_dir: str, split: str,
              for path, lines, what in files if not lines]
     if empty:
         return _Listing([], [], [], []), empty
-    problems = [Problem(True, names_path, i + 1, "blank file name") for i, n in enumerate(names) if not n]
-    if len(names) == len(captions):  # one name per caption: an image = a run of equal names
-        image_lines, txt2img = [], []
-        for i, name in enumerate(names):
-            if i == 0 or name != names[i - 1]:
-                image_lines.append(i + 1)
-            txt2img.append(len(image_lines) - 1)
-    elif len(captions) % len(names) == 0:  # one name per image, k captions each
-        k = len(captions) // len(names)
-        if k != captions_per_image:
-            problems.append(Problem(
-                True, names_path, None, f"{len(names)} file names for the {len(captions)} captions "
-                f"of {caps_path} would be {k} captions per image; expected {captions_per_image} "
-                f"(state another count with --captions-per-image {k})"))
-            return _Listing([], [], [], []), problems
-        image_lines, txt2img = list(range(1, len(names) + 1)), [j // k for j in range(len(captions))]
-    else:
-        problems.append(Problem(True, names_path, None, f"{len(names)} file names do not fit the {len(captions)} "
-                                f"captions of {caps_path}: expected one name per caption, or one per image "
-                                f"with {captions_per_image} captions each (--captions-per-image)"))
-        return _Listing([], [], [], []), problems
+    problems = [Problem(True, names_path, i + 1, "blank file name")
+                for i, n in enumerate(names) if not n]
+    image_lines, txt2img, misfit = _group_captions(names, len(captions), caps_path, names_path,
+                                                   captions_per_image)
+    if misfit:
+        return _Listing([], [], [], []), problems + [misfit]
     image_names = [names[line - 1] for line in image_lines]
-    problems += [Problem(False, caps_path, j + 1, f"blank caption of {image_names[txt2img[j]]} (kept, as in "
-                         f"the published runs)") for j, c in enumerate(captions) if not c.strip()]
+    problems += [Problem(False, caps_path, j + 1, f"blank caption of {image_names[txt2img[j]]} "
+                         f"(kept, as in the published runs)")
+                 for j, c in enumerate(captions) if not c.strip()]
     first = {}
     for name, line in zip(image_names, image_lines):
         if name in first:
-            problems.append(Problem(True, names_path, line, f"duplicate image name {name!r} (first at line {first[name]})"))
+            message = f"duplicate image name {name!r} (first at line {first[name]})"
+            problems.append(Problem(True, names_path, line, message))
         first.setdefault(name, line)
     counts = np.bincount(txt2img, minlength=len(image_names)) if txt2img else np.zeros(0, int)
     # one name per caption: another count than stated is a shifted line as often as a real one
     problems += [Problem(True, names_path, line, f"{name} has {c} captions, expected "
                          f"{captions_per_image} (--captions-per-image)")
-                 for name, line, c in zip(image_names, image_lines, counts) if c != captions_per_image]
+                 for name, line, c in zip(image_names, image_lines, counts)
+                 if c != captions_per_image]
     return _Listing(image_names, captions, txt2img, [(names_path, line) for line in image_lines],
                     [(caps_path, j + 1) for j in range(len(captions))]), problems
 
@@ -195,7 +217,8 @@ def _json_entry(item, first: Dict[str, str]) -> Tuple[str, str, List[str]]:
     try:
         name, split, raws = item["filename"], item["split"], [s["raw"] for s in item["sentences"]]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"expected filename, split and sentences[].raw ({type(e).__name__}: {e})") from None
+        raise ValueError(f"expected filename, split and sentences[].raw "
+                         f"({type(e).__name__}: {e})") from None
     split = "train" if split == "restval" else split  # Karpathy's name for extra training images
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
@@ -226,7 +249,8 @@ def _read_json(path: str) -> Tuple[Dict[str, _Listing], List[Problem]]:
             problems.append(Problem(True, path, None, f"images[{i}]: {e}"))
             continue
         first[name] = f"images[{i}]"
-        problems += [Problem(False, path, None, f"images[{i}].sentences[{k}]: blank caption of {name}")
+        problems += [Problem(False, path, None,
+                             f"images[{i}].sentences[{k}]: blank caption of {name}")
                      for k, raw in enumerate(raws) if not raw.strip()]
         listing = listings[split]
         listing.txt2img += [len(listing.names)] * len(raws)
@@ -282,17 +306,19 @@ def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
     command = check_command(dataset, data_root, layout, given_image_dir, captions_per_image)
     hint = f"run `{command}` for every problem"
     _raise_fatal(problems, hint)
-    splits = {name: Split(name, [os.path.join(image_dir, n) for n in listing.names], listing.captions,
-                          listing.txt2img) for name, listing in listings.items()}
+    splits = {name: Split(name, [os.path.join(image_dir, n) for n in listing.names],
+                          listing.captions, listing.txt2img) for name, listing in listings.items()}
     note = ""
-    if not splits.get("val") or not splits["val"].image_paths:  # carve val out of the training images
+    if not splits.get("val") or not splits["val"].image_paths:  # carve val out of the train images
         pool = splits["train"]
         note = f"train pool {len(pool.image_paths)} images / {len(pool.captions)} captions -> "
         train_idx, val_idx = validation_split(len(pool.image_paths))
-        splits["train"], splits["val"] = pool.subset("train", train_idx), pool.subset("val", val_idx)
+        splits["train"] = pool.subset("train", train_idx)
+        splits["val"] = pool.subset("val", val_idx)
     missing = [p for s in splits.values() for p in s.image_paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) missing from {image_dir}, e.g. {missing[:3]}; {hint}")
+        raise FileNotFoundError(f"{len(missing)} image(s) missing from {image_dir}, "
+                                f"e.g. {missing[:3]}; {hint}")
     if verbose:
         blanks = sum("blank caption" in p.message for p in problems)
         print(f"{dataset} ({layout}, {text}): {note}" + "; ".join(str(splits[s]) for s in SPLITS)

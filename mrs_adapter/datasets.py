@@ -93,10 +93,12 @@ def _decode_uint8(path: str, decode: Callable) -> torch.Tensor:
     array = np.array(read_image(path, decode), dtype=np.uint8, copy=True)  # (H, W[, C])
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W), as ToTensor
+    # (H, W, C) -> (C, H, W), as ToTensor
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def cache_images(paths: Sequence[str], decode: Callable, threads: int = 8, name: str = "") -> torch.Tensor:
+def cache_images(paths: Sequence[str], decode: Callable, threads: int = 8,
+                 name: str = "") -> torch.Tensor:
     """(N, C, H, W) uint8: every image decoded once, in a thread pool, before any DataLoader
     worker starts (forked workers then share the one tensor instead of each decoding again)."""
     start = time.time()
@@ -105,8 +107,9 @@ def cache_images(paths: Sequence[str], decode: Callable, threads: int = 8, name:
     with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL releases the GIL while decoding
         for i, image in enumerate(pool.map(lambda p: _decode_uint8(p, decode), paths)):
             if image.shape != first.shape:
-                raise ValueError(f"{paths[i]} gives shape {tuple(image.shape)} after resize and crop, "
-                                 f"{paths[0]} gives {tuple(first.shape)}: the preprocess must fix the size")
+                raise ValueError(f"{paths[i]} gives shape {tuple(image.shape)} after resize and "
+                                 f"crop, {paths[0]} gives {tuple(first.shape)}: the preprocess "
+                                 f"must fix the size")
             cache[i] = image
     print(f"cached {len(paths)} {name} images as uint8 {tuple(first.shape)}: "
           f"{cache.numel() / 2 ** 20:.1f} MiB in {time.time() - start:.1f}s")
@@ -132,7 +135,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.cache is None:
             return read_image(self.paths[i], self.preprocess)
-        return self.finish(self.cache[i].to(torch.get_default_dtype()).div(255))  # exactly ToTensor's scaling
+        pixels = self.cache[i].to(torch.get_default_dtype()).div(255)  # exactly ToTensor's scaling
+        return self.finish(pixels)
 
 
 class CaptionDataset(Dataset):
@@ -158,8 +162,8 @@ class CaptionDataset(Dataset):
 class TrainDataset(Dataset):
     """One item per caption, with its image (docs/method.md §4): (image, token ids, image index)."""
 
-    def __init__(self, split: Split, preprocess: Callable, context_length: int = 77, cache: bool = False,
-                 threads: int = 8):
+    def __init__(self, split: Split, preprocess: Callable, context_length: int = 77,
+                 cache: bool = False, threads: int = 8):
         self.images = ImageDataset(split, preprocess, cache, threads)
         self.captions = CaptionDataset(split, context_length)
         self.txt2img = split.txt2img
@@ -176,6 +180,9 @@ def eval_loaders(split: Split, preprocess: Callable, context_length: int = 77, b
                  workers: int = 0, cache: bool = False) -> Tuple[DataLoader, DataLoader]:
     """(image loader, caption loader) in split order, for `metrics.evaluate`; cache=True pays off
     when the split is evaluated again and again (validation every epoch)."""
-    images = DataLoader(ImageDataset(split, preprocess, cache), batch_size=batch_size, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    return images, DataLoader(CaptionDataset(split, context_length), batch_size=batch_size)  # ids: no workers needed
+    images = DataLoader(ImageDataset(split, preprocess, cache), batch_size=batch_size,
+                        num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=torch.cuda.is_available())
+    # token ids are ready-made tensors: no workers needed
+    captions = DataLoader(CaptionDataset(split, context_length), batch_size=batch_size)
+    return images, captions
