@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from mrs_adapter import clip
 from mrs_adapter.adapter import load_trainable, print_trainable_parameters, save_trainable
-from mrs_adapter.cuda_graph import GraphedStep
 from mrs_adapter.check import verify_images
+from mrs_adapter.cuda_graph import GraphedStep
 from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, check_command, load_splits, union_splits
 from mrs_adapter.datasets import TrainDataset, eval_loaders
 from mrs_adapter.download import DownloadError
