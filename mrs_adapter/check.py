@@ -20,17 +20,19 @@ from .data import (
     CAPTIONS_PER_IMAGE,
     CONTEXT_LENGTH,
     DATASETS,
+    Listing,
     Problem,
     Split,
-    _Listing,
-    _read_listings,
     locate,
+    read_listings,
 )
 from .datasets import depth_note, read_image
+from .overlap import default_cache, hash_images, near_pairs
+from .overlap import main as overlap_main
 from .tokenizer import token_count
 
 
-def _check_images(listings: Dict[str, _Listing], image_dir: str, threads: int) -> List[Problem]:
+def _check_images(listings: Dict[str, Listing], image_dir: str, threads: int) -> List[Problem]:
     """Every listed image must exist and decode; an image listed in two splits is a leak."""
     seen, problems = {}, []
     for split, listing in listings.items():
@@ -77,7 +79,7 @@ def verify_images(splits: Dict[str, Split], threads: int = 8, hint: str = "") ->
                          f"{hint}".rstrip())
 
 
-def _long_captions(listings: Dict[str, _Listing], context_length: int) -> List[Problem]:
+def _long_captions(listings: Dict[str, Listing], context_length: int) -> List[Problem]:
     """A warning for each caption longer than the text context (the tokenizer cuts it)."""
     problems = []
     for split, listing in listings.items():
@@ -105,7 +107,7 @@ def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None,
     image under another name in another split (warning) (the last three with verify_images)."""
     try:
         layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
-        listings, problems = _read_listings(layout, text, captions_per_image)
+        listings, problems = read_listings(layout, text, captions_per_image)
     except (FileNotFoundError, ValueError) as e:
         return [Problem(True, data_root, None, str(e))]
     problems += _long_captions(listings, context_length)
@@ -116,12 +118,11 @@ def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None,
     return problems
 
 
-def _copies_across_splits(listings: Dict[str, _Listing], image_dir: str,
+def _copies_across_splits(listings: Dict[str, Listing], image_dir: str,
                           image_problems: List[Problem], data_root: str,
                           threads: int) -> List[Problem]:
     """Exact or near copies (overlap.py) of one picture under two names in two splits: a warning,
     since a test image would then be trained on."""
-    from .overlap import default_cache, hash_images, near_pairs
     broken = {p.message.split(": ")[0] for p in image_problems if p.fatal}
     items = [(split, name, origin) for split, listing in listings.items()
              for name, origin in zip(listing.names, listing.origins) if name not in broken]
@@ -164,7 +165,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`check`: print every problem and a count, exit 1 if any is fatal; `overlap`: overlap.py."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["overlap"]:  # copies and shared captions between datasets: overlap.py
-        from .overlap import main as overlap_main
         return overlap_main(argv[1:])
     args = _parser().parse_args(argv)
     problems = check_dataset(args.dataset, args.data_root, args.layout, args.image_dir,

@@ -76,7 +76,7 @@ class Problem:
 
 
 @dataclass
-class _Listing:  # a split as read from disk, before any image is opened
+class Listing:  # a split as read from disk, before any image is opened (check.py reads it too)
     names: List[str]
     captions: List[str]
     txt2img: List[int]
@@ -170,7 +170,7 @@ def _group_captions(names: List[str], n_captions: int, caps_path: str, names_pat
 
 
 def _read_precomp(text_dir: str, split: str,
-                  captions_per_image: int = CAPTIONS_PER_IMAGE) -> Tuple[_Listing, List[Problem]]:
+                  captions_per_image: int = CAPTIONS_PER_IMAGE) -> Tuple[Listing, List[Problem]]:
     """`<split>_caps.txt` (one caption a line) and `<split>_filename.txt`, which may hold one
     name per caption (test_filename.txt: each name repeated, collapsed here) or one name per
     image with `captions_per_image` consecutive captions each (train_filename.txt). In the
@@ -185,13 +185,13 @@ def _read_precomp(text_dir: str, split: str,
     empty = [Problem(True, path, None, f"is empty: expected one {what} a line")
              for path, lines, what in files if not lines]
     if empty:
-        return _Listing([], [], [], []), empty
+        return Listing([], [], [], []), empty
     problems = [Problem(True, names_path, i + 1, "blank file name")
                 for i, n in enumerate(names) if not n]
     image_lines, txt2img, misfit = _group_captions(names, len(captions), caps_path, names_path,
                                                    captions_per_image)
     if misfit:
-        return _Listing([], [], [], []), problems + [misfit]
+        return Listing([], [], [], []), problems + [misfit]
     image_names = [names[line - 1] for line in image_lines]
     problems += [Problem(False, caps_path, j + 1, f"blank caption of {image_names[txt2img[j]]} "
                          f"(kept, as in the published runs)")
@@ -208,7 +208,7 @@ def _read_precomp(text_dir: str, split: str,
                          f"{captions_per_image} (--captions-per-image)")
                  for name, line, c in zip(image_names, image_lines, counts)
                  if c != captions_per_image]
-    return _Listing(image_names, captions, txt2img, [(names_path, line) for line in image_lines],
+    return Listing(image_names, captions, txt2img, [(names_path, line) for line in image_lines],
                     [(caps_path, j + 1) for j in range(len(captions))]), problems
 
 
@@ -229,9 +229,9 @@ def _json_entry(item, first: Dict[str, str]) -> Tuple[str, str, List[str]]:
     return name, split, raws
 
 
-def _read_json(path: str) -> Tuple[Dict[str, _Listing], List[Problem]]:
+def _read_json(path: str) -> Tuple[Dict[str, Listing], List[Problem]]:
     """Karpathy-style `{"images": [{"filename", "split", "sentences": [{"raw"}]}]}`."""
-    listings, problems, first = {s: _Listing([], [], [], []) for s in SPLITS}, [], {}
+    listings, problems, first = {s: Listing([], [], [], []) for s in SPLITS}, [], {}
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -263,8 +263,8 @@ def _read_json(path: str) -> Tuple[Dict[str, _Listing], List[Problem]]:
     return listings, problems
 
 
-def _read_listings(layout: str, text: str, captions_per_image: int = CAPTIONS_PER_IMAGE
-                   ) -> Tuple[Dict[str, _Listing], List[Problem]]:
+def read_listings(layout: str, text: str, captions_per_image: int = CAPTIONS_PER_IMAGE
+                   ) -> Tuple[Dict[str, Listing], List[Problem]]:
     if layout == "json":
         return _read_json(text)
     (train, p_train), (test, p_test) = (_read_precomp(text, split, captions_per_image)
@@ -302,7 +302,7 @@ def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
         make_demo(data_root, verbose=verbose)
     given_image_dir = image_dir
     layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
-    listings, problems = _read_listings(layout, text, captions_per_image)
+    listings, problems = read_listings(layout, text, captions_per_image)
     command = check_command(dataset, data_root, layout, given_image_dir, captions_per_image)
     hint = f"run `{command}` for every problem"
     _raise_fatal(problems, hint)
