@@ -167,7 +167,8 @@ def random_weights(tmp: str):
 
 def eval_overhead(args, tmp: str) -> dict:
     """`python eval.py` wall time on a synthetic RSITMD test set / encoding the same tensors alone."""
-    from mrs_adapter.data import eval_loaders, load_splits
+    from mrs_adapter.data import load_splits
+    from mrs_adapter.datasets import eval_loaders
     from mrs_adapter.metrics import encode_dataset
     root = synthetic_rsitmd(os.path.join(tmp, "eval"), n_train=5)
     weights, model = random_weights(tmp)
@@ -184,7 +185,7 @@ def eval_overhead(args, tmp: str) -> dict:
         runs["end_to_end"].append(timed(lambda: subprocess.run(cmd, check=True, capture_output=True), args.device))
         runs["encode_only"].append(timed(lambda: encode_dataset(model, images, captions, args.device), args.device))
     end_to_end, encode_only = statistics.median(runs["end_to_end"]), statistics.median(runs["encode_only"])
-    from mrs_adapter.data import TrainDataset
+    from mrs_adapter.datasets import TrainDataset
     loading = {}
     for cache in (False, True):  # pairs/s that one loader process serves, with and without the uint8 cache
         data = torch.utils.data.DataLoader(TrainDataset(split, transform(224), cache=cache), batch_size=16)
@@ -238,7 +239,7 @@ def search_figures(args, tmp: str) -> dict:
     """search.py: `index` images/s / the encoder's images/s on the same tiles (RSITMD-like 256 px
     TIFFs and two 1024 px scenes of 25 tiles), and one query over 1,000,000 stored embeddings."""
     from mrs_adapter import search
-    from mrs_adapter.data import split_at_to_tensor
+    from mrs_adapter.datasets import split_at_to_tensor
     rng = np.random.default_rng(0)
     images = os.path.join(tmp, "search_images")
     os.makedirs(images)

@@ -1,4 +1,5 @@
-"""Evaluate zero-shot CLIP or a trained checkpoint on remote sensing image-text retrieval (method.md 6).
+"""Evaluate zero-shot CLIP or a trained checkpoint on remote sensing image-text retrieval
+(docs/method.md §6).
 
 Every image of the split is embedded once and every caption once; the cosine similarity matrix
 gives the paper's row (i2t R@1/5/10 | t2i R@1/5/10 | mR, Tables II-IV), printed and written
@@ -18,14 +19,8 @@ from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from mrs_adapter import clip
 from mrs_adapter.checkpoint import read_checkpoint
-from mrs_adapter.data import (
-    CAPTIONS_PER_IMAGE,
-    DATASETS,
-    Split,
-    eval_loaders,
-    load_splits,
-    read_image,
-)
+from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, Split, load_splits
+from mrs_adapter.datasets import eval_loaders, read_image
 from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS
 from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k
@@ -35,38 +30,53 @@ from mrs_adapter.runfiles import atomic_write, check_file_writable
 WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overwrite
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+WORKERS_HELP = ("DataLoader workers (default: min(8, CPUs) on CUDA; 0 on CPU, where the encoder "
+                "needs the cores; measured in bench.py)")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", dest="datasets", nargs="+", required=True, choices=sorted(DATASETS),
-                   help="several: each one's split evaluated on its own, one row per dataset")
-    p.add_argument("--data-root", default="data", help="folder holding the datasets (README 'Data'); default: data")
-    p.add_argument("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
-    p.add_argument("--image-dir", help="default: <data-root>/<dataset>_images")
-    p.add_argument("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
-                   help="captions of each image in a one-name-per-image list (default 5)")
+    a = p.add_argument
+    a("--dataset", dest="datasets", nargs="+", required=True, choices=sorted(DATASETS),
+      help="several: each one's split evaluated on its own, one row per dataset")
+    a("--data-root", default="data",
+      help="folder holding the datasets (README 'Data'); default: data")
+    a("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
+    a("--image-dir", help="default: <data-root>/<dataset>_images")
+    a("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
+      help="captions of each image in a one-name-per-image list (default 5)")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--checkpoint", help="best.pt written by train.py (trainable tensors + config)")
-    what.add_argument("--zero-shot", action="store_true", help="plain CLIP, the paper's zero-shot rows")
-    p.add_argument("--clip", help="CLIP name (the paper: ViT-B/32) or a local weights file; "
-                                  "default: the checkpoint's, else ViT-B/32")
-    p.add_argument("--clip-activation", choices=clip.ACTIVATIONS,
-                   help="CLIP's MLP activation; default: the checkpoint's, else a named "
-                        "backbone's own, else QuickGELU")
-    p.add_argument("--clip-sha256",
-                   help="the sha256 the CLIP weights must have; with --checkpoint, the way to "
-                        "evaluate on weights other than the recorded ones on purpose")
-    p.add_argument("--method", choices=sorted(METHODS), help="optional check: the checkpoint's method must be this "
-                                                         "(--zero-shot is --method zero_shot)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                   help="autocast dtype on CUDA (default: the checkpoint's training precision; "
-                        "zero-shot: bf16); the CPU evaluates in fp32")
-    p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--batch-size", type=int, default=64, help="eval batch 64, as published (method.md 4)")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: min(8, CPUs) on CUDA; 0 on CPU, "
-                                                "where the encoder needs the cores; measured in bench.py)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", help="metrics file; default: beside the checkpoint, or under results/")
-    p.add_argument("--visualize", metavar="OUT.png", help="draw text queries with their top-5 images")
+    what.add_argument("--checkpoint",
+                      help="best.pt written by train.py (trainable tensors + config)")
+    what.add_argument("--zero-shot", action="store_true",
+                      help="plain CLIP, the paper's zero-shot rows")
+    a("--clip", help="CLIP name (the paper: ViT-B/32) or a local weights file; "
+                     "default: the checkpoint's, else ViT-B/32")
+    a("--clip-activation", choices=clip.ACTIVATIONS,
+      help="CLIP's MLP activation; default: the checkpoint's, else a named "
+           "backbone's own, else QuickGELU")
+    a("--clip-sha256",
+      help="the sha256 the CLIP weights must have; with --checkpoint, the way to "
+           "evaluate on weights other than the recorded ones on purpose")
+    a("--method", choices=sorted(METHODS),
+      help="optional check: the checkpoint's method must be this "
+           "(--zero-shot is --method zero_shot)")
+    a("--precision", choices=["fp32", "bf16", "fp16"],
+      help="autocast dtype on CUDA (default: the checkpoint's training precision; "
+           "zero-shot: bf16); the CPU evaluates in fp32")
+    a("--split", default="test", choices=["test", "val"])
+    a("--batch-size", type=int, default=64,
+      help="eval batch 64, as published (docs/method.md §4)")
+    a("--workers", type=int, help=WORKERS_HELP)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--json", help="metrics file; default: beside the checkpoint, or under results/")
+    a("--visualize", metavar="OUT.png", help="draw text queries with their top-5 images")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The options, with the combinations that cannot work refused before anything loads."""
+    p = _parser()
     args = p.parse_args(argv)
     if args.method == "zero_shot" and args.checkpoint:
         p.error(f"--method zero_shot evaluates plain CLIP, not --checkpoint {args.checkpoint}; "
@@ -91,7 +101,8 @@ def eval_precision(args: argparse.Namespace, trained: str) -> str:
 
 def build_model_for_eval(args: argparse.Namespace):
     """(model in eval mode on args.device, its preprocess) for --zero-shot or --checkpoint."""
-    if args.clip is None and args.dataset == "demo" and args.checkpoint is None:  # offline: the demo's tiny CLIP
+    if args.clip is None and args.dataset == "demo" and args.checkpoint is None:
+        # offline: the demo's tiny CLIP, pretrained here once
         from mrs_adapter.demo_backbone import default_path, load_or_pretrain
         args.clip = load_or_pretrain(default_path(args.data_root))
     if args.zero_shot:
@@ -136,7 +147,8 @@ def published_check(args: argparse.Namespace, backbone: Optional[Dict], metrics:
 
 def default_json_path(args: argparse.Namespace) -> str:
     if args.checkpoint:
-        return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.dataset}_{args.split}.json")
+        folder = os.path.dirname(os.path.abspath(args.checkpoint))
+        return os.path.join(folder, f"eval_{args.dataset}_{args.split}.json")
     clip_name = args.clip or "ViT-B/32"
     name = (os.path.splitext(os.path.basename(clip_name))[0] if os.path.isfile(clip_name)
             else clip_name.replace("/", "-").replace("@", "-"))
@@ -166,16 +178,18 @@ def check_output(path: str, flag: str):
 
 
 def write_json(path: str, payload: Dict):
-    """Atomic write (temp file + os.replace); refuses to replace a file this script did not write."""
+    """Atomic write (temp file + os.replace); refuses to replace a file eval.py did not write."""
     check_output(path, "--json")
     atomic_write(path, lambda f: json.dump(payload, f, indent=2))
 
 
-def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k: int = 5, thumb: int = 96):
+def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k: int = 5,
+              thumb: int = 96):
     """A PNG: for evenly spaced text queries, the caption and its top-k images; the correct image
     is framed green, the others grey."""
     n_cap = sims.shape[1]
-    queries = sorted({round(q * (n_cap - 1) / max(1, n_queries - 1)) for q in range(min(n_queries, n_cap))})
+    spacing = (n_cap - 1) / max(1, n_queries - 1)
+    queries = sorted({round(q * spacing) for q in range(min(n_queries, n_cap))})
     pad, text_h = 6, 40
     row_h = text_h + thumb + 2 * pad
     canvas = Image.new("RGB", (pad + k * (thumb + pad), row_h * len(queries)), "white")
@@ -187,11 +201,51 @@ def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k
         for c, i in enumerate(sims[:, j].topk(min(k, sims.shape[0])).indices.tolist()):
             tile = read_image(split.image_paths[i],
                               lambda image: ImageOps.fit(image, (thumb - 6, thumb - 6)))
-            framed = ImageOps.expand(tile, border=3, fill="lime" if i == split.txt2img[j] else "grey")
+            colour = "lime" if i == split.txt2img[j] else "grey"
+            framed = ImageOps.expand(tile, border=3, fill=colour)
             canvas.paste(framed, (pad + c * (thumb + pad), y + text_h))
     info = PngImagePlugin.PngInfo()
     info.add_text("written_by", WRITTEN_BY)  # a later run may replace this file, and only this kind
     atomic_write(path, lambda f: canvas.save(f, format="PNG", pnginfo=info), mode="wb")
+
+
+def evaluate_splits(args: argparse.Namespace, model, preprocess, splits: Dict[str, Split]):
+    """({dataset: the paper's metrics}, the last split's (N_img, N_cap) similarities); each
+    image and each caption of a split is embedded once."""
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    results, what = {}, "zero-shot" if args.zero_shot else args.checkpoint
+    for name, split in splits.items():
+        loaders = eval_loaders(split, preprocess, model.context_length, args.batch_size,
+                               args.workers)
+        img, txt = encode_dataset(model, *loaders, args.device, amp)  # each image / caption once
+        sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
+        results[name] = recall_at_k(sims, torch.tensor(split.txt2img))
+        print(f"{name} {split} | CLIP {args.clip} {what} ({args.precision})")
+    return results, sims
+
+
+def report(args: argparse.Namespace, path: str, splits: Dict[str, Split],
+           results: Dict[str, Dict[str, float]]) -> Dict:
+    """Print the table (and published zero-shot figures), write the JSON; returns its metrics:
+    one dataset's dict, or {dataset: dict} for several."""
+    several = len(splits) > 1
+    print(format_table([(f"{name} {args.split}" if several else args.split, m)
+                        for name, m in results.items()]))
+    published = {name: published_check(args, args.backbone, m, name)
+                 for name, m in results.items()}
+    split = next(iter(splits.values()))
+    counts = ({"n_images": {n: len(s.image_paths) for n, s in splits.items()},
+               "n_captions": {n: len(s.captions) for n, s in splits.items()}} if several else
+              {"n_images": len(split.image_paths), "n_captions": len(split.captions)})
+    metrics = results if several else results[args.datasets[0]]
+    write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics,
+                      "dataset": args.datasets if several else args.dataset, "split": args.split,
+                      **counts, "clip": args.clip, "checkpoint": args.checkpoint,
+                      "zero_shot": args.zero_shot, "precision": args.precision,
+                      "backbone": args.backbone,
+                      "published_zero_shot_mR": published if several else published[args.dataset]})
+    print(f"wrote {path}")
+    return metrics
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
@@ -209,34 +263,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     check_output(path, "--json")  # before the evaluation, not after it
     if args.visualize:
         check_output(args.visualize, "--visualize")
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    results, published, what = {}, {}, "zero-shot" if args.zero_shot else args.checkpoint
-    for name, split in splits.items():
-        loaders = eval_loaders(split, preprocess, model.context_length, args.batch_size,
-                               args.workers)
-        img, txt = encode_dataset(model, *loaders, args.device, amp)  # each image / caption once
-        sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
-        results[name] = recall_at_k(sims, torch.tensor(split.txt2img))
-        print(f"{name} {split} | CLIP {args.clip} {what} ({args.precision})")
-    several = len(splits) > 1
-    print(format_table([(f"{name} {args.split}" if several else args.split, m)
-                        for name, m in results.items()]))
-    for name, m in results.items():
-        published[name] = published_check(args, args.backbone, m, name)
-    split = next(iter(splits.values()))
-    counts = ({"n_images": {n: len(s.image_paths) for n, s in splits.items()},
-               "n_captions": {n: len(s.captions) for n, s in splits.items()}} if several else
-              {"n_images": len(split.image_paths), "n_captions": len(split.captions)})
-    metrics = results if several else results[args.datasets[0]]
-    write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics,
-                      "dataset": args.datasets if several else args.dataset, "split": args.split,
-                      **counts, "clip": args.clip, "checkpoint": args.checkpoint,
-                      "zero_shot": args.zero_shot, "precision": args.precision,
-                      "backbone": args.backbone,
-                      "published_zero_shot_mR": published if several else published[args.dataset]})
-    print(f"wrote {path}")
-    if args.visualize:
-        visualize(sims, split, args.visualize)
+    results, sims = evaluate_splits(args, model, preprocess, splits)
+    metrics = report(args, path, splits, results)
+    if args.visualize:  # one dataset only (refused above for several)
+        visualize(sims, next(iter(splits.values())), args.visualize)
         print(f"wrote {args.visualize}")
     return metrics
 

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageOps
 from mrs_adapter import search
 from mrs_adapter.download import DownloadError
 from mrs_adapter.runfiles import atomic_write, write_json
+from mrs_adapter.search_store import check_same_model
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -78,7 +79,7 @@ def run_query(args) -> List[Dict]:
     checkpoint = args.checkpoint or recorded["checkpoint"]
     backbone = args.clip or recorded["backbone"]
     model, preprocess, identity = search.load_model(checkpoint, backbone, args.device)
-    search.check_same_model(recorded, identity, f"index {args.index}")
+    check_same_model(recorded, identity, f"index {args.index}")
     query = search.embed_query(model, preprocess, args.device, args.text, args.image)
     hits = index.search(query, args.top)
     for h in hits:

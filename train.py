@@ -25,10 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from mrs_adapter import clip
+from mrs_adapter.check import verify_images
 from mrs_adapter.checkpoint import load_trainable, print_trainable_parameters, save_trainable
 from mrs_adapter.cuda_graph import GraphedStep
-from mrs_adapter.data import (CAPTIONS_PER_IMAGE, DATASETS, TrainDataset, check_command,
-                              eval_loaders, load_splits, union_splits, verify_images)
+from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, check_command, load_splits, union_splits
+from mrs_adapter.datasets import TrainDataset, eval_loaders
 from mrs_adapter.download import DownloadError
 from mrs_adapter.loss import hmmc_loss, info_nce
 from mrs_adapter.methods import METHODS, apply_method, default_lr, freeze_unread, method_options

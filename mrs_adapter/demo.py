@@ -1,9 +1,10 @@
-"""A procedurally generated aerial-scene captioning dataset, for trying the pipeline without downloads.
+"""A procedurally generated aerial-scene captioning dataset, for trying the pipeline without
+downloads.
 
 Each scene has a ground cover (green fields, brown farmland or sandy desert), maybe a river or a
 lake, maybe roads, and zero to four buildings of one colour grouped in one part of the image.
 Five template captions describe it, so a small CLIP can learn to retrieve it. `make_demo`
-writes the "precomp" layout of method.md 5 (`demo_precomp/`, `demo_images/*.tif`), so the
+writes the "precomp" layout of docs/method.md §5 (`demo_precomp/`, `demo_images/*.tif`), so the
 readers of data.py run on it unchanged. Deterministic given the seed; no image augmentation.
 """
 import json
@@ -18,19 +19,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 _VERSION = 1  # bump when the generator changes, so old folders are regenerated
-GROUNDS = {"fields": ((70, 140, 60), "green fields"), "farmland": ((150, 115, 70), "brown farmland"),
+GROUNDS = {"fields": ((70, 140, 60), "green fields"),
+           "farmland": ((150, 115, 70), "brown farmland"),
            "desert": ((215, 190, 140), "a sandy desert")}
 WATERS = {"none": None, "river": "a river", "lake": "a lake"}
 ROADS = {"none": None, "horizontal": "a road running from east to west",
          "vertical": "a road running from north to south", "cross": "two roads crossing"}
-COLOURS = {"red": (200, 40, 40), "blue": (50, 80, 210), "white": (245, 245, 245), "black": (25, 25, 25)}
-PLACES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+COLOURS = {"red": (200, 40, 40), "blue": (50, 80, 210), "white": (245, 245, 245),
+           "black": (25, 25, 25)}
+PLACES = {"left": "on the left", "right": "on the right", "top": "at the top",
+          "bottom": "at the bottom"}
 NUMBERS = ["no", "one", "two", "three", "four"]
 
 
 def sample_scene(rng: random.Random) -> Dict:
-    return {"ground": rng.choice(list(GROUNDS)), "water": rng.choice(list(WATERS)), "road": rng.choice(list(ROADS)),
-            "count": rng.randint(0, 4), "colour": rng.choice(list(COLOURS)), "place": rng.choice(list(PLACES))}
+    """One random scene; the draws happen in this order (the dict's), so a seed gives one set."""
+    return {"ground": rng.choice(list(GROUNDS)), "water": rng.choice(list(WATERS)),
+            "road": rng.choice(list(ROADS)), "count": rng.randint(0, 4),
+            "colour": rng.choice(list(COLOURS)), "place": rng.choice(list(PLACES))}
 
 
 def _building_boxes(scene: Dict, size: int, rng: random.Random) -> List[tuple]:
@@ -43,27 +49,35 @@ def _building_boxes(scene: Dict, size: int, rng: random.Random) -> List[tuple]:
         if len(boxes) == scene["count"]:
             break
         x, y = rng.randint(x0 + 2, x1 - s - 2), rng.randint(y0 + 2, y1 - s - 2)
-        if all(x + s + 2 <= a or a + s + 2 <= x or y + s + 2 <= b or b + s + 2 <= y for a, b, _, _ in boxes):
+        apart = (x + s + 2 <= a or a + s + 2 <= x or y + s + 2 <= b or b + s + 2 <= y
+                 for a, b, _, _ in boxes)  # a 2 px gap to every square placed so far
+        if all(apart):
             boxes.append((x, y, x + s, y + s))
     return boxes
 
 
 def render(scene: Dict, size: int, rng: random.Random) -> Image.Image:
-    """An RGB size x size aerial-like image of `scene`: ground texture, water, roads, roofs on top."""
+    """An RGB size x size aerial-like image of `scene`: ground texture, water, roads, roofs on
+    top."""
     base = np.array(GROUNDS[scene["ground"]][0], dtype=np.float32)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 8, (size, size, 1))  # field texture
-    stripes = 10 * np.sin(np.arange(size) * rng.uniform(0.3, 0.8))[None, :, None] if scene["ground"] != "desert" else 0
+    texture = np.random.default_rng(rng.getrandbits(32))
+    noise = texture.normal(0, 8, (size, size, 1))  # field texture
+    stripes = 0  # ploughed rows, except in the desert
+    if scene["ground"] != "desert":
+        stripes = 10 * np.sin(np.arange(size) * rng.uniform(0.3, 0.8))[None, :, None]
     image = Image.fromarray(np.clip(base + noise + stripes, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     water, w = (40, 90, 160), max(3, size // 10)
     if scene["water"] == "river":  # a meandering band across the image
         c = rng.uniform(0.3, 0.7) * size
-        points = [(c + 0.15 * size * np.sin(t / size * 6 + rng.random()), t) for t in range(0, size + 8, 8)]
+        points = [(c + 0.15 * size * np.sin(t / size * 6 + rng.random()), t)
+                  for t in range(0, size + 8, 8)]
         if rng.random() < 0.5:
             points = [(y, x) for x, y in points]
         draw.line(points, fill=water, width=w)
     elif scene["water"] == "lake":
-        cx, cy, r = rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size, rng.uniform(0.15, 0.25) * size
+        cx, cy = rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size
+        r = rng.uniform(0.15, 0.25) * size
         draw.ellipse((cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r), fill=water)
     road = (120, 120, 120)
     if scene["road"] in ("horizontal", "cross"):
@@ -86,10 +100,13 @@ def captions(scene: Dict, rng: random.Random) -> List[str]:
     ground, water, road = GROUNDS[scene["ground"]][1], WATERS[scene["water"]], ROADS[scene["road"]]
     extras = [x for x in (water, road) if x]
     with_extras = f" with {' and '.join(extras)}" if extras else ""
+    view = f"an aerial view of {ground}{with_extras}"
+    near = f" near {extras[0]}" if extras else ""
+    listed = f": {', '.join(extras)}" if extras else ""
     out = [f"{bld}{place} in {ground}{with_extras}",
-           f"an aerial view of {ground}{with_extras}, {bld}{place}" if n else f"an aerial view of {ground}{with_extras}",
-           f"there {'is' if n == 1 else 'are'} {bld}{place}" + (f" near {extras[0]}" if extras else "") + f" in {ground}",
-           f"{ground} seen from above" + (f": {', '.join(extras)}" if extras else "") + f" and {bld}",
+           f"{view}, {bld}{place}" if n else view,
+           f"there {'is' if n == 1 else 'are'} {bld}{place}{near} in {ground}",
+           f"{ground} seen from above{listed} and {bld}",
            f"{' and '.join(extras)} and {bld}{place}" if extras else f"{ground} with {bld}{place}"]
     rng.shuffle(out)  # caption order carries no information
     return out
@@ -170,7 +187,8 @@ def _write(tmp: str, params: Dict):
         # as the public releases: train_filename one line per image, test_filename one per caption
         listed = names if split == "train" else [name for name in names for _ in range(5)]
         for kind, lines in (("caps", caps), ("filename", listed)):
-            with open(os.path.join(tmp, "demo_precomp", f"{split}_{kind}.txt"), "w", encoding="utf-8") as f:
+            path = os.path.join(tmp, "demo_precomp", f"{split}_{kind}.txt")
+            with open(path, "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
     with open(os.path.join(tmp, "demo_precomp", "demo.json"), "w") as f:
         json.dump(params, f)

@@ -281,6 +281,7 @@ def write_csv(path: str, entries: Sequence[Entry], rows):
 def main(argv: Optional[List[str]] = None) -> int:
     """python -m mrs_adapter.data overlap --datasets rsitmd rsicd --data-root data --csv o.csv"""
     import argparse
+
     from .data import DATASETS, load_splits
     parser = argparse.ArgumentParser(prog="python -m mrs_adapter.data overlap",
                                      description=find_overlaps.__doc__)

@@ -1,14 +1,13 @@
 """Search a folder of your own aerial images by text or by image (README 'Search your own images').
 
 Every image (or, for large scenes, every tile) is embedded once by CLIP's image tower, with or
-without a trained PETL method, exactly as eval.py embeds test images (method.md 6); a query is
-one text or image embedding ranked against them by cosine similarity. The index is a folder:
-index.json (model, files, tile boxes; the commit point) and embeddings-<n>.npy (float16, one
-row per tile, memory-mapped when queried). Runs save parts/ every N images, so a killed run
-continues where it stopped, and a second run embeds only new or changed files.
+without a trained PETL method, exactly as eval.py embeds test images (docs/method.md §6); a
+query is one text or image embedding ranked against them by cosine similarity. The index is a
+folder (search_store.py): index.json (model, files, tile boxes; the commit point) and
+embeddings-<n>.npy (float16, one row per tile, memory-mapped when queried). Runs save parts/
+every N images, so a killed run continues where it stopped, and a second run embeds only new
+or changed files.
 """
-import glob
-import json
 import os
 import time
 import warnings
@@ -21,10 +20,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import clip
 from .checkpoint import read_checkpoint
-from .data import read_image, split_at_to_tensor
+from .datasets import read_image, split_at_to_tensor
 from .download import sha256_of
 from .rebuild import apply_checkpoint, load_backbone
-from .runfiles import atomic_write, write_json
+from .runfiles import write_json
+from .search_store import (
+    Part,
+    commit,
+    open_index,
+    read_manifest,
+    reusable_rows,
+    saved_parts,
+    write_npy,
+)
 from .tokenizer import tokenize
 
 EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
@@ -34,8 +42,6 @@ EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 # is at most 64 px wide; images up to 1.5 tiles (384 px) stay whole (the crop keeps >= 2/3).
 TILE, STRIDE, WHOLE_UP_TO = 256, 192, 1.5
 SAVE_EVERY = 1000
-SAME_MODEL = ("backbone_sha256", "activation", "method", "checkpoint_sha256")
-WRITTEN_BY = "mrs-adapter search"
 Box = Optional[Tuple[int, int, int, int]]  # (left, top, right, bottom) in pixels; None = whole
 
 
@@ -64,14 +70,6 @@ def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None
                 "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None}
     return model.to(device).eval(), preprocess, identity
 
-
-def check_same_model(recorded: Dict, identity: Dict, where: str):
-    differ = [k for k in SAME_MODEL if recorded.get(k) != identity.get(k)]
-    if differ:
-        was = ", ".join(f"{k}: {recorded.get(k)}" for k in differ)
-        now = ", ".join(f"{k}: {identity.get(k)}" for k in differ)
-        raise ValueError(f"{where} was built with another model ({was}); this run uses {now}. "
-                         f"Use that model, or another index folder")
 
 
 def list_images(root: str) -> List[str]:
@@ -108,7 +106,7 @@ def _copy(image):
 
 
 def open_image(path: str):
-    """The decoded PIL image, through the package's one image reader (data.read_image)."""
+    """The decoded PIL image, through the package's one image reader (datasets.read_image)."""
     return read_image(path, _copy)
 
 
@@ -149,101 +147,8 @@ def encode_images(model, x: torch.Tensor, device) -> np.ndarray:
         return F.normalize(model.encode_image(x.to(device)).float(), dim=-1).cpu().numpy()
 
 
-# ---- the index folder ------------------------------------------------------------------------
 
-def read_manifest(folder: str) -> Optional[Dict]:
-    path = os.path.join(folder, "index.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("written_by") != WRITTEN_BY:
-        raise ValueError(f"{path} is not a search index written by search.py")
-    return manifest
-
-
-def _write_npy(path: str, chunks, n_rows: int, dim: int):
-    """Stream float16 row chunks into a .npy file, atomically."""
-    def write(f):
-        header = {"descr": "<f2", "fortran_order": False, "shape": (n_rows, dim)}
-        np.lib.format.write_array_header_1_0(f, header)
-        for chunk in chunks:
-            f.write(np.ascontiguousarray(chunk, dtype="<f2").tobytes())
-    atomic_write(path, write, mode="wb")
-
-
-def _parts(folder: str, after: int) -> List[Tuple[int, Dict]]:
-    """Saved parts of unfinished runs numbered >= after: [(number, its json)]; each part's json
-    is written after its .npy, so a part without json is incomplete and ignored."""
-    parts = []
-    for path in sorted(glob.glob(os.path.join(folder, "parts", "part-*.json"))):
-        number = int(os.path.basename(path)[5:-5])
-        if number >= after:
-            with open(path) as f:
-                parts.append((number, json.load(f)))
-    return parts
-
-
-def _part_path(folder: str, number: int, ext: str) -> str:
-    return os.path.join(folder, "parts", f"part-{number:06d}.{ext}")
-
-
-def _open_index(out: str, images: str, identity: Dict, tile: int, stride: int) -> Dict:
-    """The index's manifest, created (with its model) before anything is embedded; refuses a
-    folder built from another model, image folder or tiling."""
-    manifest = read_manifest(out)
-    if manifest is None:
-        manifest = {"written_by": WRITTEN_BY, "model": identity, "images": os.path.abspath(images),
-                    "tile": tile, "stride": stride, "dim": None, "rows": 0, "embeddings": None,
-                    "generation": 0, "next_part": 0, "files": {}, "skipped": {}}
-        write_json(os.path.join(out, "index.json"), manifest)
-        return manifest
-    check_same_model(manifest["model"], identity, f"index {out}")
-    for key, value in (("images", os.path.abspath(images)), ("tile", tile), ("stride", stride)):
-        if manifest[key] != value:
-            raise ValueError(f"index {out} was built with {key} {manifest[key]}, not {value}; "
-                             f"use the same {key}, or another --out")
-    return manifest
-
-
-def _reusable(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple[str, int, list]]:
-    """Files already embedded whose size and mtime are unchanged: path -> (npy file, first row,
-    boxes); from the committed index, then from the parts of an interrupted run (newer wins)."""
-    sources = {}
-    stored = [(os.path.join(out, manifest["embeddings"] or ""), manifest["files"])]
-    stored += [(_part_path(out, n, "npy"), part["files"])
-               for n, part in _parts(out, manifest["next_part"])]
-    for npy, files in stored:
-        for rel, e in files.items():
-            if stats.get(rel) == [e["size"], e["mtime_ns"]]:
-                sources[rel] = (npy, e["first"], e["boxes"])
-    return sources
-
-
-class _Part:
-    """Rows embedded since the last save; `save` writes them as parts/part-<n>.npy + .json."""
-
-    def __init__(self, out: str, number: int):
-        self.out, self.number, self.rows, self.files = out, number, [], {}
-
-    def add(self, rel: str, stat: list, boxes: List[Box], rows: np.ndarray):
-        first = sum(len(r) for r in self.rows)
-        self.files[rel] = {"size": stat[0], "mtime_ns": stat[1], "first": first,
-                           "boxes": [None if b is None else list(b) for b in boxes]}
-        self.rows.append(rows)
-
-    def save(self, sources: Dict) -> "_Part":
-        if self.files:
-            rows = np.concatenate(self.rows)
-            npy = _part_path(self.out, self.number, "npy")
-            _write_npy(npy, [rows], len(rows), rows.shape[1])
-            write_json(_part_path(self.out, self.number, "json"),  # last: marks the part complete
-                       {"files": self.files, "rows": len(rows)})
-            sources.update({rel: (npy, e["first"], e["boxes"]) for rel, e in self.files.items()})
-        return _Part(self.out, self.number + 1) if self.files else self
-
-
-def _embed_pending(model, finish, pending: List, part: _Part, batch_size: int, device):
+def _embed_pending(model, finish, pending: List, part: Part, batch_size: int, device):
     """Encode the tiles of `pending` [(rel, stat, boxes, uint8 tiles)] in batches into `part`."""
     if not pending:
         return
@@ -263,6 +168,16 @@ def _progress(done: int, total: int, tiles: int, start: float, log):
     log(f"  {done}/{total} images, {tiles} tiles, {rate:.1f} images/s, ETA {eta:.0f}s")
 
 
+def file_stats(images: str) -> Dict[str, List[int]]:
+    """[size, mtime_ns] of every image under `images`: a file whose pair is unchanged since it
+    was embedded is not read again."""
+    stats = {}
+    for rel in list_images(images):
+        st = os.stat(os.path.join(images, rel))
+        stats[rel] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
 def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: int = TILE,
                 stride: int = STRIDE, batch_size: int = 64, workers: int = 0,
                 save_every: int = SAVE_EVERY, device="cpu", log=print) -> Dict:
@@ -270,17 +185,14 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
     docstring); returns counts, the skipped files with their errors, and images/s."""
     if not os.path.isdir(images):
         raise FileNotFoundError(f"image folder not found: {images}")
-    manifest = _open_index(out, images, identity, tile, stride)
-    stats = {}
-    for rel in list_images(images):
-        st = os.stat(os.path.join(images, rel))
-        stats[rel] = [st.st_size, st.st_mtime_ns]
-    sources = _reusable(out, manifest, stats)
+    manifest = open_index(out, images, identity, tile, stride)
+    stats = file_stats(images)
+    sources = reusable_rows(out, manifest, stats)
     skipped = {rel: e for rel, e in manifest["skipped"].items()
                if stats.get(rel) == [e["size"], e["mtime_ns"]]}  # unreadable, unchanged since
     todo = [rel for rel in stats if rel not in sources and rel not in skipped]
-    numbers = [n for n, _ in _parts(out, 0)]
-    part = _Part(out, max(numbers + [manifest["next_part"] - 1]) + 1)
+    numbers = [n for n, _ in saved_parts(out, 0)]
+    part = Part(out, max(numbers + [manifest["next_part"] - 1]) + 1)
     decode, finish = split_at_to_tensor(preprocess)  # workers decode + resize + crop; we normalise
     loader = DataLoader(_Tiles(images, todo, decode, tile, stride), batch_size=None,
                         num_workers=workers)  # workers decode the next images while we encode
@@ -307,7 +219,7 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
     seconds = time.time() - start
     deleted = [rel for rel in manifest["files"] if rel not in stats]
     if todo or deleted or numbers or skipped != manifest["skipped"]:
-        manifest = _commit(out, manifest, sources, stats, skipped)
+        manifest = commit(out, manifest, sources, stats, skipped)
     embedded = sum(1 for rel in todo if rel not in skipped)
     log(f"index {out}: {manifest['rows']} entries from {len(manifest['files'])} images "
         f"({embedded} embedded now, {len(deleted)} removed); {len(skipped)} unreadable file(s) "
@@ -315,37 +227,6 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
     return {"embedded": embedded, "tiles": n_tiles, "deleted": deleted, "rows": manifest["rows"],
             "skipped": {rel: e["error"] for rel, e in skipped.items()}, "seconds": seconds,
             "images_per_s": len(todo) / max(seconds, 1e-9)}
-
-
-def _commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) -> Dict:
-    """Write all rows, sorted by path, to a new embeddings-<n>.npy, then index.json naming it (the
-    commit point: a crash before it leaves the previous index), then remove what it replaced."""
-    order = sorted(sources)
-    files, first = {}, 0
-    for rel in order:
-        boxes = sources[rel][2]
-        files[rel] = {"size": stats[rel][0], "mtime_ns": stats[rel][1], "first": first,
-                      "boxes": boxes}
-        first += len(boxes)
-    maps = {npy: np.load(npy, mmap_mode="r") for npy in {sources[rel][0] for rel in order}}
-    dim = manifest["dim"] or (next(iter(maps.values())).shape[1] if maps else None)
-    generation = manifest["generation"] + 1
-    name = f"embeddings-{generation:06d}.npy" if dim else None
-    if name:
-        chunks = (maps[npy][start:start + len(boxes)]
-                  for npy, start, boxes in (sources[rel] for rel in order))
-        _write_npy(os.path.join(out, name), chunks, first, dim)
-    numbers = [n for n, _ in _parts(out, 0)]
-    manifest = dict(manifest, dim=dim, rows=first, embeddings=name, generation=generation,
-                    files=files, skipped=skipped,
-                    next_part=max(numbers + [manifest["next_part"] - 1]) + 1)
-    write_json(os.path.join(out, "index.json"), manifest)
-    del maps
-    replaced = glob.glob(os.path.join(out, "embeddings-*.npy"))
-    for path in replaced + glob.glob(os.path.join(out, "parts", "*")):
-        if os.path.basename(path) != name:
-            os.remove(path)
-    return manifest
 
 
 # ---- queries ---------------------------------------------------------------------------------
@@ -422,7 +303,7 @@ def export(folder: str, out: str) -> Tuple[str, str]:
     the model and one {"path", "box"} per row, in row order."""
     index = SearchIndex(folder)
     emb = index.embeddings
-    _write_npy(out, (emb[i:i + 65536] for i in range(0, len(emb), 65536)), len(emb), emb.shape[1])
+    write_npy(out, (emb[i:i + 65536] for i in range(0, len(emb), 65536)), len(emb), emb.shape[1])
     entries = [dict(zip(("path", "box"), index.entry(row))) for row in range(len(emb))]
     manifest_path = os.path.splitext(out)[0] + ".manifest.json"
     write_json(manifest_path, {"model": index.manifest["model"], "entries": entries})

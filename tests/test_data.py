@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mrs_adapter.check import check_dataset
+from mrs_adapter.check import main as _main
 from mrs_adapter.clip import transform
-from mrs_adapter.data import (CaptionDataset, ImageDataset, TrainDataset, _main, check_dataset, load_splits,
-                              validation_split)
+from mrs_adapter.data import load_splits, validation_split
+from mrs_adapter.datasets import CaptionDataset, ImageDataset, TrainDataset
 from mrs_adapter.demo import GROUNDS, make_demo
 
 
@@ -33,25 +35,30 @@ def write_lines(path, lines):
 
 
 def write_precomp(root, name="rsitmd", n_train=10, n_test=3):
-    """As released: 5 captions per image, train_filename one line per image, test_filename one per caption."""
+    """As released: 5 captions per image, train_filename one line per image, test_filename one
+    per caption."""
     text = os.path.join(root, f"{name}_precomp")
     os.makedirs(text)
     for split, n in (("train", n_train), ("test", n_test)):
         names = [f"{split}scene_{i}.tif" for i in range(n)]
-        write_lines(os.path.join(text, f"{split}_caps.txt"), [f"caption {k} of {x}" for x in names for k in range(5)])
+        caps = [f"caption {k} of {x}" for x in names for k in range(5)]
+        write_lines(os.path.join(text, f"{split}_caps.txt"), caps)
         write_lines(os.path.join(text, f"{split}_filename.txt"),
                     names if split == "train" else [x for x in names for _ in range(5)])
         write_images(os.path.join(root, f"{name}_images"), names)
     return text
 
 
-def write_json(root, name="sydney", splits=("train",) * 6 + ("val",) * 2 + ("test",) * 3, counts=None):
+JSON_SPLITS = ("train",) * 6 + ("val",) * 2 + ("test",) * 3
+
+
+def write_json(root, name="sydney", splits=JSON_SPLITS, counts=None):
     images = []
     for i, split in enumerate(splits):
         filename = f"{i}.tif"
         n = counts[i] if counts else 5
-        images.append({"filename": filename, "imgid": i, "split": split,
-                       "sentences": [{"raw": f"caption {k} of {filename}", "tokens": []} for k in range(n)]})
+        sentences = [{"raw": f"caption {k} of {filename}", "tokens": []} for k in range(n)]
+        images.append({"filename": filename, "imgid": i, "split": split, "sentences": sentences})
     with open(os.path.join(root, f"dataset_{name}.json"), "w") as f:
         json.dump({"images": images, "dataset": name}, f)
     write_images(os.path.join(root, f"{name}_images"), [x["filename"] for x in images])
@@ -65,7 +72,8 @@ def assert_aligned(split):
 def test_precomp_counts_alignment_and_split_rule(tmp_path):
     write_precomp(tmp_path, n_train=10, n_test=3)
     splits = load_splits("rsitmd", str(tmp_path))
-    assert [(len(s.image_paths), len(s.captions)) for s in splits.values()] == [(8, 40), (2, 10), (3, 15)]
+    sizes = [(len(s.image_paths), len(s.captions)) for s in splits.values()]
+    assert sizes == [(8, 40), (2, 10), (3, 15)]
     for split in splits.values():
         assert_aligned(split)
     random.seed(2)  # the published rule, with the global RNG
@@ -135,7 +143,8 @@ def test_datasets_and_cache_give_identical_tensors(tmp_path):
     # forked DataLoader workers read the cache filled in the main process
     batch = next(iter(DataLoader(cached, batch_size=20, num_workers=2)))
     assert torch.equal(batch[0], torch.stack([plain[j][0] for j in range(20)]))
-    assert len(ImageDataset(split, transform(32))) == 4 and CaptionDataset(split, 77)[0].shape == (77,)
+    assert len(ImageDataset(split, transform(32))) == 4
+    assert CaptionDataset(split, 77)[0].shape == (77,)
 
 
 def test_problems_are_reported_with_their_file(tmp_path):
@@ -152,7 +161,8 @@ def test_problems_are_reported_with_their_file(tmp_path):
     names = open(os.path.join(text, "train_filename.txt")).read().split()
     names[5] = names[3]  # duplicate name at line 6
     write_lines(os.path.join(text, "train_filename.txt"), names)
-    write_lines(os.path.join(text, "test_caps.txt"), open(os.path.join(text, "test_caps.txt")).read().splitlines()[:-1])
+    test_caps = os.path.join(text, "test_caps.txt")
+    write_lines(test_caps, open(test_caps).read().splitlines()[:-1])
     problems = [str(p) for p in check_dataset("rsitmd", str(tmp_path), threads=2)]
 
     def find(*words):
@@ -182,7 +192,9 @@ def test_demo_is_deterministic_idempotent_and_readable(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     make_demo(a, seed=1, n_train=20, n_test=10, size=48)
     make_demo(b, seed=1, n_train=20, n_test=10, size=48)
-    for sub in ("demo_precomp/train_caps.txt", "demo_precomp/test_filename.txt", "demo_images/test_0003.tif"):
+    written = ("demo_precomp/train_caps.txt", "demo_precomp/test_filename.txt",
+               "demo_images/test_0003.tif")
+    for sub in written:
         assert open(os.path.join(a, sub), "rb").read() == open(os.path.join(b, sub), "rb").read()
     marker = os.path.join(a, "demo_precomp", "demo.json")
     stamp = os.stat(marker).st_mtime_ns
@@ -198,11 +210,13 @@ def test_demo_is_deterministic_idempotent_and_readable(tmp_path):
     assert check_dataset("demo", a) == []
     # captions describe the image: they name the ground cover whose colour the image mostly has
     for i, path in enumerate(splits["test"].image_paths):
-        median = torch.tensor(np.array(Image.open(path)), dtype=torch.float).flatten(0, 1).median(0).values
+        pixels = torch.tensor(np.array(Image.open(path)), dtype=torch.float).flatten(0, 1)
+        median = pixels.median(0).values
         nearest = min(GROUNDS, key=lambda g: (median - torch.tensor(GROUNDS[g][0])).norm())
         own = [c for c, k in zip(splits["test"].captions, splits["test"].txt2img) if k == i]
         assert len(own) == 5 and sum(GROUNDS[nearest][1] in c for c in own) >= 4, (path, own)
-        assert not any(GROUNDS[g][1] in c for c in own for g in GROUNDS if g != nearest), (path, own)
+        others = [GROUNDS[g][1] for g in GROUNDS if g != nearest]
+        assert not any(other in c for c in own for other in others), (path, own)
 
 
 def test_json_problems_and_image_dir_override(tmp_path):

@@ -5,18 +5,21 @@ import os
 
 import pytest
 import torch
+from conftest import make_tiny_clip
 from PIL import Image
 
 from conftest import make_tiny_clip
 from mrs_adapter.checkpoint import save_trainable
 from mrs_adapter.clip import transform
-from mrs_adapter.data import load_splits, read_image
+from mrs_adapter.data import load_splits
+from mrs_adapter.datasets import read_image
 from mrs_adapter.demo import make_demo
 from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.metrics import recall_at_k
 from mrs_adapter.tokenizer import tokenize
 
-_spec = importlib.util.spec_from_file_location("eval_script", os.path.join(os.path.dirname(__file__), "..", "eval.py"))
+_EVAL_PY = os.path.join(os.path.dirname(__file__), "..", "eval.py")
+_spec = importlib.util.spec_from_file_location("eval_script", _EVAL_PY)
 eval_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(eval_script)
 KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"}
@@ -34,15 +37,17 @@ def setup(tmp_path_factory):
 def test_zero_shot_end_to_end(setup):
     root, weights = setup
     out, png = str(root / "out" / "m.json"), str(root / "vis.png")
-    metrics = eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"), "--zero-shot",
-                                "--clip", weights, "--workers", "0", "--batch-size", "5", "--device", "cpu",
+    metrics = eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"),
+                                "--zero-shot", "--clip", weights, "--workers", "0",
+                                "--batch-size", "5", "--device", "cpu",
                                 "--json", out, "--visualize", png])
     assert KEYS <= set(metrics)
     saved = json.load(open(out))
     assert KEYS <= set(saved["metrics"]) and saved["n_images"] == 12 and saved["n_captions"] == 60
     assert Image.open(png).format == "PNG" and Image.open(png).size[0] > 100
 
-    want = recall_at_k(direct_sims(make_tiny_clip(), root), torch.tensor(demo_test_split(root).txt2img))
+    txt2img = torch.tensor(demo_test_split(root).txt2img)
+    want = recall_at_k(direct_sims(make_tiny_clip(), root), txt2img)
     assert all(metrics[k] == pytest.approx(want[k]) for k in KEYS)
 
 
@@ -54,9 +59,11 @@ def direct_sims(model, root):
     """All images x all captions in one unbatched pass: what eval.py must reproduce."""
     split = demo_test_split(root)
     with torch.no_grad():
-        img = model.eval().encode_image(torch.stack([read_image(p, transform(32)) for p in split.image_paths]))
+        images = torch.stack([read_image(p, transform(32)) for p in split.image_paths])
+        img = model.eval().encode_image(images)
         txt = model.encode_text(tokenize(split.captions))
-    return torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).t()
+    normalize = torch.nn.functional.normalize
+    return normalize(img, dim=-1) @ normalize(txt, dim=-1).t()
 
 
 def test_checkpoint_composes_the_method_and_loads_its_tensors(setup):
@@ -69,20 +76,22 @@ def test_checkpoint_composes_the_method_and_loads_its_tensors(setup):
     ckpt = str(root / "run" / "best.pt")
     save_trainable(model, ckpt, config={"clip": weights, "method": "mrs_adapter",
                                         "method_options": method_options("mrs_adapter")})
-    metrics = eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"), "--checkpoint", ckpt,
-                                "--workers", "0", "--device", "cpu"])
+    metrics = eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"),
+                                "--checkpoint", ckpt, "--workers", "0", "--device", "cpu"])
     sims = direct_sims(model, root)
-    assert not torch.allclose(sims, direct_sims(make_tiny_clip(), root), atol=1e-3)  # the adapter matters
+    plain = direct_sims(make_tiny_clip(), root)
+    assert not torch.allclose(sims, plain, atol=1e-3)  # the adapter matters
     want = recall_at_k(sims, torch.tensor(demo_test_split(root).txt2img))
     assert all(metrics[k] == pytest.approx(want[k]) for k in KEYS)
-    assert KEYS <= set(json.load(open(root / "run" / "eval_demo_test.json"))["metrics"])  # beside the checkpoint
+    beside = root / "run" / "eval_demo_test.json"  # beside the checkpoint
+    assert KEYS <= set(json.load(open(beside))["metrics"])
 
 
 def test_default_json_path_and_no_overwrite_of_foreign_files(setup, tmp_path, monkeypatch):
     root, weights = setup
     monkeypatch.chdir(tmp_path)
-    args = ["--dataset", "demo", "--data-root", str(root / "data"), "--zero-shot", "--clip", weights, "--workers", "0",
-            "--device", "cpu"]
+    args = ["--dataset", "demo", "--data-root", str(root / "data"), "--zero-shot",
+            "--clip", weights, "--workers", "0", "--device", "cpu"]
     eval_script.main(args)
     written = tmp_path / "results" / "zeroshot_tiny_demo_test.json"
     assert KEYS <= set(json.load(open(written))["metrics"])
@@ -98,17 +107,20 @@ def test_default_json_path_and_no_overwrite_of_foreign_files(setup, tmp_path, mo
 def test_missing_checkpoint_is_named(setup):
     root, _ = setup
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"), "--checkpoint", "nope.pt"])
+        eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"),
+                          "--checkpoint", "nope.pt"])
 
 
 def test_unreadable_or_foreign_checkpoints_are_named(setup, tmp_path):
     root, weights = setup
-    args = ["--dataset", "demo", "--data-root", str(root / "data"), "--clip", weights, "--checkpoint"]
+    args = ["--dataset", "demo", "--data-root", str(root / "data"), "--clip", weights,
+            "--checkpoint"]
     truncated = tmp_path / "best.pt"
     truncated.write_bytes(open(weights, "rb").read()[:1000])  # e.g. a copy cut short
     with pytest.raises(ValueError, match="best.pt is not a readable checkpoint"):
         eval_script.main(args + [str(truncated)])
-    with pytest.raises(ValueError, match="not a train.py checkpoint"):  # a CLIP state dict, not a run's best.pt
+    # a CLIP state dict, not a run's best.pt
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):
         eval_script.main(args + [weights])
 
 

@@ -10,7 +10,9 @@ import numpy as np
 from PIL import Image
 
 from mrs_adapter import overlap
-from mrs_adapter.data import _main, check_dataset, load_splits
+from mrs_adapter.check import check_dataset
+from mrs_adapter.check import main as _main
+from mrs_adapter.data import load_splits
 from mrs_adapter.demo import render, sample_scene
 from mrs_adapter.overlap import Hashes, copies_of, hash_image, hash_images, near_pairs
 

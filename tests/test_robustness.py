@@ -12,15 +12,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import write_json, write_lines, write_precomp
+from test_eval import eval_script
 
 import benchmark
 import train
 from mrs_adapter import runfiles
+from mrs_adapter.check import check_dataset
+from mrs_adapter.check import main as _main
 from mrs_adapter.clip import transform
-from mrs_adapter.data import CaptionDataset, Split, _main, check_dataset, load_splits, read_image
+from mrs_adapter.data import Split, load_splits
+from mrs_adapter.datasets import CaptionDataset, read_image
 from mrs_adapter.demo import make_demo
-from test_data import write_json, write_lines, write_precomp
-from test_eval import eval_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -287,12 +290,15 @@ def test_check_reports_every_image_that_is_not_8_bit(tmp_path):
 def test_names_that_do_not_give_five_captions_per_image_are_an_error(tmp_path):
     text = write_precomp(tmp_path, n_train=10, n_test=3)
     for split in ("train", "test"):  # 6 captions per image; test_filename.txt one name per caption
-        names = list(dict.fromkeys(open(os.path.join(text, f"{split}_filename.txt")).read().split()))
+        listed = open(os.path.join(text, f"{split}_filename.txt")).read().split()
+        names = list(dict.fromkeys(listed))
         caps = [f"caption {k} of {x}" for x in names for k in range(6)]
         write_lines(os.path.join(text, f"{split}_caps.txt"), caps)
         if split == "test":
-            write_lines(os.path.join(text, "test_filename.txt"), [x for x in names for _ in range(6)])
-    message = r"train_filename.txt: 10 file names for the 60 captions .* 6 captions per image; expected 5"
+            per_caption = [x for x in names for _ in range(6)]
+            write_lines(os.path.join(text, "test_filename.txt"), per_caption)
+    message = (r"train_filename.txt: 10 file names for the 60 captions .* "
+               r"6 captions per image; expected 5")
     with pytest.raises(ValueError, match=message):
         load_splits("rsitmd", str(tmp_path))
     fatal = [str(p) for p in check_dataset("rsitmd", str(tmp_path)) if p.fatal]
@@ -309,9 +315,11 @@ def test_names_that_do_not_give_five_captions_per_image_are_an_error(tmp_path):
     names = open(os.path.join(text, "test_filename.txt")).read().split()
     names[6] = names[5]
     write_lines(os.path.join(text, "test_filename.txt"), names)
-    fatal = [str(p) for p in check_dataset("rsitmd", str(tmp_path), captions_per_image=6) if p.fatal]
-    assert fatal == [f"error: {text}/test_filename.txt:1: testscene_0.tif has 7 captions, expected 6 "
-                     f"(--captions-per-image)", f"error: {text}/test_filename.txt:8: testscene_1.tif has 5 "
+    problems = check_dataset("rsitmd", str(tmp_path), captions_per_image=6)
+    fatal = [str(p) for p in problems if p.fatal]
+    assert fatal == [f"error: {text}/test_filename.txt:1: testscene_0.tif has 7 captions, "
+                     f"expected 6 (--captions-per-image)",
+                     f"error: {text}/test_filename.txt:8: testscene_1.tif has 5 "
                      f"captions, expected 6 (--captions-per-image)"]
 
 

@@ -1,0 +1,188 @@
+"""From a Split to tensors: image files read as 8-bit RGB (16-bit and float rasters included),
+the decoded-image cache, and the torch Datasets and loaders of training and evaluation
+(docs/method.md §4-§6). Every reader of the package opens images through `read_image`.
+"""
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from .data import Split
+from .tokenizer import token_count, tokenize
+
+EIGHT_BIT_MODES = {"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                   "LAB", "HSV"}
+STRETCH_PERCENTILES = (2.0, 98.0)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image of `image`: 8-bit modes convert as PIL does; 16-bit, 32-bit integer and
+    float images (modes I;16*, I, F) are stretched linearly, per image, so that the 2nd percentile
+    of their values maps to 0 and the 98th to 255 (clipped; NaN becomes 0).
+
+    Why a per-image percentile stretch: PIL's convert("RGB") clips every value above 255, so a
+    16-bit image becomes white; a fixed scale of the dtype's range (/ 257) leaves the 10-12 bits
+    that most sensors use almost black. The 2-98% cut is what GIS viewers show by default (QGIS's
+    cumulative count cut), so it is what an annotator would have seen. The price: two images of
+    one scene with different value ranges look alike, and absolute brightness is not kept.
+
+    Multi-band TIFFs of more than 8 bits per sample are refused (ValueError): PIL decodes them
+    to 8-bit RGB by keeping the top byte of each value, which leaves 12-bit data almost black."""
+    bits = _tiff_bits(image)
+    if image.mode in EIGHT_BIT_MODES and bits > 8:
+        raise ValueError(f"{bits} bits per sample in {len(image.getbands())} bands: PIL keeps only "
+                         f"the top 8 bits of each value; convert it to 8-bit (e.g. gdal_translate "
+                         f"-ot Byte -scale) or to one band per file")
+    if image.mode in EIGHT_BIT_MODES:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = np.percentile(finite, STRETCH_PERCENTILES) if finite.size else (0.0, 0.0)
+    scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+    scaled = np.nan_to_num(np.clip(scaled, 0, 255), nan=0.0)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L").convert("RGB")
+
+
+def _tiff_bits(image: Image.Image) -> int:
+    """The largest BitsPerSample of a TIFF (tag 258); 8 for other formats."""
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(258, 8) if tags is not None else 8
+    return max(bits) if isinstance(bits, tuple) else int(bits)
+
+
+def depth_note(image: Image.Image) -> Optional[str]:
+    """What the readers do with an image that is not 8-bit (None for an 8-bit one; to_rgb8
+    refuses the multi-band TIFFs of more than 8 bits, so `check` reports those as errors)."""
+    if image.mode not in EIGHT_BIT_MODES:
+        low, high = STRETCH_PERCENTILES
+        return (f"not 8-bit (PIL mode {image.mode}): read as 8-bit RGB by a per-image linear "
+                f"stretch of its {low:g}-{high:g}% percentiles to 0-255 (datasets.to_rgb8)")
+    return None
+
+
+def read_image(path: str, transform: Callable):
+    """`transform(8-bit RGB PIL image)` (`to_rgb8` reads 16-bit and float images), with errors that
+    name the file. Every reader of the package opens images here."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return transform(to_rgb8(image))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def split_at_to_tensor(preprocess) -> Tuple[Callable, Callable]:
+    """(steps before ToTensor: decode, resize, crop -> PIL; steps after it, applied to a float
+    CHW tensor in [0, 1]). The cache stores the first part's output as uint8."""
+    steps = getattr(preprocess, "transforms", None) or []
+    at = next((i for i, t in enumerate(steps) if isinstance(t, T.ToTensor)), None)
+    if at is None:
+        raise ValueError(f"cache=True needs a torchvision Compose with a ToTensor step (such as "
+                         f"mrs_adapter.clip.transform); got {preprocess!r}")
+    return T.Compose(steps[:at]), T.Compose(steps[at + 1:])
+
+
+def _decode_uint8(path: str, decode: Callable) -> torch.Tensor:
+    array = np.array(read_image(path, decode), dtype=np.uint8, copy=True)  # (H, W[, C])
+    if array.ndim == 2:
+        array = array[:, :, None]
+    # (H, W, C) -> (C, H, W), as ToTensor
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def cache_images(paths: Sequence[str], decode: Callable, threads: int = 8,
+                 name: str = "") -> torch.Tensor:
+    """(N, C, H, W) uint8: every image decoded once, in a thread pool, before any DataLoader
+    worker starts (forked workers then share the one tensor instead of each decoding again)."""
+    start = time.time()
+    first = _decode_uint8(paths[0], decode)
+    cache = torch.empty((len(paths),) + tuple(first.shape), dtype=torch.uint8)
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL releases the GIL while decoding
+        for i, image in enumerate(pool.map(lambda p: _decode_uint8(p, decode), paths)):
+            if image.shape != first.shape:
+                raise ValueError(f"{paths[i]} gives shape {tuple(image.shape)} after resize and "
+                                 f"crop, {paths[0]} gives {tuple(first.shape)}: the preprocess "
+                                 f"must fix the size")
+            cache[i] = image
+    print(f"cached {len(paths)} {name} images as uint8 {tuple(first.shape)}: "
+          f"{cache.numel() / 2 ** 20:.1f} MiB in {time.time() - start:.1f}s")
+    return cache
+
+
+class ImageDataset(Dataset):
+    """Each image of a split once, preprocessed (for evaluation; also the images of TrainDataset).
+
+    cache=True decodes every image up front (the recipe applies no image augmentation, so the
+    Resize + CenterCrop output never changes) and runs only ToTensor + Normalize per item; the
+    tensors are identical to the uncached path."""
+
+    def __init__(self, split: Split, preprocess: Callable, cache: bool = False, threads: int = 8):
+        self.paths, self.preprocess, self.cache = split.image_paths, preprocess, None
+        if cache:
+            decode, self.finish = split_at_to_tensor(preprocess)
+            self.cache = cache_images(self.paths, decode, threads, split.name)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.cache is None:
+            return read_image(self.paths[i], self.preprocess)
+        pixels = self.cache[i].to(torch.get_default_dtype()).div(255)  # exactly ToTensor's scaling
+        return self.finish(pixels)
+
+
+class CaptionDataset(Dataset):
+    """Each caption of a split once, as CLIP token ids (context_length,), tokenized once up front
+    (validation reads the same captions every epoch)."""
+
+    def __init__(self, split: Split, context_length: int = 77):
+        self.captions, self.context_length = split.captions, context_length
+        self.tokens = tokenize(self.captions, context_length)  # (N, context_length)
+        cut = sum(token_count(c) > context_length for c in self.captions)
+        if cut:  # once per split: `python -m mrs_adapter.data check` lists them
+            print(f"warning: {cut} of {len(self.captions)} {split.name} captions are longer than "
+                  f"the {context_length}-token context and are cut to their first "
+                  f"{context_length - 2} tokens")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.tokens[j]
+
+
+class TrainDataset(Dataset):
+    """One item per caption, with its image (docs/method.md §4): (image, token ids, image index)."""
+
+    def __init__(self, split: Split, preprocess: Callable, context_length: int = 77,
+                 cache: bool = False, threads: int = 8):
+        self.images = ImageDataset(split, preprocess, cache, threads)
+        self.captions = CaptionDataset(split, context_length)
+        self.txt2img = split.txt2img
+
+    def __len__(self) -> int:
+        return len(self.txt2img)
+
+    def __getitem__(self, j: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        i = self.txt2img[j]
+        return self.images[i], self.captions[j], i
+
+
+def eval_loaders(split: Split, preprocess: Callable, context_length: int = 77, batch_size: int = 64,
+                 workers: int = 0, cache: bool = False) -> Tuple[DataLoader, DataLoader]:
+    """(image loader, caption loader) in split order, for `metrics.evaluate`; cache=True pays off
+    when the split is evaluated again and again (validation every epoch)."""
+    images = DataLoader(ImageDataset(split, preprocess, cache), batch_size=batch_size,
+                        num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=torch.cuda.is_available())
+    # token ids are ready-made tensors: no workers needed
+    captions = DataLoader(CaptionDataset(split, context_length), batch_size=batch_size)
+    return images, captions
