@@ -20,13 +20,13 @@ What was checked, and where (read in the authors' repositories and model hubs):
   and RemoteCLIP's retrieval.py builds its model with pretrained="openai": in the open_clip of
   2023 (the copy vendored in SkyScript's repository) that path goes through load_openai_model,
   which builds the QuickGELU model; so QuickGELU. RemoteCLIP's README builds the GELU
-  config instead; its own evaluation script is what we follow. GeoRSCLIP ViT-L/14: QuickGELU as
-  stated in issue 11 (its code loads only B/32 and H/14; L/14 started from OpenAI's weights).
+  config instead; its own evaluation script is what we follow. GeoRSCLIP ViT-L/14: QuickGELU, not
+  verified in code (its code loads only B/32 and H/14; L/14 started from OpenAI's weights).
 - SkyCLIP (SkyScript README): zip archives from the authors' S3 bucket; ViT-B/32 was trained
   from open_clip's laion2b_e16 weights (GELU), ViT-L/14 from OpenAI's (QuickGELU). Not named
   here (no stable single-file URL): read the zip, or the .pt inside it, from a local path.
-- Published mR (RSITMD / RSICD) are taken from issue 11's table, which cites the two papers;
-  we could not read those tables here. OpenAI ViT-B/32: the MRS-Adapter paper's zero-shot rows.
+- Published mR (RSITMD / RSICD) are as the field quotes the two papers; we could not read
+  those tables here. OpenAI ViT-B/32: the MRS-Adapter paper's zero-shot rows.
 """
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple

@@ -1,4 +1,4 @@
-"""Remote-sensing CLIP backbones: formats, MLP activation, unequal tower depths (issue 11).
+"""Remote-sensing CLIP backbones: formats, MLP activation, unequal tower depths.
 
 The parity oracle is open_clip with random weights: its `ViT-B-32` config runs nn.GELU, its
 `ViT-B-32-quickgelu` config QuickGELU, and both use OpenAI's parameter names, as RemoteCLIP,

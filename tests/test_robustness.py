@@ -1,4 +1,4 @@
-"""Bad data, bad flags and faults (issue 15): nothing a user wrote is lost, nothing wrong passes
+"""Bad data, bad flags and faults: nothing a user wrote is lost, nothing wrong passes
 silently, and each mistake gets one line naming the file or flag, before anything is computed."""
 
 import json

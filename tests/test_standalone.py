@@ -1,4 +1,4 @@
-"""The adapter, loss, metrics and CLIP-architecture files stand alone (issue 14): each, copied
+"""The adapter, loss, metrics and CLIP-architecture files stand alone: each, copied
 by itself into an empty folder, imports with torch and the standard library only, and works.
 
 The probe runs in a fresh interpreter (-I: no PYTHONPATH, no user site) whose only project path
