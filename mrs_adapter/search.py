@@ -36,8 +36,8 @@ from .search_store import (
 from .tokenizer import tokenize
 
 EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
-# Remote sensing retrieval sets (RSITMD, RSICD, UCM) are 224-600 px scenes, mostly 256 px, and
-# CLIP sees 224 px: a 256 px tile shows a large image at the scale the model was trained on.
+# The retrieval sets' scenes are 256 px (RSITMD, UCM) or 224 px (RSICD), and CLIP sees 224 px:
+# a 256 px tile shows a large image at the scale the model was trained on.
 # Stride 192 = 25% overlap, so an object cut by one tile border lies whole in a neighbour if it
 # is at most 64 px wide; images up to 1.5 tiles (384 px) stay whole (the crop keeps >= 2/3).
 TILE, STRIDE, WHOLE_UP_TO = 256, 192, 1.5

@@ -3,6 +3,9 @@ unreadable files, and the refusal to mix models; tiny CLIPs and small generated 
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -196,25 +199,31 @@ def test_incremental_index_equals_a_fresh_one(setup, tmp_path, capsys):
     assert [(e["path"], e["box"]) for e in manifest["entries"]] == entries
 
 
-def test_killed_run_resumes(setup, tmp_path, monkeypatch):
+KILLED = """
+import os, signal, sys
+from mrs_adapter import search
+calls, original = [0], search.encode_images
+def killed_on_third_batch(*args):
+    calls[0] += 1
+    if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: as kill -9 or a power cut
+    return original(*args)
+search.encode_images = killed_on_third_batch
+model, preprocess, identity = search.load_model(None, sys.argv[3])
+search.build_index(sys.argv[1], sys.argv[2], model, preprocess, identity, 64, 48, batch_size=1,
+                   save_every=1)
+"""
+
+
+def test_killed_run_resumes(setup, tmp_path):
     _, images, weights = setup
     out = str(tmp_path / "killed")
-    model, preprocess, identity = search.load_model(None, weights[0])
-    calls = {"n": 0}
-    original = search.encode_images
-
-    def dies_on_third_batch(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # as Ctrl-C, after two saves of one image each
-        return original(*args)
-
-    monkeypatch.setattr(search, "encode_images", dies_on_third_batch)
-    with pytest.raises(KeyboardInterrupt):
-        search.build_index(images, out, model, preprocess, identity, 64, 48, batch_size=1,
-                           save_every=1)
-    monkeypatch.setattr(search, "encode_images", original)
+    root = os.path.join(os.path.dirname(__file__), "..")
+    run = subprocess.run([sys.executable, "-c", KILLED, images, out, weights[0]], cwd=root,
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == -signal.SIGKILL, run.stderr
     assert len([n for n in os.listdir(os.path.join(out, "parts")) if n.endswith(".json")]) == 2
+    model, preprocess, identity = search.load_model(None, weights[0])
     result = search.build_index(images, out, model, preprocess, identity, 64, 48, batch_size=4)
     assert result["embedded"] == len(IMAGES) - 2  # continued after the two saved images
     assert not os.listdir(os.path.join(out, "parts"))
