@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_tiny_clip
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from conftest import make_tiny_clip
 from mrs_adapter.methods import METHODS
 
 # (method, objective): every method that trains, with HMMC; `full` also with InfoNCE, the one
@@ -22,8 +22,9 @@ WORLD, BATCH, STEPS = 2, 8, 2
 def problem(weights: str, method: str, objective: str):
     """(model as train.py builds it, moved off its initial values, in eval mode so no dropout
     differs between processes; images; tokens): the same in every process."""
-    args = train.get_parser().parse_args(["--dataset", "demo", "--clip", weights, "--method", method,
-                                          "--objective", objective, "--device", "cpu"])
+    argv = ["--dataset", "demo", "--clip", weights, "--method", method, "--objective", objective,
+            "--device", "cpu"]
+    args = train.get_parser().parse_args(argv)
     torch.manual_seed(0)  # the methods' new modules draw their initial values
     model = train.build_model(args, verbose=False)[0].eval()
     g = torch.Generator().manual_seed(0)
@@ -110,8 +111,9 @@ def test_a_single_process_on_cuda_n_makes_it_current_first(device, current, monk
 def test_the_step_is_recorded_in_a_mode_other_threads_cannot_break(monkeypatch):
     """The pin-memory thread keeps calling CUDA while the step is recorded: the capture must reject
     unsafe calls of the recording thread only. (The recording itself: test_cuda_graph.py, GPU.)"""
-    from mrs_adapter import cuda_graph
     from test_train import adam_step, fixed_problem
+
+    from mrs_adapter import cuda_graph
     modes = []
 
     class Capture:  # stands in for torch.cuda.graph on the CPU: runs the step, notes the mode
