@@ -208,8 +208,8 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
     paths = {name: os.path.join(run_dir, name) for name in RUN_FILES}
     resume.seed_everything(seed)
     model, preprocess, options = build_model(args, verbose=main_rank)
-    parts = training_parts(args, seed, model, splits["train"], preprocess)
-    loader, optimizer, scaler, views = parts
+    train_split = splits["train"]
+    loader, optimizer, scaler, views = training_parts(args, seed, model, train_split, preprocess)
     steps = GraphedOrEager(args.cuda_graphs, args.batch_size)
     evals = {s: eval_loaders(splits[s], preprocess, model.context_length, args.eval_batch_size,
                              args.workers, args.cache_images)
@@ -222,7 +222,7 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
     start, step, best, initial, log = resume.start_or_resume(args, model, optimizer, paths, config,
                                                              score, test_keys(splits))
     for epoch in range(start, args.epochs):
-        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank
         t0 = time.time()
         step, mean_loss, rate = train_one_epoch(args, epoch, views, model, loader, optimizer,
                                                 scaler, log, step, steps)
