@@ -112,11 +112,10 @@ def start_or_resume(args, model, optimizer, paths: dict, config: dict, score: Ca
         set_rng_state(state["rng"])  # last: building the model drew from the RNGs
         if main_rank:  # train.preflight checked that only RESUMABLE settings differ; record them
             write_json(paths["config.json"], config)
-        best = state["best"]
+        log, best = resumed_log(paths["log.jsonl"], state["epoch"]), state["best"]
         if main_rank:
             print(f"resuming {os.path.dirname(paths['last.pt'])} at epoch {state['epoch'] + 1} "
                   f"(best val mR {best['mR']:.2f} at epoch {best['epoch']})")
-        log = resumed_log(paths["log.jsonl"], state["epoch"])
         return state["epoch"] + 1, state["step"], best, state["initial"], log
     log = RunLog(paths["log.jsonl"])
     initial = {s: score(s) for s in ["val"] + tests} if main_rank else {}
