@@ -132,3 +132,40 @@ def test_the_step_is_recorded_in_a_mode_other_threads_cannot_break(monkeypatch):
     _, optimizer, step = adam_step(model)
     cuda_graph.GraphedStep(step, optimizer, images, tokens)
     assert modes == ["thread_local"]
+
+
+def test_full_batches_replay_a_recording_made_again_when_the_lr_changes(monkeypatch, capsys):
+    """GraphedOrEager (train.py's step dispatch): a full batch replays the recording, made at the
+    first full batch and again when the lr changes; a smaller batch, a run without graphs and a
+    run whose recording failed take the eager step."""
+    from mrs_adapter import cuda_graph
+    recordings, eager = [], []
+
+    class Recording:  # stands in for GraphedStep on the CPU
+        def __init__(self, step, optimizer, images, tokens):
+            if fail:
+                raise RuntimeError("capture failed")
+            self.lr = optimizer.param_groups[0]["lr"]
+            recordings.append(self.lr)
+
+        def __call__(self, images, tokens):
+            return "replayed", {}
+
+    def step(images, tokens):
+        eager.append(images.shape[0])
+        return "eager", {}
+
+    monkeypatch.setattr(cuda_graph, "GraphedStep", Recording)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    full, small, tokens = torch.zeros(4, 3), torch.zeros(3, 3), torch.zeros(4, 5)
+    fail, steps = False, cuda_graph.GraphedOrEager(enabled=True, batch_size=4)
+    assert [steps(step, optimizer, x, tokens)[0] for x in (full, full, small, full)] == [
+        "replayed", "replayed", "eager", "replayed"]
+    assert recordings == [1e-3] and eager == [3]
+    optimizer.param_groups[0]["lr"] = 7e-4
+    assert steps(step, optimizer, full, tokens)[0] == "replayed" and recordings == [1e-3, 7e-4]
+    off = cuda_graph.GraphedOrEager(enabled=False, batch_size=4)
+    assert off(step, optimizer, full, tokens)[0] == "eager" and len(recordings) == 2
+    fail, broken = True, cuda_graph.GraphedOrEager(enabled=True, batch_size=4)
+    assert [broken(step, optimizer, full, tokens)[0] for _ in range(2)] == ["eager", "eager"]
+    assert capsys.readouterr().out.count("warning: recording the training step") == 1
