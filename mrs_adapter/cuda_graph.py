@@ -4,7 +4,8 @@ At the recipe's batch of 16 pairs a ViT-B/32 step (both towers, two views, backw
 few thousand small kernels, and launching them one by one from Python takes longer than running
 them (bench.py measured ~70 ms per step on an H200). `GraphedStep` records forward, loss,
 backward and optimizer step once, after a few warm-up steps whose effect is undone, and replays
-the recording for every batch of the same shape. Used by train.py on a single CUDA device.
+the recording for every batch of the same shape. `GraphedOrEager` is how train.py calls its step
+on a single CUDA device: replayed for full batches, eager for the rest.
 """
 import contextlib
 from typing import Callable, Dict, List, Tuple
@@ -33,7 +34,8 @@ def _restore(optimizer: torch.optim.Optimizer, saved: Tuple[List[torch.Tensor], 
                 v.copy_(state[p][k]) if p in state else v.zero_()
 
 
-def warm_up(step: Callable, optimizer: torch.optim.Optimizer, inputs: List[torch.Tensor], steps: int = 3):
+def warm_up(step: Callable, optimizer: torch.optim.Optimizer, inputs: List[torch.Tensor],
+            steps: int = 3):
     """Run `step(*inputs)` a few times (creates optimizer state, lets libraries pick kernels), then
     undo every change to the parameters and the optimizer state."""
     saved = _state_of(optimizer)
@@ -61,7 +63,8 @@ class GraphedStep:
         self.lr = optimizer.param_groups[0]["lr"]
         warm_up(step, optimizer, self.inputs)
         self.graph = torch.cuda.CUDAGraph()
-        optimizer.zero_grad(set_to_none=True)  # the recorded backward allocates (and then rewrites) the grads
+        # the recorded backward allocates (and then rewrites) the grads
+        optimizer.zero_grad(set_to_none=True)
         # thread_local: only this thread's unsafe CUDA calls abort the recording. The default
         # ("global") also aborts it when another thread, e.g. the DataLoader's pin-memory thread
         # allocating pinned memory for the next batch, makes one while we record.
@@ -74,3 +77,41 @@ class GraphedStep:
         self.graph.replay()
         # the outputs live in the recording's memory and are overwritten by the next replay
         return self.loss.clone(), {k: v.clone() for k, v in self.terms.items()}
+
+
+class GraphedOrEager:
+    """`self(step, optimizer, images, tokens) -> (loss, terms)`: one training step, replayed from a
+    recording for full batches when `enabled`, run eagerly (zero_grad, then `step`) otherwise.
+
+    The recording is made at the first full batch and again when the learning rate changes (it
+    is part of the recording); the last, smaller batch of an epoch runs eagerly. A recording that
+    fails turns recording off for the rest of the run, with a warning."""
+
+    def __init__(self, enabled: bool, batch_size: int):
+        self.graphs = {} if enabled else None
+        self.batch_size = batch_size
+
+    def __call__(self, step: Callable, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                 tokens: torch.Tensor):
+        graphed = self.recorded(step, optimizer, images, tokens)
+        if graphed is not None:
+            return graphed(images, tokens)
+        optimizer.zero_grad(set_to_none=True)
+        return step(images, tokens)
+
+    def recorded(self, step, optimizer, images, tokens):
+        """The GraphedStep for this batch; None for other batch sizes, when not enabled, or after
+        a recording failed."""
+        graphs = self.graphs
+        if graphs is None or graphs.get("failed") or images.shape[0] != self.batch_size:
+            return None
+        if "step" not in graphs or graphs["step"].lr != optimizer.param_groups[0]["lr"]:
+            graphs.pop("step", None)  # frees the previous recording first
+            try:
+                graphs["step"] = GraphedStep(step, optimizer, images, tokens)
+            except RuntimeError as e:
+                graphs["failed"] = True
+                print(f"warning: recording the training step as a CUDA graph failed ({e}); "
+                      f"continuing without")
+                return None
+        return graphs["step"]

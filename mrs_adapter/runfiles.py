@@ -50,7 +50,8 @@ def read_jsonl(path: str) -> List[dict]:
 
 
 class RunLog:
-    """log.jsonl, one JSON object per line, rewritten atomically at each `write` (logs are small)."""
+    """log.jsonl, one JSON object per line, rewritten atomically at each `write` (logs are
+    small)."""
 
     def __init__(self, path: str, records: List[dict] = ()):
         self.path, self.records = path, list(records)
@@ -91,8 +92,8 @@ def prepare_run_dir(path: str, resume: bool, overwrite: bool) -> None:
     train.py calls this only after every input has been checked (train.preflight)."""
     check_folder_writable(path)
     if os.path.isdir(path) and os.listdir(path) and not (resume or overwrite):
-        raise FileExistsError(f"run folder {path} is not empty; pass --resume to continue that run, "
-                              f"--overwrite to replace it, or another --output")
+        raise FileExistsError(f"run folder {path} is not empty; pass --resume to continue that "
+                              f"run, --overwrite to replace it, or another --output")
     if overwrite and os.path.isdir(path):
         for name in os.listdir(path):
             full = os.path.join(path, name)
@@ -109,15 +110,19 @@ def environment() -> dict:
     import PIL
     import torch
     import torchvision
-    env = {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-           "numpy": numpy.__version__, "pillow": PIL.__version__, "cuda": torch.version.cuda,
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+    on_cuda = torch.cuda.is_available()
+    env = {"python": platform.python_version(), "torch": str(torch.__version__),
+           "torchvision": str(torchvision.__version__), "numpy": numpy.__version__,
+           "pillow": PIL.__version__, "cuda": torch.version.cuda,
+           "device": torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu"}
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                           timeout=5).stdout.strip() or None
-        env["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True,
-                                               text=True, timeout=5).stdout.strip())
+        env["git_commit"] = git("rev-parse", "HEAD") or None
+        env["git_dirty"] = bool(git("status", "--porcelain"))
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env

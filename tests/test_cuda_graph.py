@@ -1,9 +1,9 @@
 """The CUDA-graphed training step equals the eager one (runs only where CUDA is available)."""
 import pytest
 import torch
+from test_train import adam_step, fixed_problem
 
 from mrs_adapter.cuda_graph import GraphedStep
-from test_train import adam_step, fixed_problem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -13,7 +13,8 @@ def test_replayed_steps_equal_eager_steps():
     for graphed in (False, True):
         model, images, tokens = fixed_problem()
         model = model.cuda()
-        batches = [(images.cuda() * s, tokens.cuda().roll(s, 0)) for s in (1, 2, 3)]  # three different batches
+        # three different batches
+        batches = [(images.cuda() * s, tokens.cuda().roll(s, 0)) for s in (1, 2, 3)]
         params, optimizer, step = adam_step(model, capturable=True)
         recorded = GraphedStep(step, optimizer, *batches[0]) if graphed else None
         losses = []

@@ -8,7 +8,6 @@ import torch
 from conftest import make_tiny_clip
 from PIL import Image
 
-from conftest import make_tiny_clip
 from mrs_adapter.checkpoint import save_trainable
 from mrs_adapter.clip import transform
 from mrs_adapter.data import load_splits

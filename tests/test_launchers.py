@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_tiny_clip
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from conftest import make_tiny_clip
 from mrs_adapter.methods import METHODS
 
 # (method, objective): every method that trains, with HMMC; `full` also with InfoNCE, the one
@@ -22,8 +22,9 @@ WORLD, BATCH, STEPS = 2, 8, 2
 def problem(weights: str, method: str, objective: str):
     """(model as train.py builds it, moved off its initial values, in eval mode so no dropout
     differs between processes; images; tokens): the same in every process."""
-    args = train.get_parser().parse_args(["--dataset", "demo", "--clip", weights, "--method", method,
-                                          "--objective", objective, "--device", "cpu"])
+    argv = ["--dataset", "demo", "--clip", weights, "--method", method, "--objective", objective,
+            "--device", "cpu"]
+    args = train.get_parser().parse_args(argv)
     torch.manual_seed(0)  # the methods' new modules draw their initial values
     model = train.build_model(args, verbose=False)[0].eval()
     g = torch.Generator().manual_seed(0)
@@ -110,8 +111,9 @@ def test_a_single_process_on_cuda_n_makes_it_current_first(device, current, monk
 def test_the_step_is_recorded_in_a_mode_other_threads_cannot_break(monkeypatch):
     """The pin-memory thread keeps calling CUDA while the step is recorded: the capture must reject
     unsafe calls of the recording thread only. (The recording itself: test_cuda_graph.py, GPU.)"""
-    from mrs_adapter import cuda_graph
     from test_train import adam_step, fixed_problem
+
+    from mrs_adapter import cuda_graph
     modes = []
 
     class Capture:  # stands in for torch.cuda.graph on the CPU: runs the step, notes the mode
@@ -130,3 +132,40 @@ def test_the_step_is_recorded_in_a_mode_other_threads_cannot_break(monkeypatch):
     _, optimizer, step = adam_step(model)
     cuda_graph.GraphedStep(step, optimizer, images, tokens)
     assert modes == ["thread_local"]
+
+
+def test_full_batches_replay_a_recording_made_again_when_the_lr_changes(monkeypatch, capsys):
+    """GraphedOrEager (train.py's step dispatch): a full batch replays the recording, made at the
+    first full batch and again when the lr changes; a smaller batch, a run without graphs and a
+    run whose recording failed take the eager step."""
+    from mrs_adapter import cuda_graph
+    recordings, eager = [], []
+
+    class Recording:  # stands in for GraphedStep on the CPU
+        def __init__(self, step, optimizer, images, tokens):
+            if fail:
+                raise RuntimeError("capture failed")
+            self.lr = optimizer.param_groups[0]["lr"]
+            recordings.append(self.lr)
+
+        def __call__(self, images, tokens):
+            return "replayed", {}
+
+    def step(images, tokens):
+        eager.append(images.shape[0])
+        return "eager", {}
+
+    monkeypatch.setattr(cuda_graph, "GraphedStep", Recording)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    full, small, tokens = torch.zeros(4, 3), torch.zeros(3, 3), torch.zeros(4, 5)
+    fail, steps = False, cuda_graph.GraphedOrEager(enabled=True, batch_size=4)
+    assert [steps(step, optimizer, x, tokens)[0] for x in (full, full, small, full)] == [
+        "replayed", "replayed", "eager", "replayed"]
+    assert recordings == [1e-3] and eager == [3]
+    optimizer.param_groups[0]["lr"] = 7e-4
+    assert steps(step, optimizer, full, tokens)[0] == "replayed" and recordings == [1e-3, 7e-4]
+    off = cuda_graph.GraphedOrEager(enabled=False, batch_size=4)
+    assert off(step, optimizer, full, tokens)[0] == "eager" and len(recordings) == 2
+    fail, broken = True, cuda_graph.GraphedOrEager(enabled=True, batch_size=4)
+    assert [broken(step, optimizer, full, tokens)[0] for _ in range(2)] == ["eager", "eager"]
+    assert capsys.readouterr().out.count("warning: recording the training step") == 1

@@ -9,9 +9,9 @@ from argparse import Namespace
 
 import pytest
 import torch
+from conftest import make_tiny_clip
 
 import train
-from conftest import make_tiny_clip
 from mrs_adapter import clip
 from mrs_adapter.checkpoint import load_trainable_state_dict, save_trainable
 from mrs_adapter.methods import apply_method, method_options

@@ -1,4 +1,5 @@
-"""train.py end to end on the demo data with a tiny CLIP: selection, run files, resume, NaN stop, DDP."""
+"""train.py end to end on the demo data with a tiny CLIP: selection, run files, resume, NaN stop,
+DDP."""
 import json
 import os
 import shutil
@@ -10,10 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_tiny_clip
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from conftest import make_tiny_clip
 from mrs_adapter.adapter import add_adapters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,8 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(demo, output, *extra):
     root, backbone = demo
-    return train.main(["--dataset", "demo", "--data-root", root, "--clip", backbone, "--output", str(output),
-                       "--epochs", "3", "--lr", "1e-3", "--print-freq", "10", *extra])
+    return train.main(["--dataset", "demo", "--data-root", root, "--clip", backbone,
+                       "--output", str(output), "--epochs", "3", "--lr", "1e-3",
+                       "--print-freq", "10", *extra])
 
 
 def test_demo_run_selects_on_val_and_writes_the_run_folder(demo, tmp_path):
@@ -31,7 +33,8 @@ def test_demo_run_selects_on_val_and_writes_the_run_folder(demo, tmp_path):
     assert json.load(open(tmp_path / "run" / "results.json"))["mean"] == summary["mean"]
     for seed in (2, 3):
         folder = tmp_path / "run" / f"seed{seed}"
-        assert sorted(os.listdir(folder)) == ["best.pt", "config.json", "last.pt", "log.jsonl", "results.json"]
+        run_files = ["best.pt", "config.json", "last.pt", "log.jsonl", "results.json"]
+        assert sorted(os.listdir(folder)) == run_files
         log = [json.loads(line) for line in open(folder / "log.jsonl")]
         val = [r for r in log if r["kind"] == "val"]
         assert [r["epoch"] for r in val] == [0, 1, 2] and any(r["kind"] == "train" for r in log)
@@ -43,7 +46,8 @@ def test_demo_run_selects_on_val_and_writes_the_run_folder(demo, tmp_path):
         checkpoint = torch.load(folder / "best.pt", weights_only=True)
         model = add_adapters(train.clip.load(demo[1])[0], verbose=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert set(checkpoint["trainable"]) == trainable and all(".adapter." in n for n in trainable)
+        assert set(checkpoint["trainable"]) == trainable
+        assert all(".adapter." in n for n in trainable)
     per_seed = [r["test"]["mR"] for r in summary["per_seed"]]
     assert per_seed[0] != per_seed[1] and summary["std"]["mR"] > 0  # the seeds really differ
     assert summary["mean"]["mR"] > 2 * summary["chance"]["mR"]
@@ -80,12 +84,13 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(demo, tmp_pa
     a = torch.load(tmp_path / "straight" / "seed2" / "last.pt", weights_only=True)["trainable"]
     b = torch.load(tmp_path / "resumed" / "seed2" / "last.pt", weights_only=True)["trainable"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    logs = [[r for r in map(json.loads, open(tmp_path / name / "seed2" / "log.jsonl")) if r["kind"] == "val"]
-            for name in ("straight", "resumed")]
+    logs = [[r for r in map(json.loads, open(tmp_path / name / "seed2" / "log.jsonl"))
+             if r["kind"] == "val"] for name in ("straight", "resumed")]
     assert [r["mR"] for r in logs[0]] == [r["mR"] for r in logs[1]]
 
 
-def test_non_finite_loss_stops_with_the_terms_and_keeps_the_last_checkpoint(demo, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_the_terms_and_keeps_the_last_checkpoint(demo, tmp_path,
+                                                                            monkeypatch):
     real_loss, calls = train.hmmc_loss, []
 
     def poisoned(*a, **k):
@@ -97,8 +102,9 @@ def test_non_finite_loss_stops_with_the_terms_and_keeps_the_last_checkpoint(demo
         return total, terms
 
     monkeypatch.setattr(train, "hmmc_loss", poisoned)
-    with pytest.raises(FloatingPointError, match=r"epoch 1 step 50: non-finite loss nan \(image_text = nan, "
-                                                 r"image_image = [0-9.]+, text_text = [0-9.]+\)"):
+    expected = (r"epoch 1 step 50: non-finite loss nan \(image_text = nan, "
+                r"image_image = [0-9.]+, text_text = [0-9.]+\)")
+    with pytest.raises(FloatingPointError, match=expected):
         run(demo, tmp_path / "run", "--epochs", "5")
     last = torch.load(tmp_path / "run" / "seed2" / "last.pt", weights_only=True)
     assert last["epoch"] == 0 and all(torch.isfinite(t).all() for t in last["trainable"].values())
@@ -106,10 +112,12 @@ def test_non_finite_loss_stops_with_the_terms_and_keeps_the_last_checkpoint(demo
 
 def test_missing_data_fails_fast_naming_layout_and_source(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "rsitmd", "--data-root",
-                           "/nonexistent", "--output", str(out)], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "rsitmd",
+               "--data-root", "/nonexistent", "--output", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "/nonexistent/rsitmd_precomp" in proc.stderr and "github.com/xiaoyuan1996/AMFMN" in proc.stderr
+    assert "/nonexistent/rsitmd_precomp" in proc.stderr
+    assert "github.com/xiaoyuan1996/AMFMN" in proc.stderr
     assert not out.exists()
 
 
@@ -143,7 +151,7 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model, images, tokens = fixed_problem()
     views = DistributedDataParallel(train.Views(model, 0.0, both_views=True))
-    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)  # this rank's share of the global batch
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)  # this rank's share of the batch
     loss, _ = train.forward_backward(LOSS_ARGS, views, model, images[rows], tokens[rows],
                                      torch.amp.GradScaler("cuda", enabled=False))
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -154,7 +162,8 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
 def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path):
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     model, images, tokens = fixed_problem()
-    loss, _ = train.forward_backward(LOSS_ARGS, train.Views(model, 0.0, True), model, images, tokens,
+    views = train.Views(model, 0.0, True)
+    loss, _ = train.forward_backward(LOSS_ARGS, views, model, images, tokens,
                                      torch.amp.GradScaler("cuda", enabled=False))
     expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert any(g.abs().max() > 0 for g in expected.values())
@@ -166,7 +175,8 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path)
 
 
 def adam_step(model, **adam):
-    """(trainable params, Adam, step(images, tokens) -> (loss, terms)): forward, backward, Adam step."""
+    """(trainable params, Adam, step(images, tokens) -> (loss, terms)): forward, backward, Adam
+    step."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-3, **adam)
     views = train.Views(model, 0.0, both_views=True)
@@ -181,8 +191,8 @@ def adam_step(model, **adam):
 
 
 def test_cuda_graph_warm_up_leaves_no_trace():
-    """The warm-up before recording a CUDA graph runs real steps; their effect must be undone, so the
-    first recorded step equals a plain first step (checked with the eager step on the CPU)."""
+    """The warm-up before recording a CUDA graph runs real steps; their effect must be undone, so
+    the first recorded step equals a plain first step (checked with the eager step on the CPU)."""
     from mrs_adapter.cuda_graph import warm_up
     runs = []
     for warm in (False, True):
@@ -192,7 +202,8 @@ def test_cuda_graph_warm_up_leaves_no_trace():
             before = [p.detach().clone() for p in params]
             warm_up(step, optimizer, [images, tokens], steps=2)
             assert all(torch.equal(a, b) for a, b in zip(before, params))
-            assert all(torch.count_nonzero(v) == 0 for s in optimizer.state.values() for v in s.values())
+            moments = [v for s in optimizer.state.values() for v in s.values()]
+            assert all(torch.count_nonzero(v) == 0 for v in moments)
         for _ in range(2):
             optimizer.zero_grad(set_to_none=True)
             step(images, tokens)

@@ -1,0 +1,127 @@
+"""What makes a run reproducible and resumable: its seeds, its RNG state, its recorded settings.
+
+A seed's run folder holds config.json (every setting, resolved) and last.pt (the trained tensors,
+the optimizer, the RNG state of `rng_state` and the selection so far; train.py writes it at the
+end of every epoch). `--resume` continues from last.pt only with the settings of config.json, less
+those in RESUMABLE, so that a resumed run ends exactly as an uninterrupted one
+(tests/test_train.py checks it).
+"""
+import json
+import os
+import random
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+from mrs_adapter.checkpoint import load_trainable, save_trainable
+from mrs_adapter.metrics import format_table
+from mrs_adapter.runfiles import RunLog, read_jsonl, write_json
+
+
+def seed_everything(seed: int):
+    """The published seeding (docs/method.md §4): python `seed`, numpy `seed + 1`, torch `seed + 2`
+    (2, 3, 4)."""
+    random.seed(seed)
+    np.random.seed(seed + 1)
+    torch.manual_seed(seed + 2)
+
+
+def rng_state() -> dict:
+    """Every generator's state as plain values and tensors (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# settings that may differ on --resume: none changes the numbers of the epochs run or to come
+# (--epochs extends or shortens the run; the eval batch and the image cache give identical results)
+RESUMABLE = ("epochs", "workers", "print_freq", "eval_batch_size", "cache_images", "seeds",
+             "resume", "overwrite", "output", "rank", "local_rank")
+
+
+def run_config(args, seed: int, options: dict) -> dict:
+    """config.json of one seed (less the environment): every setting, resolved."""
+    return {**{k: v for k, v in vars(args).items() if k not in ("amp_dtype",)}, "seed": seed,
+            "method_options": options}
+
+
+def check_resume_config(old: dict, new: dict, path: str) -> None:
+    """A ValueError listing every setting that differs from the run's config.json (`path`),
+    except those in RESUMABLE: a resumed run must continue the run it resumes."""
+    new = json.loads(json.dumps(new))  # as stored: tuples become lists
+    absent = "(not set)"
+    changed = [f"{k.replace('_', '-')} {old.get(k, absent)!r} -> {new.get(k, absent)!r}"
+               for k in sorted((set(old) | set(new)) - set(RESUMABLE) - {"environment"})
+               if old.get(k, absent) != new.get(k, absent)]
+    if changed:
+        raise ValueError(f"--resume with settings that differ from {path}: {'; '.join(changed)}. "
+                         f"Only --epochs, --workers, --print-freq, --eval-batch-size, "
+                         f"--no-cache-images, --seeds and --output may change on resume; use "
+                         f"another --output for a new run")
+
+
+def recorded_config(run_dir: str) -> Optional[dict]:
+    """The config.json of the run in `run_dir` that --resume would continue; None when there is
+    none (no last.pt or no config.json: that seed starts afresh)."""
+    path = os.path.join(run_dir, "config.json")
+    if not (os.path.isfile(os.path.join(run_dir, "last.pt")) and os.path.isfile(path)):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} to compare the settings of the run "
+                         f"to resume: {e}") from e
+
+
+def resumed_log(path: str, epoch: int) -> RunLog:
+    """log.jsonl as it was at the end of `epoch`: records of the interrupted epoch are dropped,
+    since that epoch runs again."""
+    return RunLog(path, [r for r in read_jsonl(path) if r.get("epoch", -1) <= epoch])
+
+
+def save_last(path: str, model, optimizer, epoch: int, step: int, best: dict, initial: dict,
+              config: dict) -> None:
+    """last.pt: all that start_or_resume needs to continue after `epoch` as if uninterrupted."""
+    save_trainable(model, path, optimizer=optimizer.state_dict(), epoch=epoch, step=step,
+                   rng=rng_state(), best=best, initial=initial, config=config)
+
+
+def start_or_resume(args, model, optimizer, paths: dict, config: dict, score: Callable,
+                    tests: List[str]):
+    """(first epoch, global step, best val so far, scores before training, log): from last.pt
+    with --resume, else from scratch, scoring the model before training on "val" and `tests`
+    (rank 0). Writes config.json either way (rank 0)."""
+    main_rank = args.rank == 0
+    if args.resume and os.path.isfile(paths["last.pt"]):
+        state = load_trainable(model, paths["last.pt"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])  # last: building the model drew from the RNGs
+        if main_rank:  # train.preflight checked that only RESUMABLE settings differ; record them
+            write_json(paths["config.json"], config)
+        log, best = resumed_log(paths["log.jsonl"], state["epoch"]), state["best"]
+        if main_rank:
+            print(f"resuming {os.path.dirname(paths['last.pt'])} at epoch {state['epoch'] + 1} "
+                  f"(best val mR {best['mR']:.2f} at epoch {best['epoch']})")
+        return state["epoch"] + 1, state["step"], best, state["initial"], log
+    log = RunLog(paths["log.jsonl"])
+    initial = {s: score(s) for s in ["val"] + tests} if main_rank else {}
+    if main_rank:
+        write_json(paths["config.json"], config)
+        scores = {f"{s}_{k}": v for s, m in initial.items() for k, v in m.items()}
+        log.write(kind="initial", epoch=-1, **scores)
+        print(format_table([(f"before training ({k.split(':')[-1]})", initial[k]) for k in tests]))
+    return 0, 0, {"mR": -1.0, "epoch": -1}, initial, log

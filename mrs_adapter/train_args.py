@@ -1,0 +1,176 @@
+"""train.py's command line: every flag with the paper's default and its source, the defaults that
+depend on other flags, and the checks that need no data, model or disk access.
+
+The recipe's defaults are those of docs/method.md §4 (Sec. IV-B of the paper).
+"""
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+from mrs_adapter import clip
+from mrs_adapter.data import CAPTIONS_PER_IMAGE
+from mrs_adapter.methods import METHODS, default_lr, method_options
+from mrs_adapter.runfiles import check_folder_writable
+
+DATASET_NAMES = ["rsitmd", "rsicd", "ucm", "sydney", "demo"]
+
+
+def _data_flags(a) -> None:
+    a("--dataset", dest="datasets", nargs="+", required=True, choices=DATASET_NAMES,
+      help="demo: generated offline (README 'Data' for the others); several: train on the union "
+           "of their training splits, select on the union of their validation splits, test on "
+           "each test split")
+    a("--test-dataset", nargs="+", choices=DATASET_NAMES,
+      help="transfer: test on these datasets' test splits instead (README 'Several datasets')")
+    a("--keep-overlap", action="store_true", help="with several datasets or --test-dataset, keep "
+      "the training and validation images that are copies of test images (the published, leaky "
+      "setting)")
+    a("--data-root", default="data",
+      help="folder holding the datasets (README 'Data'); default: data")
+    a("--layout", choices=["precomp", "json"],
+      help="force an annotation layout (default: the dataset's usual one)")
+    a("--image-dir", help="image folder (default: <data-root>/<dataset>_images)")
+    a("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
+      help="captions of each image where a file-name list has one line per image (default 5, "
+           "as every known dataset); another ratio is an error")
+
+
+def _model_flags(a) -> None:
+    a("--clip", help="CLIP weights: a name of clip.available_models() or a file (default: "
+                     "ViT-B/32, as in the paper; the demo uses a tiny CLIP pre-trained offline "
+                     "and cached in <data-root>)")
+    a("--clip-activation", choices=clip.ACTIVATIONS,
+      help="CLIP's MLP activation (default: a named backbone's own; QuickGELU, OpenAI's, for a "
+           "file; e.g. gelu for SkyCLIP ViT-B/32); recorded in the run")
+    a("--clip-sha256", help="the sha256 the CLIP weights must have (pins a backbone published "
+                            "without one)")
+    a("--method", default="mrs_adapter", choices=sorted(METHODS),
+      help="PETL method (default: the paper's)")
+    a("--objective", default="hmmc", choices=["hmmc", "info_nce"],
+      help="loss (default: HMMC, Sec. III-C)")
+    a("--margin", type=float, default=0.2, help="HMMC hinge margin (paper: 0.2)")
+    a("--loss-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0),
+      help="HMMC weights (paper: 1 1 1)")
+    a("--feature-dropout", type=float, default=0.2,
+      help="dropout of the augmented views (paper: 0.2)")
+    a("--adapter-dropout", type=float, help="the method's `dropout` option (default: the method's; "
+                                             "MRS-Adapter: 0.5, the paper's)")
+    a("--bottleneck", type=int, help="the method's `bottleneck` option (default: the method's; "
+                                     "MRS-Adapter: 64, the paper's)")
+
+
+def _recipe_flags(a) -> None:
+    a("--lr", type=float, help="Adam learning rate (default: the method's, methods.default_lr: "
+                               "2e-4 as in the paper for the PETL methods, 5e-6 for full "
+                               "fine-tuning)")
+    a("--lr-decay", type=float, default=0.7, help="lr factor (paper: x0.7)")
+    a("--lr-decay-start", type=int, default=19,
+      help="first 0-indexed epoch with decayed lr (paper: 19)")
+    a("--lr-decay-every", type=int, default=20, help="epochs between decays (paper: 20)")
+    a("--epochs", type=int, default=30, help="training epochs (paper: 30)")
+    a("--batch-size", type=int, default=16,
+      help="GLOBAL batch of caption-image pairs (paper: 16)")
+    a("--eval-batch-size", type=int,
+      help="evaluation batch (paper: 64, the CPU default; 512 on CUDA, where 64 leaves the GPU "
+           "idle; each item is encoded alone, so results do not change)")
+    a("--seeds", type=int, nargs="+", default=[2],
+      help="one run per seed s: python s, numpy s+1, torch s+2 (paper: 2, 3, 4, i.e. --seeds 2)")
+
+
+def _run_flags(a) -> None:
+    a("--output", help="run folder (default: runs/<dataset>-<method>; several: "
+                       "runs/rsitmd+rsicd-<method>, runs/rsicd-to-rsitmd-<method>)")
+    a("--resume", action="store_true", help="continue the run in --output from its last.pt")
+    a("--overwrite", action="store_true",
+      help="replace the run files in a non-empty --output")
+    a("--precision", choices=["fp32", "bf16", "fp16"],
+      help="autocast dtype on CUDA (default bf16); CPU: fp32")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--workers", type=int,
+      help="DataLoader workers per process (default: min(8, CPUs) on CUDA; 0 on CPU, where the "
+           "model needs the cores and cached images cost little to serve)")
+    a("--no-cache-images", dest="cache_images", action="store_false",
+      help="decode images every epoch instead of once into memory (the recipe has no image "
+           "augmentation)")
+    a("--separate-views", action="store_true",
+      help="encode clean and dropout views in separate passes (same distribution as the default "
+           "single batched pass)")
+    a("--compile", action="store_true",
+      help="torch.compile the training forward (an option; see README 'Speed')")
+    a("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+      help="launch every kernel of a training step from Python instead of replaying a recorded "
+           "CUDA graph (default: graphs on one CUDA device with bf16/fp32; off on CPU, under "
+           "torchrun, with fp16 or --compile)")
+    a("--print-freq", type=int, default=50,
+      help="steps between progress lines (and non-finite loss checks)")
+
+
+def get_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flags in (_data_flags, _model_flags, _recipe_flags, _run_flags):
+        flags(p.add_argument)
+    return p
+
+
+METHOD_FLAGS = {"bottleneck": "bottleneck", "adapter_dropout": "dropout"}  # flag -> apply keyword
+
+
+def resolve_method_options(args) -> dict:
+    """Every keyword of the method's `apply` with its value: --bottleneck / --adapter-dropout where
+    given, else the method's default. A flag the method has no option for is an error."""
+    defaults = method_options(args.method)
+    given = {}
+    for flag, keyword in METHOD_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if keyword not in defaults:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: method {args.method} has no "
+                             f"{keyword} option (its options: {', '.join(defaults) or 'none'})")
+        given[keyword] = value
+    return method_options(args.method, given)
+
+
+def fill_defaults(args) -> None:
+    """The defaults that depend on the device, the processes or other flags."""
+    on_cuda = args.device.startswith("cuda")
+    args.precision = args.precision or ("bf16" if on_cuda else "fp32")
+    args.cuda_graphs = (args.cuda_graphs and on_cuda and args.world_size == 1
+                        and args.precision != "fp16" and not args.compile)
+    args.eval_batch_size = args.eval_batch_size or (512 if on_cuda else 64)
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1) if on_cuda else 0
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    args.amp_dtype = dtypes[args.precision] if on_cuda else None
+    args.lr = args.lr if args.lr is not None else default_lr(args.method)
+    args.dataset = "+".join(args.datasets)  # one name as before; several: rsitmd+rsicd
+    transfer = f"-to-{'+'.join(args.test_dataset)}" if args.test_dataset else ""
+    args.output = args.output or os.path.join("runs", f"{args.dataset}{transfer}-{args.method}")
+
+
+def check_arguments(args) -> None:
+    """Errors that need no data, model or disk access, before anything slow starts."""
+    for flag in ("epochs", "batch_size", "print_freq", "captions_per_image"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: "
+                             f"expected a positive number")
+    check_folder_writable(args.output)
+
+
+def resolve_clip(args) -> str:
+    """--clip, else ViT-B/32; the demo's default is a tiny CLIP pre-trained offline once and
+    cached."""
+    if args.clip is not None:
+        return args.clip
+    if args.dataset != "demo":
+        return "ViT-B/32"
+    from mrs_adapter.demo_backbone import default_path, load_or_pretrain
+    path = default_path(args.data_root)
+    if args.rank == 0:
+        load_or_pretrain(path)
+    if args.world_size > 1:
+        dist.barrier()
+    return path
