@@ -21,7 +21,7 @@ import train
 from mrs_adapter.download import DownloadError
 from mrs_adapter.runfiles import atomic_write, check_folder_writable
 
-# method -> (the paper's trainable parameters, its mR on RSICD / RSITMD / UCM); method.md 7
+# method -> (the paper's trainable parameters, its mR on RSICD / RSITMD / UCM); docs/method.md §7
 PUBLISHED = {
     "zero_shot": ("0", {"rsicd": 15.04, "rsitmd": 23.89, "ucm": 33.08}),
     "full": ("151M", {"rsicd": 30.39, "rsitmd": 45.33, "ucm": 52.43}),

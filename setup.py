@@ -14,6 +14,6 @@ setup(
     # load_state_dict(assign=True) and torch.cuda.graph(capture_error_mode=...), 2.0 for
     # scaled_dot_product_attention and torch.compile. torchvision 0.18 is torch 2.3's release.
     install_requires=["torch>=2.3", "torchvision>=0.18", "ftfy", "regex", "numpy", "pillow"],
-    extras_require={"test": ["pytest", "open_clip_torch"]},
+    extras_require={"test": ["pytest", "open_clip_torch", "ruff"]},
     license="MIT",
 )

@@ -1,4 +1,4 @@
-"""The PETL methods of the paper's benchmark (method.md 7), composed into CLIP by mrs_adapter.methods.
+"""The PETL methods of the paper's benchmark (docs/method.md §7), composed into CLIP by mrs_adapter.methods.
 
 Trainable counts on ViT-B/32 shapes (built on the meta device: shapes without memory, so one
 deep copy per method is instant); everything else on tiny CLIPs (conftest.make_tiny_clip).
@@ -19,7 +19,7 @@ from mrs_adapter.methods.lora import LoRABlock
 from mrs_adapter.methods.prompts import PromptedBlock, add_prompts
 
 SOT, EOT = 49406, 49407
-# name: (the paper's trainable count on ViT-B/32 (method.md 7; None: not in the paper), ours exactly)
+# name: (the paper's trainable count on ViT-B/32 (docs/method.md §7; None: not in the paper), ours exactly)
 COUNTS = {
     "zero_shot": (0, 0),
     "full": (151_000_000, 151_277_313),
@@ -156,7 +156,7 @@ def test_trainable_count_on_vit_b32_matches_the_paper_and_clip_stays_frozen(name
             assert p.requires_grad, n
             added.append(n)
     assert bool(added) == (name in ADDS_MODULES)
-    assert total - trainable == (0 if name == "full" else 151_277_313)  # CLIP ViT-B/32 (method.md 1)
+    assert total - trainable == (0 if name == "full" else 151_277_313)  # CLIP ViT-B/32 (docs/method.md §1)
 
 
 # ---- behaviour on tiny models ----

@@ -1,4 +1,4 @@
-"""The parameter-efficient transfer methods benchmarked by the paper (Sec. IV, Tables II-IV; method.md 7).
+"""The parameter-efficient transfer methods benchmarked by the paper (Sec. IV, Tables II-IV; docs/method.md §7).
 
 Each method is one file exposing `apply(model, **options) -> model`: it freezes CLIP first, then
 composes its trainable modules in at build time (wrapper modules holding the frozen ones), and
@@ -36,7 +36,7 @@ METHODS = {  # --method name -> file in this folder
     "mrs_adapter": "mrs_adapter",
     "lora": "lora",
 }
-ADAPTER_LR = 2e-4  # the paper's Adam learning rate (method.md 4), for every method that sets no LR
+ADAPTER_LR = 2e-4  # the paper's Adam learning rate (docs/method.md §4), for every method that sets no LR
 
 
 def freeze(model: nn.Module) -> nn.Module:

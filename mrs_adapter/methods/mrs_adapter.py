@@ -1,6 +1,6 @@
 """MRS-Adapter (the paper's method, Sec. III-B): one adapter shared by every block of both towers.
 
-Configuration (method.md 2): bottleneck 64, last 64 up channels shared across modalities,
+Configuration (docs/method.md §2): bottleneck 64, last 64 up channels shared across modalities,
 dropout 0.5, up layers zero-initialised (starts at zero-shot CLIP), in parallel with the MLP of
 every block of both towers; 161,088 trainable parameters on ViT-B/32 (paper: 0.16M).
 The module itself is `mrs_adapter/adapter.py`.
