@@ -13,10 +13,11 @@ BOTTLENECK = 64
 SHARED_DIM = 64  # last up channels shared by the text and the vision branch
 DROPOUT = 0.5
 SHARED = True  # one instance for all blocks of both towers (False: the per-block ablation)
-PLACEMENT = "parallel to the MLP, reading the post-attention stream, every block of both towers; one module for all"
+PLACEMENT = ("parallel to the MLP, reading the post-attention stream, every block of both towers; "
+             "one module for all")
 INIT = "down default, up zero (starts at zero-shot)"
 
 
-def apply(model: nn.Module, bottleneck: int = BOTTLENECK, shared_dim: int = SHARED_DIM, dropout: float = DROPOUT,
-          shared: bool = SHARED) -> nn.Module:
+def apply(model: nn.Module, bottleneck: int = BOTTLENECK, shared_dim: int = SHARED_DIM,
+          dropout: float = DROPOUT, shared: bool = SHARED) -> nn.Module:
     return add_adapters(model, bottleneck, shared_dim, dropout, shared, verbose=False)
