@@ -3,8 +3,8 @@ from setuptools import find_packages, setup
 setup(
     name="mrs-adapter",
     version="0.1.0",
-    description="CLIP + MRS-Adapter + HMMC: parameter-efficient remote sensing image-text retrieval "
-                "(Yuan, Zhan, Xiong, IEEE TGRS 2023), a reference implementation",
+    description="CLIP + MRS-Adapter + HMMC: parameter-efficient remote sensing image-text "
+                "retrieval (Yuan, Zhan, Xiong, IEEE TGRS 2023), a reference implementation",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mrs_adapter", "mrs_adapter.*"]),
