@@ -1,22 +1,42 @@
-"""Speed and memory of mrs-adapter, ViT-B/32 shapes with random weights, on CPU or CUDA.
+"""Speed and memory of mrs-adapter, ViT-B/32 shapes with random weights, on CPU or CUDA; and the
+near-copy detector (mrs_adapter/overlap.py): its thresholds and its speed.
 
     python bench.py --json bench_cpu.json                 # CPU, fp32
-    python bench.py --device cuda --json bench_gpu.json   # CUDA, bf16 autocast, plus the recipe projection
+    python bench.py --device cuda --json bench_gpu.json   # CUDA, bf16 autocast, plus the recipe
+    python bench.py --only overlap-measure                # near-copy distances, 300 demo scenes
+    python bench.py --only overlap-time                   # `overlap` on 10,921 generated JPEGs
 
 Measures (medians of interleaved repeats):
-  encode_{image,text}_ratio_vs_open_clip  our encoder's throughput / open_clip's, same weights and batch
+  encode_{image,text}_ratio_vs_open_clip  our encoder's throughput / open_clip's, same weights
+                                          and batch
   train_step_time_ratio_vs_full           one HMMC step (both views, both towers, backward, Adam),
-  train_peak_mem_ratio_vs_full            MRS-Adapter vs full fine-tuning (peak RSS on CPU, peak allocated on CUDA)
-  eval_overhead_ratio                     `python eval.py` end to end on a synthetic RSITMD-sized test set
-                                          (452 images, 2,260 captions, 256x256 TIFF) / encoding its tensors alone
-  search_index_ratio_vs_encode            `search.py index` tiles/s / encoding the same tiles alone (48 256 px TIFFs +
-                                          2 1024 px scenes of 25 tiles; decoding overlaps encoding)
-  search_query_ms_1m, _peak_mb_1m         one top-20 query over 1,000,000 x 512 float16 embeddings memory-mapped
-                                          (2 threads; peak memory beyond the mapped file's pages)
-  recipe_minutes_projected (CUDA)         the published RSITMD recipe (30 epochs x 17,160 pairs, validation every
-                                          epoch, test) from a measured 1-epoch `train.py` run on synthetic data
+  train_peak_mem_ratio_vs_full            MRS-Adapter vs full fine-tuning (peak RSS on CPU, peak
+                                          allocated on CUDA)
+  eval_overhead_ratio                     `python eval.py` end to end on a synthetic RSITMD-sized
+                                          test set (452 images, 2,260 captions, 256x256 TIFF) /
+                                          encoding its tensors alone
+  search_index_ratio_vs_encode            `search.py index` tiles/s / encoding the same tiles alone
+                                          (48 256 px TIFFs + 2 1024 px scenes of 25 tiles; decoding
+                                          overlaps encoding)
+  search_query_ms_1m, _peak_mb_1m         one top-20 query over 1,000,000 x 512 float16 embeddings
+                                          memory-mapped (2 threads; peak memory beyond the mapped
+                                          file's pages)
+  recipe_minutes_projected (CUDA)         the published RSITMD recipe (30 epochs x 17,160 pairs,
+                                          validation every epoch, test) from a measured 1-epoch
+                                          `train.py` run on synthetic data
+
+Reports, run only when named in --only (they print lines, not figures):
+  overlap-measure   every demo scene (256 and 64 px) against its JPEG (quality 75),
+                    256 -> 224 -> 256 and 224 + JPEG copies, and all pairs of distinct scenes
+                    (same-class pairs: same ground, water, roads) and of flat noise textures, with
+                    how many the thresholds call copies (--overlap-images, default 300)
+  overlap-time      writes a generated "rsicd" (train + test, 1% of the training images planted
+                    copies of test images: JPEG quality 75 at 224 px from 256 px originals) in a
+                    temporary folder, runs `python -m mrs_adapter.data overlap` twice (cold, then
+                    with the hash cache), deletes it (--overlap-images, default 10,921: RSICD's)
 """
 import argparse
+import io
 import json
 import os
 import random
@@ -26,20 +46,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from mrs_adapter.clip import transform
-from mrs_adapter.demo import captions as demo_captions, sample_scene
+from mrs_adapter.demo import captions as demo_captions
+from mrs_adapter.demo import render, sample_scene
 from mrs_adapter.model import CLIP, build_model
+from mrs_adapter.overlap import HAMMING_THRESHOLD, THUMB_THRESHOLD, Hashes, hash_image
 from mrs_adapter.runfiles import write_json
 from mrs_adapter.tokenizer import tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                vision_patch_size=32, context_length=77, vocab_size=49408, transformer_width=512,
+                transformer_heads=8, transformer_layers=12)
 
 
 def rs_captions(n: int, seed: int = 0) -> list:
@@ -62,11 +87,20 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def last_json_line(cmd: list) -> dict:
+    """Run a child process of this script and read the figures it prints on its last line."""
+    stdout = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE).stdout
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ---- encoders, training step, evaluation, recipe ----
+
 def encode_ratios(args) -> dict:
     """Throughput ratios ours / open_clip on the same weights, interleaving the two each repeat."""
     import open_clip
     torch.manual_seed(0)
-    reference = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval().to(args.device)
+    reference = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
+    reference = reference.eval().to(args.device)
     ours = build_model(reference.state_dict()).to(args.device)
     images = torch.randn(args.image_batch, 3, 224, 224, device=args.device)
     tokens = tokenize(rs_captions(args.text_batch)).to(args.device)
@@ -97,40 +131,48 @@ def train_step_child(variant: str, device: str, steps: int) -> dict:
     torch.manual_seed(0)
     method, separate = variant.replace("_separate_views", ""), variant.endswith("_separate_views")
     model = apply_method(CLIP(**VIT_B_32), method, verbose=False).to(device)
+    amp_dtype = torch.bfloat16 if device.startswith("cuda") else None
     args = argparse.Namespace(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0),
-                              amp_dtype=torch.bfloat16 if device.startswith("cuda") else None)
+                              amp_dtype=amp_dtype)
     views = train.Views(model, 0.2, both_views=True, separate=separate).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-6)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     images = torch.randn(16, 3, 224, 224, device=device)  # the recipe's batch of 16 pairs
-    tokens = train.collate_trimmed([(images[0].cpu(), t, 0) for t in tokenize(rs_captions(16))])[1].to(device)
+    batch = [(images[0].cpu(), t, 0) for t in tokenize(rs_captions(16))]
+    tokens = train.collate_trimmed(batch)[1].to(device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         train.forward_backward(args, views, model, images, tokens, scaler)
         optimizer.step()
 
-    times = [timed(step, device) for _ in range(steps + 2)][2:]  # two warm-up steps (Adam state, allocator)
+    # two warm-up steps (Adam state, allocator)
+    times = [timed(step, device) for _ in range(steps + 2)][2:]
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"step_s": statistics.median(times), "peak_bytes": peak}
 
 
 def train_ratios(args) -> dict:
-    """MRS-Adapter vs full fine-tuning, each in its own process (peak memory is per process), A B A B."""
+    """MRS-Adapter vs full fine-tuning, each in its own process (peak memory is per process),
+    A B A B."""
     runs = {"mrs_adapter": [], "full": [], "mrs_adapter_separate_views": []}
     for _ in range(args.rounds):
         for method in runs:
-            cmd = [sys.executable, __file__, "--_child", method, "--device", args.device, "--steps", str(args.steps)]
-            line = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE).stdout.strip().splitlines()[-1]
-            runs[method].append(json.loads(line))
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_bytes")} for m, rs in runs.items()}
-    return {"train_step_s_mrs_adapter": med["mrs_adapter"]["step_s"], "train_step_s_full": med["full"]["step_s"],
-            "train_step_s_mrs_adapter_separate_views": med["mrs_adapter_separate_views"]["step_s"],
-            "train_peak_bytes_mrs_adapter": med["mrs_adapter"]["peak_bytes"],
-            "train_peak_bytes_full": med["full"]["peak_bytes"],
-            "train_step_time_ratio_vs_full": med["mrs_adapter"]["step_s"] / med["full"]["step_s"],
-            "train_peak_mem_ratio_vs_full": med["mrs_adapter"]["peak_bytes"] / med["full"]["peak_bytes"]}
+            runs[method].append(last_json_line([sys.executable, __file__, "--_child", method,
+                                                "--device", args.device,
+                                                "--steps", str(args.steps)]))
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_bytes")}
+           for m, rs in runs.items()}
+    ours, full = med["mrs_adapter"], med["full"]
+    return {"train_step_s_mrs_adapter": ours["step_s"], "train_step_s_full": full["step_s"],
+            "train_step_s_mrs_adapter_separate_views":
+                med["mrs_adapter_separate_views"]["step_s"],
+            "train_peak_bytes_mrs_adapter": ours["peak_bytes"],
+            "train_peak_bytes_full": full["peak_bytes"],
+            "train_step_time_ratio_vs_full": ours["step_s"] / full["step_s"],
+            "train_peak_mem_ratio_vs_full": ours["peak_bytes"] / full["peak_bytes"]}
 
 
 def write_tiff(path: str, rng: np.random.Generator, size: int = 256):
@@ -140,8 +182,8 @@ def write_tiff(path: str, rng: np.random.Generator, size: int = 256):
 
 
 def synthetic_rsitmd(root: str, n_train: int, n_test: int = 452, threads: int = 8) -> str:
-    """RSITMD's precomp layout with generated images: n_train pool images, n_test test images, 5 captions each."""
-    from concurrent.futures import ThreadPoolExecutor
+    """RSITMD's precomp layout with generated images: n_train pool images, n_test test images,
+    5 captions each."""
     text, images = os.path.join(root, "rsitmd_precomp"), os.path.join(root, "rsitmd_images")
     os.makedirs(text, exist_ok=True)
     os.makedirs(images, exist_ok=True)
@@ -149,10 +191,13 @@ def synthetic_rsitmd(root: str, n_train: int, n_test: int = 452, threads: int = 
         names = [f"{split}_{i:05d}.tif" for i in range(n)]
         with open(os.path.join(text, f"{split}_caps.txt"), "w") as f:
             f.write("\n".join(rs_captions(5 * n, seed=len(split))) + "\n")
-        with open(os.path.join(text, f"{split}_filename.txt"), "w") as f:  # train: per image; test: per caption
-            f.write("\n".join(names if split == "train" else [n for n in names for _ in range(5)]) + "\n")
+        # train: one line per image; test: one line per caption
+        listed = names if split == "train" else [n for n in names for _ in range(5)]
+        with open(os.path.join(text, f"{split}_filename.txt"), "w") as f:
+            f.write("\n".join(listed) + "\n")
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda i: write_tiff(os.path.join(images, names[i]), np.random.default_rng(i)), range(n)))
+            list(pool.map(lambda i: write_tiff(os.path.join(images, names[i]),
+                                               np.random.default_rng(i)), range(n)))
     return root
 
 
@@ -165,15 +210,29 @@ def random_weights(tmp: str):
     return path, model
 
 
+def loader_pairs_per_s(split) -> dict:
+    """Pairs/s that one loader process serves, decoding each image or from the uint8 cache."""
+    from mrs_adapter.datasets import TrainDataset
+    loading = {}
+    for cache in (False, True):
+        dataset = TrainDataset(split, transform(224), cache=cache)
+        data = torch.utils.data.DataLoader(dataset, batch_size=16)
+        loading[cache] = len(split.captions) / timed(lambda: [b for b in data], "cpu")
+    return {"loader_pairs_per_s_decoding": loading[False],
+            "loader_pairs_per_s_cached": loading[True]}
+
+
 def eval_overhead(args, tmp: str) -> dict:
-    """`python eval.py` wall time on a synthetic RSITMD test set / encoding the same tensors alone."""
+    """`python eval.py` wall time on a synthetic RSITMD test set / encoding the same tensors
+    alone."""
     from mrs_adapter.data import load_splits
     from mrs_adapter.datasets import eval_loaders
     from mrs_adapter.metrics import encode_dataset
     root = synthetic_rsitmd(os.path.join(tmp, "eval"), n_train=5)
     weights, model = random_weights(tmp)
-    cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--dataset", "rsitmd", "--data-root", root, "--zero-shot",
-           "--clip", weights, "--device", args.device, "--json", os.path.join(tmp, "eval.json")]
+    cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--dataset", "rsitmd",
+           "--data-root", root, "--zero-shot", "--clip", weights, "--device", args.device,
+           "--json", os.path.join(tmp, "eval.json")]
     split = load_splits("rsitmd", root, verbose=False)["test"]
     images, captions = eval_loaders(split, transform(224), 77, 64)
     images = [b.to(args.device) for b in images]  # the same tensors, decoded and moved beforehand
@@ -181,34 +240,37 @@ def eval_overhead(args, tmp: str) -> dict:
     model = model.to(args.device)
     encode_dataset(model, images[:1], captions[:1], args.device)  # warm-up
     runs = {"end_to_end": [], "encode_only": []}
-    for _ in range(args.eval_repeats):  # interleaved, medians: one run of each is at the mercy of the machine
-        runs["end_to_end"].append(timed(lambda: subprocess.run(cmd, check=True, capture_output=True), args.device))
-        runs["encode_only"].append(timed(lambda: encode_dataset(model, images, captions, args.device), args.device))
-    end_to_end, encode_only = statistics.median(runs["end_to_end"]), statistics.median(runs["encode_only"])
-    from mrs_adapter.datasets import TrainDataset
-    loading = {}
-    for cache in (False, True):  # pairs/s that one loader process serves, with and without the uint8 cache
-        data = torch.utils.data.DataLoader(TrainDataset(split, transform(224), cache=cache), batch_size=16)
-        loading[cache] = len(split.captions) / timed(lambda: [b for b in data], "cpu")
+    # interleaved, medians: one run of each is at the mercy of the machine
+    for _ in range(args.eval_repeats):
+        runs["end_to_end"].append(
+            timed(lambda: subprocess.run(cmd, check=True, capture_output=True), args.device))
+        runs["encode_only"].append(
+            timed(lambda: encode_dataset(model, images, captions, args.device), args.device))
+    end_to_end = statistics.median(runs["end_to_end"])
+    encode_only = statistics.median(runs["encode_only"])
     return {"eval_end_to_end_s": end_to_end, "eval_encode_only_s": encode_only,
-            "eval_overhead_ratio": end_to_end / encode_only, "loader_pairs_per_s_decoding": loading[False],
-            "loader_pairs_per_s_cached": loading[True]}
+            "eval_overhead_ratio": end_to_end / encode_only, **loader_pairs_per_s(split)}
 
 
 def recipe_projection(args, tmp: str) -> dict:
-    """Minutes of the full RSITMD recipe: one measured epoch of `python train.py` on synthetic data."""
+    """Minutes of the full RSITMD recipe: one measured epoch of `python train.py` on synthetic
+    data."""
     root = synthetic_rsitmd(os.path.join(tmp, "recipe"), n_train=4291, threads=16)
     weights, _ = random_weights(tmp)
     run = os.path.join(tmp, "run")
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "rsitmd", "--data-root", root, "--clip", weights,
-           "--epochs", "1", "--output", run, "--device", args.device, "--print-freq", "200"]
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "rsitmd",
+           "--data-root", root, "--clip", weights, "--epochs", "1", "--output", run,
+           "--device", args.device, "--print-freq", "200"]
     wall = timed(lambda: subprocess.run(cmd, check=True), args.device)
-    epoch = [json.loads(line) for line in open(os.path.join(run, "seed2", "log.jsonl")) if '"val"' in line][-1]
+    with open(os.path.join(run, "seed2", "log.jsonl")) as f:
+        epoch = [json.loads(line) for line in f if '"val"' in line][-1]
     per_epoch = epoch["train_seconds"] + epoch["val_seconds"]
     return {"recipe_one_epoch_run_s": wall, "recipe_epoch_train_s": epoch["train_seconds"],
             "recipe_epoch_val_s": epoch["val_seconds"], "recipe_pairs_per_s": epoch["pairs_per_s"],
             "recipe_minutes_projected": (wall + 29 * per_epoch) / 60}
 
+
+# ---- search.py: indexing and querying ----
 
 def search_query_child(path: str, repeats: int = 5) -> dict:
     """(in a fresh process, 2 threads) ms of one top-20 query over the memory-mapped float16 file
@@ -235,12 +297,11 @@ def search_query_child(path: str, repeats: int = 5) -> dict:
             "peak_extra_bytes": extra}
 
 
-def search_figures(args, tmp: str) -> dict:
-    """search.py: `index` images/s / the encoder's images/s on the same tiles (RSITMD-like 256 px
-    TIFFs and two 1024 px scenes of 25 tiles), and one query over 1,000,000 stored embeddings."""
+def search_index_figures(args, tmp: str, rng: np.random.Generator):
+    """(figures, model): `index` tiles/s / the encoder's tiles/s on the same tiles (RSITMD-like
+    256 px TIFFs and two 1024 px scenes of 25 tiles)."""
     from mrs_adapter import search
     from mrs_adapter.datasets import split_at_to_tensor
-    rng = np.random.default_rng(0)
     images = os.path.join(tmp, "search_images")
     os.makedirs(images)
     for i in range(args.search_images):
@@ -265,12 +326,18 @@ def search_figures(args, tmp: str) -> dict:
     runs = {"index": [], "encode": []}
     for r in range(args.eval_repeats):  # interleaved, medians
         out = os.path.join(tmp, f"search_index_{r}")
-        runs["index"].append(search.build_index(images, out, model, preprocess, identity, workers=workers,
-                                                device=args.device, log=lambda *a: None)["seconds"])
+        runs["index"].append(search.build_index(images, out, model, preprocess, identity,
+                                                workers=workers, device=args.device,
+                                                log=lambda *a: None)["seconds"])
         runs["encode"].append(timed(encode_only, args.device))
     index_s, encode_s = statistics.median(runs["index"]), statistics.median(runs["encode"])
-    out = {"search_index_tiles_per_s": len(x) / index_s, "search_encode_tiles_per_s": len(x) / encode_s,
-           "search_index_ratio_vs_encode": encode_s / index_s}
+    return {"search_index_tiles_per_s": len(x) / index_s,
+            "search_encode_tiles_per_s": len(x) / encode_s,
+            "search_index_ratio_vs_encode": encode_s / index_s}, model
+
+
+def search_query_figures(tmp: str, model: torch.nn.Module, rng: np.random.Generator) -> dict:
+    """One query over 1,000,000 stored embeddings (in a fresh process), and encoding its text."""
     path = os.path.join(tmp, "search_1m.npy")  # 1,000,000 x 512 float16: 1 GB
     emb = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(1_000_000, 512))
     for start in range(0, len(emb), 65536):
@@ -278,57 +345,254 @@ def search_figures(args, tmp: str) -> dict:
         emb[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     emb.flush()
     del emb
-    cmd = [sys.executable, __file__, "--_search_query", path]
-    child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                      cwd=HERE).stdout.strip().splitlines()[-1])
+    child = last_json_line([sys.executable, __file__, "--_search_query", path])
     os.remove(path)
     tokens = tokenize(["a baseball field beside a highway"])
     with torch.no_grad():
         model.cpu().encode_text(tokens)  # warm-up
-        text_s = statistics.median(timed(lambda: model.encode_text(tokens), "cpu") for _ in range(5))
-    return dict(out, search_query_ms_1m=1000 * child["median_s"],
+        text_s = statistics.median(timed(lambda: model.encode_text(tokens), "cpu")
+                                   for _ in range(5))
+    return dict(search_query_ms_1m=1000 * child["median_s"],
                 search_query_first_ms_1m=1000 * child["first_s"],
                 search_query_cpu_ms_1m=1000 * child["cpu_s"],
                 search_query_peak_mb_1m=child["peak_extra_bytes"] / 2 ** 20,
                 search_text_encode_ms=1000 * text_s)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def search_figures(args, tmp: str) -> dict:
+    """search.py: `index` against encoding alone, and one query over 1,000,000 embeddings."""
+    rng = np.random.default_rng(0)  # one stream: the images first, then the stored embeddings
+    out, model = search_index_figures(args, tmp, rng)
+    return dict(out, **search_query_figures(tmp, model, rng))
+
+
+# ---- near copies (mrs_adapter/overlap.py): how the thresholds were chosen, and its speed ----
+
+def jpeg(image: Image.Image, quality: int = 75) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def copies(image: Image.Image) -> Dict[str, Image.Image]:
+    """The near copies the hash must survive: JPEG quality 75, 256 -> 224 -> 256, and 224 + JPEG."""
+    w, h = image.size
+    small = image.resize((w * 7 // 8, h * 7 // 8), Image.Resampling.BICUBIC)  # 256 -> 224
+    return {"jpeg75": jpeg(image), "resized": small.resize((w, h), Image.Resampling.BICUBIC),
+            "resized_jpeg75": jpeg(small)}
+
+
+def hashes_of(images: Sequence[Image.Image]) -> Hashes:
+    values = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")  # lossless: the hash sees exactly these pixels
+        buffer.seek(0)
+        values.append(hash_image(buffer))
+    thumbs = np.frombuffer(b"".join(v[2] for v in values), np.uint8).reshape(len(values), 192)
+    return Hashes([v[0] for v in values], np.array([v[1] for v in values], np.uint64), thumbs)
+
+
+def distances(a: Hashes, b: Hashes, i: np.ndarray, j: np.ndarray):
+    """(Hamming distances, thumbnail distances) of the pairs a[i], b[j]."""
+    hamming = np.bitwise_count(a.phash[i] ^ b.phash[j])
+    thumb = np.abs(a.thumb[i].astype(np.int16) - b.thumb[j].astype(np.int16)).mean(1)
+    return hamming, thumb
+
+
+def flagged(hamming: np.ndarray, thumb: np.ndarray) -> np.ndarray:
+    return (hamming <= HAMMING_THRESHOLD) & (thumb <= THUMB_THRESHOLD)
+
+
+def copy_distances(base: Hashes, images: list) -> Dict:
+    """How far each kind of near copy lies from its original, and how many the thresholds find."""
+    out, n = {}, len(images)
+    own = np.arange(n)
+    for kind in ("jpeg75", "resized", "resized_jpeg75"):
+        hamming, thumb = distances(base, hashes_of([copies(x)[kind] for x in images]), own, own)
+        out[f"copies {kind}"] = {"hamming max": int(hamming.max()),
+                                 "hamming p99": float(np.percentile(hamming, 99)),
+                                 "thumb max": round(float(thumb.max()), 2),
+                                 "detected": f"{int(flagged(hamming, thumb).sum())}/{n}"}
+    return out
+
+
+def measure(n: int, size: int, seed: int = 0) -> Dict:
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    images = [render(s, size, rng) for s in scenes]
+    base = hashes_of(images)
+    out = copy_distances(base, images)
+    i, j = np.triu_indices(n, 1)
+    hamming, thumb = distances(base, base, i, j)
+    klass = [(s["ground"], s["water"], s["road"]) for s in scenes]
+    same = np.array([klass[a] == klass[b] for a, b in zip(i, j)])
+    for name, mask in (("distinct, all pairs", np.ones_like(same)), ("distinct, same class", same)):
+        close = mask & (hamming <= HAMMING_THRESHOLD)
+        out[name] = {"pairs": int(mask.sum()), "hamming min": int(hamming[mask].min()),
+                     "hamming p1": float(np.percentile(hamming[mask], 1)),
+                     f"thumb min where hamming <= {HAMMING_THRESHOLD}":
+                         round(float(thumb[close].min()), 2) if close.any() else None,
+                     "false positives": int((flagged(hamming, thumb) & mask).sum())}
+    noise = np.random.default_rng(seed)
+    # one colour each: the thumbnails agree, only the pHash can tell them apart
+    flat = [np.clip(noise.normal(128, 8, (size, size, 3)), 0, 255) for _ in range(n)]
+    textures = hashes_of([Image.fromarray(x.astype(np.uint8)) for x in flat])
+    hamming, thumb = distances(textures, textures, i, j)
+    out["distinct noise textures"] = {"pairs": len(i), "hamming min": int(hamming.min()),
+                                      "false positives": int(flagged(hamming, thumb).sum())}
+    return out
+
+
+def overlap_measure(args) -> List[str]:
+    """Distances of true copies and of distinct demo scenes, at 256 and 64 px."""
+    n = args.overlap_images or 300
+    report = [f"thresholds: Hamming <= {HAMMING_THRESHOLD} of 63 bits, "
+              f"thumbnail <= {THUMB_THRESHOLD}"]
+    for size in (256, 64):
+        report.append(f"{n} demo scenes at {size}x{size} px:")
+        for name, figures in measure(n, size).items():
+            report.append(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+    return report
+
+
+def write_rsicd_like(root: str, n: int, seed: int = 0, threads: int = 2) -> int:
+    """`n` 224x224 JPEGs in the precomp layout as `rsicd` (10% test); 1% of the training images
+    are copies of test images (a 256 px scene, resized to 224 and saved at quality 75).
+    Returns the number of planted copies."""
+    rng = random.Random(seed)
+    n_test = n // 10
+    n_copies = (n - n_test) // 100
+    scenes = [sample_scene(rng) for _ in range(n - n_copies)]
+    seeds = [rng.getrandbits(32) for _ in scenes]
+    folder = os.path.join(root, "rsicd_images")
+    os.makedirs(folder)
+    os.makedirs(os.path.join(root, "rsicd_precomp"))
+
+    def write(k: int):
+        image = render(scenes[k], 256, random.Random(seeds[k]))
+        image = image.resize((224, 224), Image.Resampling.BICUBIC)
+        image.save(os.path.join(folder, f"{k:05d}.jpg"), quality=90)
+        if k < n_copies:  # test image k's copy, re-encoded at quality 75 under another name
+            jpeg(image).save(os.path.join(folder, f"copy_{k:05d}.jpg"), quality=95)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(write, range(len(scenes))))
+    planted = [f"copy_{k:05d}.jpg" for k in range(n_copies)]
+    names = {"test": [f"{k:05d}.jpg" for k in range(n_test)],
+             "train": [f"{k:05d}.jpg" for k in range(n_test, len(scenes))] + planted}
+    for split, files in names.items():
+        caps = [c for k, _ in enumerate(files) for c in demo_captions(sample_scene(rng), rng)]
+        listed = files if split == "train" else [f for f in files for _ in range(5)]
+        for kind, lines in (("caps", caps), ("filename", listed)):
+            with open(os.path.join(root, "rsicd_precomp", f"{split}_{kind}.txt"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+    return n_copies
+
+
+def overlap_time(args) -> List[str]:
+    """`python -m mrs_adapter.data overlap` on a generated RSICD-sized set, cold and cached."""
+    n, threads, report = args.overlap_images or 10921, args.overlap_threads, []
+    with tempfile.TemporaryDirectory(prefix="overlap-bench-") as root:
+        start = time.time()
+        planted = write_rsicd_like(root, n, threads=threads)
+        seconds = time.time() - start
+        report.append(f"generated {n} images ({planted} planted copies) in {seconds:.0f}s")
+        command = [sys.executable, "-m", "mrs_adapter.data", "overlap", "--datasets", "rsicd",
+                   "--data-root", root, "--csv", os.path.join(root, "overlap.csv"),
+                   "--threads", str(threads)]
+        for run in ("cold", "cached"):
+            start = time.time()
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            report.append(f"{run}: {time.time() - start:.1f}s wall")
+            report += [line for line in out.splitlines() if line.startswith("rsicd/")]
+        with open(os.path.join(root, "overlap.csv")) as f:
+            rows = [line.split(",") for line in f.read().splitlines()[1:]]
+        found = {(a[2], a[5]) for a in rows if a[6] in ("exact", "near")}
+        want = {(f"{k:05d}.jpg", f"copy_{k:05d}.jpg") for k in range(planted)}
+        hits = sum(pair in found or pair[::-1] in found for pair in want)
+        report.append(f"planted copies found: {hits}/{planted}; "
+                      f"other image pairs flagged: {len(found) - hits}")
+    return report
+
+
+# ---- command line ----
+
+# figures: {name: value}, printed as one table (and written to --json)
+FIGURES = {"encode": encode_ratios, "train": train_ratios, "eval": eval_overhead,
+           "recipe": recipe_projection, "search": search_figures}
+# reports: lines printed as they are; only run when named in --only
+REPORTS = {"overlap-measure": overlap_measure, "overlap-time": overlap_time}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats (medians)")
     p.add_argument("--image-batch", type=int, default=32)
     p.add_argument("--text-batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="timed training steps per process")
-    p.add_argument("--eval-repeats", type=int, default=3, help="interleaved eval.py / encode-only runs (medians)")
-    p.add_argument("--rounds", type=int, default=2, help="A B rounds of the training-step processes")
-    p.add_argument("--search-images", type=int, default=48, help="256 px TIFFs indexed by the search bench")
-    p.add_argument("--skip", nargs="*", default=[], choices=["encode", "train", "eval", "recipe", "search"])
+    p.add_argument("--eval-repeats", type=int, default=3,
+                   help="interleaved eval.py / encode-only runs (medians)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="A B rounds of the training-step processes")
+    p.add_argument("--search-images", type=int, default=48,
+                   help="256 px TIFFs indexed by the search bench")
+    p.add_argument("--overlap-images", type=int,
+                   help="images (overlap-measure: 300; overlap-time: 10921, RSICD's count)")
+    p.add_argument("--overlap-threads", type=int, default=2)
+    sections = p.add_mutually_exclusive_group()
+    sections.add_argument("--skip", nargs="*", default=[], choices=list(FIGURES))
+    sections.add_argument("--only", nargs="+", choices=list(FIGURES) + list(REPORTS),
+                          help="run only these sections (the overlap reports run only here)")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_search_query", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def selected(args, name: str) -> bool:
+    if args.only is not None:
+        return name in args.only
+    # recipe: a projection for a GPU (the recipe on CPU would take days)
+    return name in FIGURES and name not in args.skip and (
+        name != "recipe" or args.device.startswith("cuda"))
+
+
+def run_figures(args) -> dict:
+    """The selected figure sections, each timed on stderr; {} when none is selected."""
+    chosen = [name for name in FIGURES if selected(args, name)]
+    if not chosen:
+        return {}
+    cuda = args.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()}"
+    out = {"device": device_name, "torch": str(torch.__version__),
+           "precision": "bf16 autocast" if cuda else "fp32"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in chosen:
+            start = time.time()
+            fn = FIGURES[name]
+            out.update(fn(args) if name in ("encode", "train") else fn(args, tmp))
+            print(f"[{name}: {time.time() - start:.0f}s]", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args._child:
         print(json.dumps(train_step_child(args._child, args.device, args.steps)))
         return {}
     if args._search_query:
         print(json.dumps(search_query_child(args._search_query)))
         return {}
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
-    out = {"device": device_name, "torch": str(torch.__version__),
-           "precision": "bf16 autocast" if args.device.startswith("cuda") else "fp32"}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in (("encode", encode_ratios), ("train", train_ratios), ("eval", eval_overhead),
-                         ("recipe", recipe_projection), ("search", search_figures)):
-            if name in args.skip or (name == "recipe" and not args.device.startswith("cuda")):
-                continue
-            start = time.time()
-            out.update(fn(args) if name in ("encode", "train") else fn(args, tmp))
-            print(f"[{name}: {time.time() - start:.0f}s]", file=sys.stderr, flush=True)
-    width = max(map(len, out))
+    for name in REPORTS:
+        if selected(args, name):
+            print("\n".join(REPORTS[name](args)))
+    out = run_figures(args)
+    width = max(map(len, out), default=0)
     for k, v in out.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
+    if args.json and out:
         write_json(args.json, out)
     return out
 

@@ -1,4 +1,5 @@
-"""The paper's PETL benchmark (Tables II-IV): methods x seeds on one dataset, beside the published mR.
+"""The paper's PETL benchmark (Tables II-IV): methods x seeds on one dataset, beside the published
+mR.
 
     python benchmark.py --dataset rsitmd --data-root data --seeds 2 3 4
     python benchmark.py --dataset demo --methods zero_shot mrs_adapter lora -- --epochs 10
@@ -21,7 +22,7 @@ import train
 from mrs_adapter.download import DownloadError
 from mrs_adapter.runfiles import atomic_write, check_folder_writable
 
-# method -> (the paper's trainable parameters, its mR on RSICD / RSITMD / UCM); method.md 7
+# method -> (the paper's trainable parameters, its mR on RSICD / RSITMD / UCM); docs/method.md §7
 PUBLISHED = {
     "zero_shot": ("0", {"rsicd": 15.04, "rsitmd": 23.89, "ucm": 33.08}),
     "full": ("151M", {"rsicd": 30.39, "rsitmd": 45.33, "ucm": 52.43}),
@@ -38,17 +39,19 @@ PUBLISHED = {
     "mrs_adapter": ("0.16M", {"rsicd": 31.12, "rsitmd": 44.47, "ucm": 55.71}),
     "lora": ("-", {}),  # not in the paper
 }
-COLUMNS = ["method", "params", "paper_params", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
-           "mR", "mR_std", "paper_mR", "seeds"]
+COLUMNS = ["method", "params", "paper_params", "i2t_r1", "i2t_r5", "i2t_r10",
+           "t2i_r1", "t2i_r5", "t2i_r10", "mR", "mR_std", "paper_mR", "seeds"]
 
 
 def run_method(args, method: str, train_argv: list) -> dict:
     """{metric: mean}, {metric: std} and the trainable count of one method, trained or zero-shot."""
     folder = os.path.join(args.output, method)
-    common = ["--dataset", args.dataset, "--data-root", args.data_root] + (["--clip", args.clip] if args.clip else [])
+    common = ["--dataset", args.dataset, "--data-root", args.data_root]
+    common += ["--clip", args.clip] if args.clip else []
     common += ["--clip-activation", args.clip_activation] if args.clip_activation else []
     if method == "zero_shot":  # nothing to train, and deterministic: one evaluation
-        metrics = eval_script.main(common + ["--zero-shot", "--json", os.path.join(folder, "eval.json")])
+        json_path = os.path.join(folder, "eval.json")
+        metrics = eval_script.main(common + ["--zero-shot", "--json", json_path])
         return {"mean": metrics, "std": {k: 0.0 for k in metrics}, "params": 0, "seeds": "-"}
     summary = train.main(common + ["--method", method, "--output", folder, "--seeds",
                                    *map(str, args.seeds)] + train_argv)
@@ -61,16 +64,19 @@ def row(dataset: str, method: str, result: dict) -> dict:
     paper_params, paper_mr = PUBLISHED.get(method, ("-", {}))
     cells = {k: round(result["mean"][k], 2) for k in COLUMNS[3:10]}
     return {"method": method, "params": result["params"], "paper_params": paper_params, **cells,
-            "mR_std": round(result["std"]["mR"], 2), "paper_mR": paper_mr.get(dataset, "-"), "seeds": result["seeds"]}
+            "mR_std": round(result["std"]["mR"], 2), "paper_mR": paper_mr.get(dataset, "-"),
+            "seeds": result["seeds"]}
 
 
 def markdown(dataset: str, rows: list) -> str:
-    lines = [f"Test split of {dataset}; mean over seeds, model selected on validation mR (python benchmark.py).", "",
-             "| method | params | paper params | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | mR | paper mR |",
+    lines = [f"Test split of {dataset}; mean over seeds, model selected on validation mR "
+             "(python benchmark.py).", "",
+             "| method | params | paper params | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | mR "
+             "| paper mR |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['params']:,} | {r['paper_params']} | {r['i2t_r1']:.2f} | {r['i2t_r5']:.2f} | "
-                     f"{r['i2t_r10']:.2f} | {r['t2i_r1']:.2f} | {r['t2i_r5']:.2f} | {r['t2i_r10']:.2f} | "
+        recalls = " | ".join(f"{r[k]:.2f}" for k in COLUMNS[3:9])
+        lines.append(f"| {r['method']} | {r['params']:,} | {r['paper_params']} | {recalls} | "
                      f"{r['mR']:.2f} +- {r['mR_std']:.2f} | {r['paper_mR']} |")
     return "\n".join(lines) + "\n"
 
@@ -86,12 +92,14 @@ def check_output(output: str, train_argv: list):
 
 
 def main(argv=None) -> list:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"])
     p.add_argument("--data-root", default="data")
     p.add_argument("--methods", nargs="+", default=list(PUBLISHED), choices=list(PUBLISHED),
                    help="default: every method of the paper's tables, then LoRA")
-    p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="train.py seeds (published rows average runs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4],
+                   help="train.py seeds (published rows average runs)")
     p.add_argument("--clip", help="CLIP weights for every method (default: train.py's)")
     p.add_argument("--clip-activation", choices=["quickgelu", "gelu"],
                    help="CLIP's MLP activation (train.py)")

@@ -3,8 +3,8 @@ from setuptools import find_packages, setup
 setup(
     name="mrs-adapter",
     version="0.1.0",
-    description="CLIP + MRS-Adapter + HMMC: parameter-efficient remote sensing image-text retrieval "
-                "(Yuan, Zhan, Xiong, IEEE TGRS 2023), a reference implementation",
+    description="CLIP + MRS-Adapter + HMMC: parameter-efficient remote sensing image-text "
+                "retrieval (Yuan, Zhan, Xiong, IEEE TGRS 2023), a reference implementation",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mrs_adapter", "mrs_adapter.*"]),
@@ -14,6 +14,6 @@ setup(
     # load_state_dict(assign=True) and torch.cuda.graph(capture_error_mode=...), 2.0 for
     # scaled_dot_product_attention and torch.compile. torchvision 0.18 is torch 2.3's release.
     install_requires=["torch>=2.3", "torchvision>=0.18", "ftfy", "regex", "numpy", "pillow"],
-    extras_require={"test": ["pytest", "open_clip_torch"]},
+    extras_require={"test": ["pytest", "open_clip_torch", "ruff"]},
     license="MIT",
 )

@@ -3,11 +3,12 @@
 RSITMD was built partly from RSICD's images, so a model trained on one and tested on the other
 (or on their union) may be tested on images it trained on. Exact copies: a hash of the decoded
 pixels. Near copies: a 63-bit DCT perceptual hash within HAMMING_THRESHOLD bits, confirmed on an
-8x8 colour thumbnail (a flat image's pHash says little; its colour does). `python bench_overlap.py
-measure` on 300 demo scenes at 256 px: copies (JPEG quality 75; 256 -> 224 -> 256; 224 + JPEG)
-lie at Hamming <= 18 and thumbnail <= 0.75; distinct scenes that close in Hamming differ by >= 4.2
-in thumbnail (5.1 for same-class pairs): thresholds 18 and 3.0 find 900/900 copies and 0 of
-44,850 distinct pairs; flat noise textures of one colour, the worst case, give 36 of 44,850.
+8x8 colour thumbnail (a flat image's pHash says little; its colour does).
+`python bench.py --only overlap-measure` on 300 demo scenes at 256 px: copies (JPEG quality 75;
+256 -> 224 -> 256; 224 + JPEG) lie at Hamming <= 18 and thumbnail <= 0.75; distinct scenes that
+close in Hamming differ by >= 4.2 in thumbnail (5.1 for same-class pairs): thresholds 18 and 3.0
+find 900/900 copies and 0 of 44,850 distinct pairs; flat noise textures of one colour, the worst
+case, give 36 of 44,850.
 """
 import csv
 import hashlib

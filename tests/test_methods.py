@@ -1,4 +1,5 @@
-"""The PETL methods of the paper's benchmark (method.md 7), composed into CLIP by mrs_adapter.methods.
+"""The PETL methods of the paper's benchmark (docs/method.md §7), composed into CLIP by
+mrs_adapter.methods.
 
 Trainable counts on ViT-B/32 shapes (built on the meta device: shapes without memory, so one
 deep copy per method is instant); everything else on tiny CLIPs (conftest.make_tiny_clip).
@@ -8,18 +9,26 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny_clip
+
 from mrs_adapter.checkpoint import count_parameters, load_trainable, save_trainable
 from mrs_adapter.loss import hmmc_loss
-from mrs_adapter.methods import (ADAPTER_LR, METHODS, apply_method, default_lr, method_config, method_module)
+from mrs_adapter.methods import (
+    ADAPTER_LR,
+    METHODS,
+    apply_method,
+    default_lr,
+    method_config,
+    method_module,
+)
 from mrs_adapter.methods.convpass import Convpass
 from mrs_adapter.methods.lora import LoRABlock
 from mrs_adapter.methods.prompts import PromptedBlock, add_prompts
 from mrs_adapter.model import CLIP
 
 SOT, EOT = 49406, 49407
-# name: (the paper's trainable count on ViT-B/32 (method.md 7; None: not in the paper), ours exactly)
+# name: (the paper's trainable count on ViT-B/32 (docs/method.md §7; None: not in the paper),
+#        ours exactly)
 COUNTS = {
     "zero_shot": (0, 0),
     "full": (151_000_000, 151_277_313),
@@ -61,19 +70,21 @@ def one_thread():
 def vit_b32():
     """CLIP with ViT-B/32 shapes on the meta device (no memory, no values: for counting only)."""
     with torch.device("meta"):
-        return CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                    context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                    transformer_layers=12)
+        return CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                    vision_patch_size=32, context_length=77, vocab_size=49408,
+                    transformer_width=512, transformer_heads=8, transformer_layers=12)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """Tiny CLIP (text 96 wide, vision 128, 2 layers each); tests deep-copy it and never change it."""
+    """Tiny CLIP (text 96 wide, vision 128, 2 layers each); tests deep-copy it and never change
+    it."""
     return make_tiny_clip(0)
 
 
 def with_method(tiny, name, seed=0):
-    """(a deep copy of `tiny` with method `name` composed in, ids of the copy's original CLIP tensors)."""
+    """(a deep copy of `tiny` with method `name` composed in, ids of the copy's original CLIP
+    tensors)."""
     model = copy.deepcopy(tiny)
     original = {id(p) for p in model.parameters()}
     torch.manual_seed(seed)
@@ -91,7 +102,8 @@ def randomize_new(model, original, seed=1, std=0.1):
 
 
 def tokens(B, eot_at, seed=0):
-    """(B, 77) ids: start token, random words, end-of-text (the largest id) at `eot_at`, zero padding."""
+    """(B, 77) ids: start token, random words, end-of-text (the largest id) at `eot_at`, zero
+    padding."""
     g = torch.Generator().manual_seed(seed)
     t = torch.zeros(B, 77, dtype=torch.long)
     t[:, 0], t[:, eot_at] = SOT, EOT
@@ -116,9 +128,10 @@ def test_every_method_is_registered_and_configured():
         config = method_config(name)
         assert config["lr"] == default_lr(name)
         assert all(isinstance(k, str) and k == k.lower() for k in config)
-    assert method_config("adaptformer") == {"bottleneck": 5, "scale": 0.1, "dropout": 0.1, "lr": ADAPTER_LR,
-                                            "placement": method_module("adaptformer").PLACEMENT,
-                                            "init": method_module("adaptformer").INIT}
+    adaptformer = method_module("adaptformer")
+    assert method_config("adaptformer") == {"bottleneck": 5, "scale": 0.1, "dropout": 0.1,
+                                            "lr": ADAPTER_LR, "placement": adaptformer.PLACEMENT,
+                                            "init": adaptformer.INIT}
     assert method_config("vpt")["length"] == 50 and method_config("coop")["length"] == 16
 
 
@@ -147,7 +160,8 @@ def test_trainable_count_on_vit_b32_matches_the_paper_and_clip_stays_frozen(name
     trainable, total = count_parameters(model)
     assert trainable == ours
     if paper is not None:
-        assert abs(trainable - paper) <= 0.15 * paper, f"{name}: {trainable:,d} vs the paper's {paper:,d}"
+        assert abs(trainable - paper) <= 0.15 * paper, (
+            f"{name}: {trainable:,d} vs the paper's {paper:,d}")
     added = []
     for n, p in model.named_parameters():
         if id(p) in original:
@@ -156,7 +170,8 @@ def test_trainable_count_on_vit_b32_matches_the_paper_and_clip_stays_frozen(name
             assert p.requires_grad, n
             added.append(n)
     assert bool(added) == (name in ADDS_MODULES)
-    assert total - trainable == (0 if name == "full" else 151_277_313)  # CLIP ViT-B/32 (method.md 1)
+    # the frozen rest is CLIP ViT-B/32 (docs/method.md §1)
+    assert total - trainable == (0 if name == "full" else 151_277_313)
 
 
 # ---- behaviour on tiny models ----
@@ -173,7 +188,8 @@ def test_apply_is_silent_and_starts_at_zero_shot_where_the_design_allows(name, t
     if name in NOT_AT_ZERO_SHOT:
         assert not all(same), f"{name} is listed as not starting at zero-shot but does"
     elif name in NEAR_ZERO_SHOT:
-        assert all(torch.allclose(a, b, rtol=0, atol=NEAR_ZERO_SHOT[name]) for a, b in zip(ours, plain))
+        atol = NEAR_ZERO_SHOT[name]
+        assert all(torch.allclose(a, b, rtol=0, atol=atol) for a, b in zip(ours, plain))
     else:
         assert all(same), f"{name} should start exactly at zero-shot CLIP"
 
@@ -194,18 +210,22 @@ def test_causal_mask_holds_through_the_method(name, tiny):
     unchanged; changing one before it does not (so the test can fail).
 
     The three captions are rows of one batch, and GEMM kernels may block rows by position, so equal
-    rows can differ in the last bits (~1e-7): the check uses a tolerance far below a leak (~1e-1)."""
+    rows can differ in the last bits (~1e-7): the check uses a tolerance far below a leak
+    (~1e-1)."""
     model, original = with_method(tiny, name)
     randomize_new(model, original)
     eot = 6
     txt = tokens(1, eot).repeat(3, 1)
-    txt[1, eot + 1], txt[1, eot + 4] = 1234, 4321  # after EOT: right after it (a width-3 conv's reach) and later
+    # after EOT: right after it (a width-3 conv's reach) and later
+    txt[1, eot + 1], txt[1, eot + 4] = 1234, 4321
     txt[2, 3] = 1234 if txt[2, 3] != 1234 else 4321  # before EOT
     with torch.no_grad():
         t = model.encode_text(txt)
     leak, control = (t[0] - t[1]).abs().max().item(), (t[0] - t[2]).abs().max().item()
-    assert leak < 1e-5, f"a token after the end-of-text token reached its embedding (moved it by {leak:.2e})"
-    assert control > 1e-3, f"a token before the end-of-text token moved the embedding by only {control:.2e}"
+    assert leak < 1e-5, (
+        f"a token after the end-of-text token reached its embedding (moved it by {leak:.2e})")
+    assert control > 1e-3, (
+        f"a token before the end-of-text token moved the embedding by only {control:.2e}")
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(METHODS) if n != "zero_shot"])
@@ -217,24 +237,29 @@ def test_adam_steps_on_hmmc_change_the_methods_tensors_and_nothing_else(name, ti
     optimizer = torch.optim.Adam(trainable, lr=1e-3)
     img, txt = images(4, seed=2), tokens(4, 9, seed=2)
     pushed = set()  # trainable tensors that received a non-zero gradient
-    for _ in range(2):  # two steps: zero-initialised up layers give their down layers a gradient from step 2
-        (v, v_aug), (t, t_aug) = model.encode_image_views(img, 0.2), model.encode_text_views(txt, 0.2)
+    # two steps: zero-initialised up layers give their down layers a gradient from step 2
+    for _ in range(2):
+        v, v_aug = model.encode_image_views(img, 0.2)
+        t, t_aug = model.encode_text_views(txt, 0.2)
         loss = hmmc_loss(v, t, v_aug, t_aug)
         assert loss.item() > 0
         optimizer.zero_grad()
         loss.backward()
-        pushed |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        pushed |= {n for n, p in model.named_parameters()
+                   if p.grad is not None and p.grad.abs().sum() > 0}
         optimizer.step()
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None and torch.equal(p, before[n]), f"frozen {n} changed"
-        elif not n.endswith("logit_scale"):  # HMMC never reads logit_scale (trainable only in `full`)
+        elif not n.endswith("logit_scale"):  # HMMC never reads it (trainable only in `full`)
             assert p.grad is not None, f"trainable {n} is not connected to the loss"
             # A tensor stays put only if its gradient was exactly 0 all along: a bottleneck whose
-            # ReLU units are all off for the tokens that reach the loss (e.g. [CLS] in the last block).
+            # ReLU units are all off for the tokens that reach the loss (e.g. [CLS] in the last
+            # block).
             assert (not torch.equal(p, before[n])) == (n in pushed), n
     changed = [n for n in pushed if not torch.equal(model.get_parameter(n), before[n])]
-    assert len(changed) >= 0.75 * len(trainable), f"only {len(changed)} of {len(trainable)} trainable tensors moved"
+    assert len(changed) >= 0.75 * len(trainable), (
+        f"only {len(changed)} of {len(trainable)} trainable tensors moved")
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -271,7 +296,8 @@ def test_prompts_sit_after_token_0_and_leave_the_sequence_as_it_came(tower, dept
     plain = list((tiny.transformer if tower == "text" else tiny.visual.transformer).resblocks)
     n = 3
     add_prompts(transformer, n, depth, lambda t: torch.nn.init.normal_(t, std=0.5))
-    prompts = [b.prompts for b in transformer.resblocks if isinstance(b, PromptedBlock) and b.prompts is not None]
+    prompts = [b.prompts for b in transformer.resblocks
+               if isinstance(b, PromptedBlock) and b.prompts is not None]
     assert len(prompts) == depth
     x = torch.randn(2, 77 if tower == "text" else 17, transformer.width)
     with torch.no_grad():
@@ -294,8 +320,9 @@ def test_lora_block_equals_the_block_with_merged_weights(tiny):
         torch.nn.init.normal_(module.B.weight, std=0.1)
     D = block.attn.out_proj.in_features
     with torch.no_grad():
-        block.attn.in_proj_weight[:D] += lora.lora_q.scale * lora.lora_q.B.weight @ lora.lora_q.A.weight
-        block.attn.in_proj_weight[2 * D:] += lora.lora_v.scale * lora.lora_v.B.weight @ lora.lora_v.A.weight
+        q, v = lora.lora_q, lora.lora_v
+        block.attn.in_proj_weight[:D] += q.scale * q.B.weight @ q.A.weight
+        block.attn.in_proj_weight[2 * D:] += v.scale * v.B.weight @ v.A.weight
         x = torch.randn(2, 77, D)
         torch.testing.assert_close(lora(x), block(x), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(lora(x), tiny.transformer.resblocks[0](x), atol=1e-3)
@@ -308,13 +335,15 @@ def test_convpass_mixes_grid_neighbours_in_images_and_only_earlier_tokens_in_tex
         for p in module.parameters():
             torch.nn.init.normal_(p, std=0.3)
     image.eval(), text.eval()
-    # image: [CLS] + a 4x4 grid; patch (1, 1) reaches its 3x3 neighbourhood and nothing else ([CLS] included)
+    # image: [CLS] + a 4x4 grid; patch (1, 1) reaches its 3x3 neighbourhood and nothing else
+    # ([CLS] included)
     x = torch.randn(1, 17, 16)
     y = x.clone()
     y[0, 1 + 1 * 4 + 1] += 1.0
     changed = (image(x) - image(y)).abs().sum(-1)[0] > 0
     grid = math.isqrt(16)
-    expected = [False] + [abs(r - 1) <= 1 and abs(c - 1) <= 1 for r in range(grid) for c in range(grid)]
+    near = [abs(r - 1) <= 1 and abs(c - 1) <= 1 for r in range(grid) for c in range(grid)]
+    expected = [False] + near
     assert changed.tolist() == expected
     # text: token 5 reaches tokens 5, 6, 7 (a causal width-3 conv) and no earlier one
     x = torch.randn(1, 12, 16)
@@ -339,7 +368,8 @@ def test_cross_modal_adapter_shares_its_last_up_channels_between_the_towers(tiny
     for t_block, v_block in zip(text, vision):
         for name in ("attn_adapter", "mlp_adapter"):
             t_ad, v_ad = getattr(t_block, name), getattr(v_block, name)
-            assert t_ad.shared_up.weight is v_ad.shared_up.weight and t_ad.shared_up.weight.shape[0] == s
+            assert t_ad.shared_up.weight is v_ad.shared_up.weight
+            assert t_ad.shared_up.weight.shape[0] == s
             assert t_ad.text_down.weight is not t_ad.vision_down.weight
         assert t_block.attn_adapter is not t_block.mlp_adapter
     # the block against its equations, written out from the plain block and the adapter's tensors
@@ -393,7 +423,8 @@ def test_uniadapter_shares_layernorm_and_down_projection_and_scales_its_output(t
     for t_block, v_block in zip(text, vision):
         assert t_block.adapter is v_block.adapter
     ad = text[0].adapter
-    assert ad.scale == 0.1 and ad.down.weight.shape == (method_config("uniadapter")["bottleneck"], 128)
+    bottleneck = method_config("uniadapter")["bottleneck"]
+    assert ad.scale == 0.1 and ad.down.weight.shape == (bottleneck, 128)
 
     def reference(x, up, width):  # zero-pad the tower's own LayerNorm output to the shared width
         mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
@@ -404,13 +435,16 @@ def test_uniadapter_shares_layernorm_and_down_projection_and_scales_its_output(t
     with torch.no_grad():
         for modality, width, up in (("text", 96, ad.text_up), ("vision", 128, ad.vision_up)):
             x = torch.randn(2, 7, width)
-            torch.testing.assert_close(ad(x, modality), reference(x, up, width), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ad(x, modality), reference(x, up, width),
+                                       rtol=1e-5, atol=1e-5)
             # the LayerNorm makes the adapter blind to the scale and offset of its input
-            torch.testing.assert_close(ad(3 * x + 1, modality), ad(x, modality), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ad(3 * x + 1, modality), ad(x, modality),
+                                       rtol=1e-4, atol=1e-5)
         block, plain = vision[0], tiny.visual.transformer.resblocks[0]
         x = torch.randn(2, 17, 128)
         h = x + plain.attn(plain.ln_1(x))
-        torch.testing.assert_close(block(x), h + plain.mlp(plain.ln_2(h)) + ad(h, "vision"), rtol=1e-5, atol=1e-5)
+        expected = h + plain.mlp(plain.ln_2(h)) + ad(h, "vision")
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["cross_modal_adapter", "uniadapter"])
@@ -457,6 +491,8 @@ def test_convpass_block_has_the_bypass_beside_attention_reading_ln_1(tiny):
 @pytest.mark.parametrize("shared_dim", [0, 96])
 def test_cross_modal_adapter_needs_shared_and_own_up_channels(tiny, shared_dim):
     with pytest.raises(ValueError, match=f"shared_dim must be in 1..95 .* got {shared_dim}"):
-        apply_method(copy.deepcopy(tiny), "cross_modal_adapter", {"shared_dim": shared_dim}, verbose=False)
-    model = apply_method(copy.deepcopy(tiny), "cross_modal_adapter", {"shared_dim": 95}, verbose=False)
+        apply_method(copy.deepcopy(tiny), "cross_modal_adapter", {"shared_dim": shared_dim},
+                     verbose=False)
+    model = apply_method(copy.deepcopy(tiny), "cross_modal_adapter", {"shared_dim": 95},
+                         verbose=False)
     assert model.transformer.resblocks[0].attn_adapter.text_up.out_features == 1

@@ -1,4 +1,5 @@
-"""The parameter-efficient transfer methods benchmarked by the paper (Sec. IV, Tables II-IV; method.md 7).
+"""The parameter-efficient transfer methods benchmarked by the paper (Sec. IV, Tables II-IV;
+docs/method.md §7).
 
 Each method is one file exposing `apply(model, **options) -> model`: it freezes CLIP first, then
 composes its trainable modules in at build time (wrapper modules holding the frozen ones), and
@@ -36,7 +37,8 @@ METHODS = {  # --method name -> file in this folder
     "mrs_adapter": "mrs_adapter",
     "lora": "lora",
 }
-ADAPTER_LR = 2e-4  # the paper's Adam learning rate (method.md 4), for every method that sets no LR
+# the paper's Adam learning rate (docs/method.md §4), for every method that sets no LR
+ADAPTER_LR = 2e-4
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -87,7 +89,8 @@ def freeze_unread(model: nn.Module, objective: str) -> nn.Module:
     return model
 
 
-def apply_method(model: nn.Module, name: str, options: Dict = None, verbose: bool = True) -> nn.Module:
+def apply_method(model: nn.Module, name: str, options: Dict = None,
+                 verbose: bool = True) -> nn.Module:
     """Compose method `name` into `model` with its `options`; returns the model to use from now on.
 
     Most methods change `model` in place and return it; `linear_probe` and `clip_adapter` return a
@@ -95,7 +98,8 @@ def apply_method(model: nn.Module, name: str, options: Dict = None, verbose: boo
     """
     training = model.training
     model = method_module(name).apply(model, **(options or {}))
-    model.train(training)  # new modules start in train mode; give them the model's mode (dropout off in eval)
+    # new modules start in train mode; give them the model's mode (dropout off in eval)
+    model.train(training)
     if verbose:
         print(f"method {name}: ", end="")
         print_trainable_parameters(model)

@@ -1,4 +1,5 @@
-"""AdaptFormer (Chen et al., NeurIPS 2022): a scaled bottleneck adapter in parallel with each MLP (paper: 0.17M).
+"""AdaptFormer (Chen et al., NeurIPS 2022): a scaled bottleneck adapter in parallel with each MLP
+(paper: 0.17M).
 
 As in the official code (ShoufaChen/AdaptFormer): the adapter reads the residual stream after
 attention and its output is added beside the MLP's (`Block.forward` in models/vit_image.py,
@@ -43,7 +44,8 @@ class AdaptFormerBlock(nn.Module):
         return f"scale={self.scale}"
 
 
-def apply(model: nn.Module, bottleneck: int = BOTTLENECK, scale: float = SCALE, dropout: float = DROPOUT) -> nn.Module:
+def apply(model: nn.Module, bottleneck: int = BOTTLENECK, scale: float = SCALE,
+          dropout: float = DROPOUT) -> nn.Module:
     freeze(model)
     for tower in (model.transformer, model.visual.transformer):
         for i, block in enumerate(tower.resblocks):

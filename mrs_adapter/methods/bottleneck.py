@@ -20,4 +20,5 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.dropout(torch.relu(self.down(x))))  # (B, L, D) -> (B, L, r) -> (B, L, D)
+        # (B, L, D) -> (B, L, r) -> (B, L, D)
+        return self.up(self.dropout(torch.relu(self.down(x))))

@@ -1,4 +1,5 @@
-"""CLIP-Adapter (Gao et al., IJCV 2023) on both towers' output embeddings, CLIP frozen (paper: 0.52M).
+"""CLIP-Adapter (Gao et al., IJCV 2023) on both towers' output embeddings, CLIP frozen
+(paper: 0.52M).
 
 As in the official code (gaopengcuhk/CLIP-Adapter, clip_adapter.py): per adapted embedding
 `e' = (1 - RATIO) e + RATIO * relu(W_up relu(W_down e))` (`Adapter`, `CustomCLIP.forward`), no
@@ -44,5 +45,6 @@ class CLIPAdapter(nn.Module):
 def apply(model: nn.Module, reduction: int = REDUCTION, ratio: float = RATIO) -> nn.Module:
     freeze(model)
     width = embed_dim(model)
-    adapted = CLIPWithHeads(model, CLIPAdapter(width, reduction, ratio), CLIPAdapter(width, reduction, ratio))
+    image_head, text_head = (CLIPAdapter(width, reduction, ratio) for _ in range(2))
+    adapted = CLIPWithHeads(model, image_head, text_head)
     return adapted.to(model.logit_scale.device)

@@ -1,4 +1,5 @@
-"""Convpass (Jie & Deng, 2022): a convolutional bypass that gives the ViT a spatial prior, CLIP frozen (paper: 0.14M).
+"""Convpass (Jie & Deng, 2022): a convolutional bypass that gives the ViT a spatial prior, CLIP
+frozen (paper: 0.14M).
 
 As in the official code (JieShibo/PETL-ViT, convpass/vtab/convpass.py): a bypass reads the
 sublayer's normalised input and is added beside it, scaled by s (`forward_block_attn`):
@@ -30,19 +31,23 @@ BOTTLENECK = 4
 KERNEL = 3
 SCALE = 1.0  # Convpass's s
 DROPOUT = 0.1
-MLP_BYPASS = False  # False: official `convpass_attn`; True: `convpass`, a second bypass beside the MLP
+# False: official `convpass_attn`; True: `convpass`, a second bypass beside the MLP
+MLP_BYPASS = False
 PLACEMENT = ("parallel to attention, reading ln_1(x), every block (and to the MLP if mlp_bypass); "
              "3x3 conv on the patch grid (vision), causal width-3 conv (text)")
 INIT = "down Xavier-uniform, conv identity tap, up zero (starts at zero-shot)"
 
 
 class Convpass(nn.Module):
-    """down -> QuickGELU -> conv over token neighbours -> QuickGELU -> dropout -> up: (B, L, D) -> (B, L, D).
+    """down -> QuickGELU -> conv over token neighbours -> QuickGELU -> dropout -> up:
+    (B, L, D) -> (B, L, D).
 
-    image=True: tokens are [CLS] + a square grid of patches (2-D conv). image=False: a causal 1-D conv.
+    image=True: tokens are [CLS] + a square grid of patches (2-D conv). image=False: a causal
+    1-D conv.
     """
 
-    def __init__(self, width: int, bottleneck: int, image: bool, kernel: int = KERNEL, dropout: float = DROPOUT):
+    def __init__(self, width: int, bottleneck: int, image: bool, kernel: int = KERNEL,
+                 dropout: float = DROPOUT):
         super().__init__()
         self.image, self.kernel = image, kernel
         self.down = nn.Linear(width, bottleneck)
@@ -52,7 +57,8 @@ class Convpass(nn.Module):
         self.gelu, self.dropout = QuickGELU(), nn.Dropout(dropout)
         nn.init.xavier_uniform_(self.down.weight)
         nn.init.zeros_(self.down.bias)
-        with torch.no_grad():  # identity on the tap of the token itself: centre (image), last (causal text)
+        # identity on the tap of the token itself: centre (image), last (causal text)
+        with torch.no_grad():
             self.conv.weight.zero_()
             centre = (kernel // 2, kernel // 2) if image else (kernel - 1,)
             self.conv.weight[(slice(None), slice(None)) + centre] = torch.eye(bottleneck)
@@ -66,15 +72,18 @@ class Convpass(nn.Module):
         B, N, r = patches.shape
         grid = math.isqrt(N)
         if grid * grid != N:
-            raise ValueError(f"Convpass needs [CLS] + a square grid of patches, got {N} patch tokens")
+            raise ValueError("Convpass needs [CLS] + a square grid of patches, "
+                             f"got {N} patch tokens")
         patches = patches.transpose(1, 2).reshape(B, r, grid, grid)  # shape = [B, r, grid, grid]
         patches = self.conv(patches).flatten(2).transpose(1, 2)  # shape = [B, grid ** 2, r]
         c = self.kernel // 2
-        cls = F.linear(cls, self.conv.weight[:, :, c, c], self.conv.bias)  # zero padding leaves the centre tap
+        # [CLS] as a 1x1 image: zero padding leaves only the centre tap
+        cls = F.linear(cls, self.conv.weight[:, :, c, c], self.conv.bias)
         return torch.cat([cls, patches], dim=1)
 
     def mix_text(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, L, r) -> same: 1-D conv padded on the left only, so position t reads t - kernel + 1 .. t."""
+        """(B, L, r) -> same: 1-D conv padded on the left only, so position t reads
+        t - kernel + 1 .. t."""
         h = F.pad(h.transpose(1, 2), (self.kernel - 1, 0))  # shape = [B, r, kernel - 1 + L]
         return self.conv(h).transpose(1, 2)  # shape = [B, L, r]
 
@@ -85,11 +94,14 @@ class Convpass(nn.Module):
 
 
 class ConvpassBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) with a Convpass beside attention (and one beside the MLP)."""
+    """A frozen CLIP block (`self.block`) with a Convpass beside attention (and one beside the
+    MLP)."""
 
-    def __init__(self, block: nn.Module, attn_bypass: Convpass, mlp_bypass: Optional[Convpass], scale: float):
+    def __init__(self, block: nn.Module, attn_bypass: Convpass, mlp_bypass: Optional[Convpass],
+                 scale: float):
         super().__init__()
-        self.block, self.attn_bypass, self.mlp_bypass, self.scale = block, attn_bypass, mlp_bypass, scale
+        self.block, self.scale = block, scale
+        self.attn_bypass, self.mlp_bypass = attn_bypass, mlp_bypass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block = self.block
@@ -105,8 +117,9 @@ class ConvpassBlock(nn.Module):
         return f"scale={self.scale}"
 
 
-def apply(model: nn.Module, bottleneck: int = BOTTLENECK, kernel: int = KERNEL, scale: float = SCALE,
-          dropout: float = DROPOUT, mlp_bypass: bool = MLP_BYPASS) -> nn.Module:
+def apply(model: nn.Module, bottleneck: int = BOTTLENECK, kernel: int = KERNEL,
+          scale: float = SCALE, dropout: float = DROPOUT,
+          mlp_bypass: bool = MLP_BYPASS) -> nn.Module:
     freeze(model)
     for tower, image in ((model.transformer, False), (model.visual.transformer, True)):
         for i, block in enumerate(tower.resblocks):

@@ -1,4 +1,5 @@
-"""CoOp (Zhou et al., IJCV 2022): learnable context tokens in the text tower, CLIP frozen (paper: 0.10M).
+"""CoOp (Zhou et al., IJCV 2022): learnable context tokens in the text tower, CLIP frozen
+(paper: 0.10M).
 
 Follows the official code (KaiyangZhou/CoOp, trainers/coop.py) in what the context is: 16 vectors
 (`N_CTX` 16) right after the start token, before the caption, generic (one context for every
@@ -30,7 +31,8 @@ PLACEMENT = "text tower: after the start token, every block"
 INIT = "N(0, 0.02) (does not start at zero-shot)"
 
 
-def add_text_prompts(model: nn.Module, length: int, depth: Optional[int], init_std: float = INIT_STD) -> nn.Module:
+def add_text_prompts(model: nn.Module, length: int, depth: Optional[int],
+                     init_std: float = INIT_STD) -> nn.Module:
     """Compose text prompts into `model` (no freezing; vl_prompt.py reuses this)."""
     add_prompts(model.transformer, length, depth, lambda t: nn.init.normal_(t, std=init_std))
     return model

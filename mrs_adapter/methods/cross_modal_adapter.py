@@ -1,4 +1,5 @@
-"""Cross-Modal Adapter (Jiang et al., 2022, "Cross-Modal Adapter for Text-Video Retrieval") (paper: 0.16M).
+"""Cross-Modal Adapter (Jiang et al., 2022, "Cross-Modal Adapter for Text-Video Retrieval")
+(paper: 0.16M).
 
 As in the official code (LeapLabTHU/Cross-Modal-Adapter): each adapter's up projection is
 `cat([up_m(h), up_shared(h)])`, its last SHARED_DIM output channels computed by one layer that
@@ -44,20 +45,27 @@ class CrossModalAdapter(nn.Module):
     def __init__(self, text_width: int, vision_width: int, bottleneck: int, shared_dim: int,
                  dropout: float, init_std: float):
         super().__init__()
-        if not 1 <= shared_dim < min(text_width, vision_width):  # sharing is the method: at least one channel
-            raise ValueError(f"cross_modal_adapter shared_dim must be in 1..{min(text_width, vision_width) - 1} "
+        narrower = min(text_width, vision_width)
+        if not 1 <= shared_dim < narrower:  # sharing is the method: at least one channel
+            raise ValueError(f"cross_modal_adapter shared_dim must be in 1..{narrower - 1} "
                              f"(some up channels shared, some per tower), got {shared_dim}")
-        self.text_down, self.vision_down = nn.Linear(text_width, bottleneck), nn.Linear(vision_width, bottleneck)
+        self.text_down = nn.Linear(text_width, bottleneck)
+        self.vision_down = nn.Linear(vision_width, bottleneck)
         self.text_up = nn.Linear(bottleneck, text_width - shared_dim)
         self.vision_up = nn.Linear(bottleneck, vision_width - shared_dim)
         self.shared_up = nn.Linear(bottleneck, shared_dim)
         self.act, self.dropout = QuickGELU(), nn.Dropout(dropout)
-        for layer in (self.text_down, self.vision_down, self.text_up, self.vision_up, self.shared_up):
-            nn.init.trunc_normal_(layer.weight, std=init_std)  # cut at +-2 (absolute), as the official init
+        layers = (self.text_down, self.vision_down, self.text_up, self.vision_up, self.shared_up)
+        for layer in layers:
+            # cut at +-2 (absolute), as the official init
+            nn.init.trunc_normal_(layer.weight, std=init_std)
             nn.init.zeros_(layer.bias)
 
     def forward(self, z: torch.Tensor, modality: str) -> torch.Tensor:
-        down, up = (self.text_down, self.text_up) if modality == "text" else (self.vision_down, self.vision_up)
+        if modality == "text":
+            down, up = self.text_down, self.text_up
+        else:
+            down, up = self.vision_down, self.vision_up
         h = self.dropout(self.act(down(z)))  # (B, L, r)
         return torch.cat([up(h), self.shared_up(h)], dim=-1)  # (B, L, D_m - s) + (B, L, s)
 
@@ -65,10 +73,11 @@ class CrossModalAdapter(nn.Module):
 class CrossModalBlock(nn.Module):
     """A frozen CLIP block (`self.block`) with an adapter on the output of each of its sublayers."""
 
-    def __init__(self, block: nn.Module, attn_adapter: CrossModalAdapter, mlp_adapter: CrossModalAdapter,
-                 modality: str):
+    def __init__(self, block: nn.Module, attn_adapter: CrossModalAdapter,
+                 mlp_adapter: CrossModalAdapter, modality: str):
         super().__init__()
-        self.block, self.attn_adapter, self.mlp_adapter, self.modality = block, attn_adapter, mlp_adapter, modality
+        self.block, self.modality = block, modality
+        self.attn_adapter, self.mlp_adapter = attn_adapter, mlp_adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block, m = self.block, self.modality
@@ -82,16 +91,17 @@ class CrossModalBlock(nn.Module):
         return f"modality={self.modality!r}"
 
 
-def apply(model: nn.Module, bottleneck: int = BOTTLENECK, shared_dim: int = SHARED_DIM, dropout: float = DROPOUT,
-          init_std: float = INIT_STD) -> nn.Module:
+def apply(model: nn.Module, bottleneck: int = BOTTLENECK, shared_dim: int = SHARED_DIM,
+          dropout: float = DROPOUT, init_std: float = INIT_STD) -> nn.Module:
     freeze(model)
     text, vision = model.transformer, model.visual.transformer
     if text.layers != vision.layers:  # the official code indexes the shared layers by text layer
-        raise ValueError(f"cross_modal_adapter shares up channels layer by layer and needs towers of equal "
-                         f"depth; this CLIP has {text.layers} text and {vision.layers} vision layers")
+        raise ValueError(f"cross_modal_adapter shares up channels layer by layer and needs "
+                         f"towers of equal depth; this CLIP has {text.layers} text and "
+                         f"{vision.layers} vision layers")
     for i in range(text.layers):
-        attn, mlp = (CrossModalAdapter(text.width, vision.width, bottleneck, shared_dim, dropout, init_std)
-                     for _ in range(2))
+        attn, mlp = (CrossModalAdapter(text.width, vision.width, bottleneck, shared_dim, dropout,
+                                       init_std) for _ in range(2))
         text.resblocks[i] = CrossModalBlock(text.resblocks[i], attn, mlp, "text")
         vision.resblocks[i] = CrossModalBlock(vision.resblocks[i], attn, mlp, "vision")
     return model.to(model.logit_scale.device)

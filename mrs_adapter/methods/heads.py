@@ -1,4 +1,5 @@
-"""Trainable heads on CLIP's output embeddings, for the methods that act there (linear probe, CLIP-Adapter).
+"""Trainable heads on CLIP's output embeddings, for the methods that act there (linear
+probe, CLIP-Adapter).
 
 clip.py has no module after the projections (`ln_post(x[:, 0]) @ proj` and `text_head` end in a
 bare matrix product), so these methods compose one level up: `CLIPWithHeads` holds the frozen
@@ -13,7 +14,8 @@ from torch import nn
 
 
 class CLIPWithHeads(nn.Module):
-    """A frozen CLIP (`self.clip`) whose image and text embeddings pass through `heads["image"]`, `heads["text"]`.
+    """A frozen CLIP (`self.clip`) whose image and text embeddings pass through `heads["image"]`,
+    `heads["text"]`.
 
     Holding CLIP prefixes its tensors with `clip.` in `state_dict()`; checkpoints hold only the
     trainable tensors (`heads.*`), so the OpenAI archives' names are never affected.
@@ -38,12 +40,15 @@ class CLIPWithHeads(nn.Module):
         return self.clip.dtype
 
     def encode_image(self, image: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
-        return self.heads["image"](self.clip.encode_image(image, feature_dropout))  # (B, D) -> (B, D)
+        # (B, D) -> (B, D)
+        return self.heads["image"](self.clip.encode_image(image, feature_dropout))
 
-    def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0, trim: bool = True) -> torch.Tensor:
+    def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0,
+                    trim: bool = True) -> torch.Tensor:
         return self.heads["text"](self.clip.encode_text(text, feature_dropout, trim))
 
-    def encode_image_views(self, image: torch.Tensor, feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode_image_views(self, image: torch.Tensor,
+                           feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
         clean, dropped = self.clip.encode_image_views(image, feature_dropout)
         return self.heads["image"](clean), self.heads["image"](dropped)
 
@@ -53,7 +58,8 @@ class CLIPWithHeads(nn.Module):
         return self.heads["text"](clean), self.heads["text"](dropped)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Cosine logits scaled by exp(logit_scale): (B_img, B_txt) and its transpose, as CLIP.forward."""
+        """Cosine logits scaled by exp(logit_scale): (B_img, B_txt) and its transpose, as
+        CLIP.forward."""
         img = F.normalize(self.encode_image(image), dim=-1)
         txt = F.normalize(self.encode_text(text), dim=-1)
         logits = self.logit_scale.exp() * img @ txt.t()

@@ -1,4 +1,5 @@
-"""Adapter (Houlsby et al., ICML 2019): sequential bottleneck adapters after attention and after the MLP (paper: 0.17M).
+"""Adapter (Houlsby et al., ICML 2019): sequential bottleneck adapters after attention and after
+the MLP (paper: 0.17M).
 
 As in the official code (google-research/adapter-bert, modeling.py): every block has two
 adapters, one on the attention output and one on the MLP output, each with an identity skip of
@@ -30,7 +31,8 @@ INIT = "weights truncated N(0, 1e-3), biases zero (official near-identity; near,
 
 
 class HoulsbyAdapter(nn.Module):
-    """up(dropout(gelu(down(h)))): (B, L, D) -> (B, L, D); the block adds h itself (identity skip)."""
+    """up(dropout(gelu(down(h)))): (B, L, D) -> (B, L, D); the block adds h itself (identity
+    skip)."""
 
     def __init__(self, width: int, bottleneck: int, dropout: float, init_std: float):
         super().__init__()
@@ -45,9 +47,11 @@ class HoulsbyAdapter(nn.Module):
 
 
 class HoulsbyBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) with an adapter on the output of each of its two sublayers."""
+    """A frozen CLIP block (`self.block`) with an adapter on the output of each of its two
+    sublayers."""
 
-    def __init__(self, block: nn.Module, width: int, bottleneck: int, dropout: float, init_std: float):
+    def __init__(self, block: nn.Module, width: int, bottleneck: int, dropout: float,
+                 init_std: float):
         super().__init__()
         self.block = block
         self.attn_adapter = HoulsbyAdapter(width, bottleneck, dropout, init_std)

@@ -1,4 +1,5 @@
-"""Linear probe: a trainable linear map on each tower's output embedding, CLIP frozen (paper: 1.05M).
+"""Linear probe: a trainable linear map on each tower's output embedding, CLIP frozen
+(paper: 1.05M).
 
 Configuration: per tower two Linear(E, E) layers in a row, E = embedding width (512 on ViT-B/32),
 with no non-linearity between them, so the probe stays linear (an affine map factorised in two);
@@ -20,7 +21,8 @@ INIT = "identity: weight I, bias 0 (starts at zero-shot)"
 
 def linear_probe(width: int, layers: int) -> nn.Sequential:
     """`layers` Linear(width, width), each the identity at first: (B, width) -> (B, width)."""
-    probe = nn.Sequential(OrderedDict((f"fc{i + 1}", nn.Linear(width, width)) for i in range(layers)))
+    named = ((f"fc{i + 1}", nn.Linear(width, width)) for i in range(layers))
+    probe = nn.Sequential(OrderedDict(named))
     for fc in probe:
         nn.init.eye_(fc.weight)
         nn.init.zeros_(fc.bias)

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al., ICLR 2022) on the attention's query and value projections of both towers (not in the paper).
+"""LoRA (Hu et al., ICLR 2022) on the attention's query and value projections of both towers
+(not in the paper).
 
 Configuration: rank 4, alpha 8 (scale alpha / rank = 2), no dropout, on q and v of every block's
 `in_proj` in both towers (LoRA's own choice of matrices); k, out_proj and the MLP stay as they are.
@@ -39,7 +40,8 @@ class LoRA(nn.Module):
 
 
 class LoRABlock(nn.Module):
-    """A frozen CLIP block (`self.block`) whose attention adds low-rank updates to the q and v projections."""
+    """A frozen CLIP block (`self.block`) whose attention adds low-rank updates to the q and v
+    projections."""
 
     def __init__(self, block: nn.Module, rank: int, alpha: float):
         super().__init__()
@@ -48,13 +50,15 @@ class LoRABlock(nn.Module):
         self.lora_q, self.lora_v = LoRA(width, rank, alpha), LoRA(width, rank, alpha)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """clip.Attention.forward with (W + delta W) for q and v; `attn.causal` keeps the text mask."""
+        """clip.Attention.forward with (W + delta W) for q and v; `attn.causal` keeps the text
+        mask."""
         attn = self.block.attn
         B, L, D = x.shape
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3D): frozen q, k, v
         delta_q, delta_v = self.lora_q(x), self.lora_v(x)
         qkv = qkv + torch.cat([delta_q, torch.zeros_like(delta_q), delta_v], dim=-1)  # k unchanged
-        qkv = qkv.view(B, L, 3, attn.heads, D // attn.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D/H)
+        # (B, L, 3D) -> (3, B, H, L, D/H)
+        qkv = qkv.view(B, L, 3, attn.heads, D // attn.heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=attn.causal)
         x = x.transpose(1, 2).reshape(B, L, D)  # (B, H, L, D/H) -> (B, L, D)
         return attn.out_proj(x)

@@ -1,6 +1,6 @@
 """MRS-Adapter (the paper's method, Sec. III-B): one adapter shared by every block of both towers.
 
-Configuration (method.md 2): bottleneck 64, last 64 up channels shared across modalities,
+Configuration (docs/method.md §2): bottleneck 64, last 64 up channels shared across modalities,
 dropout 0.5, up layers zero-initialised (starts at zero-shot CLIP), in parallel with the MLP of
 every block of both towers; 161,088 trainable parameters on ViT-B/32 (paper: 0.16M).
 The module itself is `mrs_adapter/adapter.py`.
@@ -13,10 +13,11 @@ BOTTLENECK = 64
 SHARED_DIM = 64  # last up channels shared by the text and the vision branch
 DROPOUT = 0.5
 SHARED = True  # one instance for all blocks of both towers (False: the per-block ablation)
-PLACEMENT = "parallel to the MLP, reading the post-attention stream, every block of both towers; one module for all"
+PLACEMENT = ("parallel to the MLP, reading the post-attention stream, every block of both towers; "
+             "one module for all")
 INIT = "down default, up zero (starts at zero-shot)"
 
 
-def apply(model: nn.Module, bottleneck: int = BOTTLENECK, shared_dim: int = SHARED_DIM, dropout: float = DROPOUT,
-          shared: bool = SHARED) -> nn.Module:
+def apply(model: nn.Module, bottleneck: int = BOTTLENECK, shared_dim: int = SHARED_DIM,
+          dropout: float = DROPOUT, shared: bool = SHARED) -> nn.Module:
     return add_adapters(model, bottleneck, shared_dim, dropout, shared, verbose=False)

@@ -1,4 +1,5 @@
-"""Learnable prompt tokens inside a frozen CLIP transformer (CoOp, Zhou et al. 2022; VPT, Jia et al. 2022).
+"""Learnable prompt tokens inside a frozen CLIP transformer (CoOp, Zhou et al. 2022;
+VPT, Jia et al. 2022).
 
 Prompts sit at positions 1..n, right after token 0 (the text start token, or the image [CLS]):
 block 0 inserts them, each deeper prompted block replaces the previous block's outputs there with
@@ -26,17 +27,20 @@ class PromptedBlock(nn.Module):
         super().__init__()
         if insert and prompts is None:
             raise ValueError("the block that inserts the prompts needs prompts")
-        self.block, self.prompts, self.length, self.insert, self.remove = block, prompts, length, insert, remove
+        self.block, self.prompts, self.length = block, prompts, length
+        self.insert, self.remove = insert, remove
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.length
         if self.prompts is not None:
             prompts = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, D)
-            rest = x[:, 1:] if self.insert else x[:, 1 + n:]  # the sequence after token 0, without old prompts
+            # the sequence after token 0, without old prompts
+            rest = x[:, 1:] if self.insert else x[:, 1 + n:]
             x = torch.cat([x[:, :1], prompts, rest], dim=1)  # (B, 1 + n + L - 1, D)
         x = self.block(x)
         if self.remove:
-            x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)  # (B, L, D): the original positions again
+            # (B, L, D): the original positions again
+            x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
         return x
 
     def extra_repr(self) -> str:
@@ -62,6 +66,8 @@ def add_prompts(transformer: nn.Module, length: int, depth: Optional[int],
         last = i == len(blocks) - 1
         if i >= depth and not last:
             continue  # a plain block: the prompts pass through it as ordinary tokens
-        prompts = nn.Parameter(init(torch.empty(length, transformer.width, device=device))) if i < depth else None
+        prompts = None
+        if i < depth:
+            prompts = nn.Parameter(init(torch.empty(length, transformer.width, device=device)))
         blocks[i] = PromptedBlock(block, prompts, length, insert=i == 0, remove=last)
     return transformer

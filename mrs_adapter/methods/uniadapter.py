@@ -1,4 +1,5 @@
-"""UniAdapter (Lu et al., ICLR 2024): one adapter per layer for both towers, its down projection unified (paper: 0.55M).
+"""UniAdapter (Lu et al., ICLR 2024): one adapter per layer for both towers, its down projection
+unified (paper: 0.55M).
 
 As in the official code (RERV/UniAdapter): one module per layer serves block l of BOTH encoders
 (`blip_retrieval.BLIP_Retrieval.__init__` hands the same `adapters[l]` to the ViT and to BERT);
@@ -32,23 +33,27 @@ from . import freeze
 BOTTLENECK = 21
 SCALE = 0.1  # UniAdapter's fixed output scale
 DROPOUT = 0.0
-PLACEMENT = ("parallel to the MLP, reading the post-attention stream through its own LayerNorm, every block; "
-             "one module per layer for both towers")
+PLACEMENT = ("parallel to the MLP, reading the post-attention stream through its own LayerNorm, "
+             "every block; one module per layer for both towers")
 INIT = "LayerNorm 1/0, down default, ups zero (starts at zero-shot)"
 
 
 class UniAdapter(nn.Module):
-    """LayerNorm and down projection shared by both towers, an up projection each: (B, L, D_m) -> (B, L, D_m).
+    """LayerNorm and down projection shared by both towers, an up projection each:
+    (B, L, D_m) -> (B, L, D_m).
 
-    The shared tensors are max(D_text, D_vision) wide; a narrower tower reads their first D_m channels.
+    The shared tensors are max(D_text, D_vision) wide; a narrower tower reads their first D_m
+    channels.
     """
 
-    def __init__(self, text_width: int, vision_width: int, bottleneck: int, scale: float, dropout: float):
+    def __init__(self, text_width: int, vision_width: int, bottleneck: int, scale: float,
+                 dropout: float):
         super().__init__()
         width = max(text_width, vision_width)
         self.norm = nn.LayerNorm(width)  # unified across modalities, like the down projection
         self.down = nn.Linear(width, bottleneck)
-        self.text_up, self.vision_up = nn.Linear(bottleneck, text_width), nn.Linear(bottleneck, vision_width)
+        self.text_up = nn.Linear(bottleneck, text_width)
+        self.vision_up = nn.Linear(bottleneck, vision_width)
         self.scale, self.dropout = scale, nn.Dropout(dropout)
         nn.init.zeros_(self.down.bias)
         for up in (self.text_up, self.vision_up):
@@ -84,12 +89,14 @@ class UniAdapterBlock(nn.Module):
         return f"modality={self.modality!r}"
 
 
-def apply(model: nn.Module, bottleneck: int = BOTTLENECK, scale: float = SCALE, dropout: float = DROPOUT) -> nn.Module:
+def apply(model: nn.Module, bottleneck: int = BOTTLENECK, scale: float = SCALE,
+          dropout: float = DROPOUT) -> nn.Module:
     freeze(model)
     text, vision = model.transformer, model.visual.transformer
     if text.layers != vision.layers:  # one adapter per layer serves both encoders
-        raise ValueError(f"uniadapter shares one adapter per layer between the towers and needs towers of equal "
-                         f"depth; this CLIP has {text.layers} text and {vision.layers} vision layers")
+        raise ValueError(f"uniadapter shares one adapter per layer between the towers and needs "
+                         f"towers of equal depth; this CLIP has {text.layers} text and "
+                         f"{vision.layers} vision layers")
     for i in range(text.layers):
         adapter = UniAdapter(text.width, vision.width, bottleneck, scale, dropout)
         text.resblocks[i] = UniAdapterBlock(text.resblocks[i], adapter, "text")

@@ -1,4 +1,5 @@
-"""VL-Prompt: CoOp in the text tower and VPT-deep in the image tower together, CLIP frozen (paper: 0.47M).
+"""VL-Prompt: CoOp in the text tower and VPT-deep in the image tower together, CLIP
+frozen (paper: 0.47M).
 
 Configuration: image: VPT-deep as vpt.py, 50 tokens in each of the 12 vision blocks (460,800);
 text: CoOp in its published, input-level form, 16 context vectors inserted at block 0 only and

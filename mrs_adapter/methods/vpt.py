@@ -1,4 +1,5 @@
-"""VPT-deep (Jia et al., ECCV 2022): learnable tokens in the image tower, CLIP frozen (paper: 0.46M).
+"""VPT-deep (Jia et al., ECCV 2022): learnable tokens in the image tower, CLIP frozen
+(paper: 0.46M).
 
 As in the official code (KMnP/vpt, src/models/vit_prompt/vit.py, class PromptedTransformer):
 prompts go in after [CLS] and before the patches in the sequence entering the first block
