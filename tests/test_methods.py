@@ -353,6 +353,15 @@ def test_convpass_mixes_grid_neighbours_in_images_and_only_earlier_tokens_in_tex
     assert changed.tolist() == [5 <= i <= 7 for i in range(12)]
 
 
+def sequential_reference(plain, block, adapter, x):
+    """A block with an adapter on each sublayer's output, written out from the plain block:
+    a = attn(ln_1 x); x = x + a + A_attn(a); f = mlp(ln_2 x); x = x + f + A_mlp(f)."""
+    a = plain.attn(plain.ln_1(x))
+    x = x + a + adapter(block.attn_adapter, a)
+    f = plain.mlp(plain.ln_2(x))
+    return x + f + adapter(block.mlp_adapter, f)
+
+
 def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
 
@@ -382,10 +391,7 @@ def test_cross_modal_adapter_shares_its_last_up_channels_between_the_towers(tiny
 
     x = torch.randn(2, 17, vision[0].block.ln_1.normalized_shape[0])
     with torch.no_grad():
-        a = plain.attn(plain.ln_1(x))
-        ref = x + a + adapter(block.attn_adapter, a)
-        f = plain.mlp(plain.ln_2(ref))
-        ref = ref + f + adapter(block.mlp_adapter, f)
+        ref = sequential_reference(plain, block, adapter, x)
         torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
         # the shared channels: a change of up_shared moves the last s channels of both towers only
         z_t, z_v = torch.randn(1, 5, 96), torch.randn(1, 5, 128)
@@ -466,10 +472,7 @@ def test_houlsby_block_is_the_two_sequential_gelu_adapters(tiny):
 
     x = torch.randn(2, 77, 96)
     with torch.no_grad():
-        h = plain.attn(plain.ln_1(x))
-        ref = x + h + adapter(block.attn_adapter, h)
-        h = plain.mlp(plain.ln_2(ref))
-        ref = ref + h + adapter(block.mlp_adapter, h)
+        ref = sequential_reference(plain, block, adapter, x)
         torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
 
 
