@@ -40,8 +40,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     index.add_argument("--tile", type=int, default=search.TILE, help="tile side, px (256)")
     index.add_argument("--stride", type=int, default=search.STRIDE, help="tile step, px (192)")
     index.add_argument("--batch-size", type=int, default=64)
-    index.add_argument("--workers", type=int, help="image decoding processes (default: 1 on CPU, "
-                                                   "min(8, CPUs) on CUDA)")
+    index.add_argument("--workers", type=int,
+                       help="image decoding processes that run ahead of the encoder (default: "
+                            "min(8, CPUs) on CUDA; 0 on CPU, where the encoder's threads already "
+                            "use every core and a decoding process would only compete with them)")
     index.add_argument("--save-every", type=int, default=search.SAVE_EVERY,
                        help="save what is embedded every N images, so an interrupted run continues")
     query.add_argument("index", help="index folder written by `search.py index`")
@@ -65,7 +67,7 @@ def run_index(args) -> int:
     if args.tile < 1 or not 0 < args.stride <= args.tile:
         raise ValueError(f"--tile {args.tile} --stride {args.stride}: expected 0 < stride <= tile")
     if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 1
+        args.workers = search.default_workers(args.device)
     model, preprocess, identity = search.load_model(args.checkpoint, args.clip, args.device)
     result = search.build_index(args.images, args.out, model, preprocess, identity, args.tile,
                                 args.stride, args.batch_size, args.workers, args.save_every,

@@ -72,6 +72,14 @@ def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None
 
 
 
+def default_workers(device) -> int:
+    """Decoding processes for `build_index`: on CUDA they decode the next images while the GPU
+    encodes; on the CPU the encoder's threads already use every core, so a decoding process only
+    competes with them (README 'Search your own images' has the figures) and the main process
+    decodes between batches."""
+    return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+
+
 def list_images(root: str) -> List[str]:
     """Image files under `root`, recursively, as sorted '/'-separated paths relative to it."""
     found = []
@@ -195,7 +203,7 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
     part = Part(out, max(numbers + [manifest["next_part"] - 1]) + 1)
     decode, finish = split_at_to_tensor(preprocess)  # workers decode + resize + crop; we normalise
     loader = DataLoader(_Tiles(images, todo, decode, tile, stride), batch_size=None,
-                        num_workers=workers)  # workers decode the next images while we encode
+                        num_workers=workers)  # > 0: processes decode ahead; 0: decoded here
     log(f"indexing {len(todo)} new or changed of {len(stats)} images under {images} "
         f"({len(sources)} already embedded, {len(skipped)} known unreadable)")
     pending, n_tiles, since_save, start, last = [], 0, 0, time.time(), time.time()

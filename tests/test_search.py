@@ -187,7 +187,8 @@ def test_incremental_index_equals_a_fresh_one(setup, tmp_path, capsys):
     capsys.readouterr()
     assert index(images, out, weights[0]) == 0
     assert "indexing 2 new or changed of 5 images" in capsys.readouterr().out
-    assert index(images, tmp_path / "fresh", weights[0]) == 0
+    # the fresh index decodes in 2 loader processes (the default on CUDA), the incremental one here
+    assert index(images, tmp_path / "fresh", weights[0], "--workers", "2") == 0
     (entries, emb), (fresh_entries, fresh_emb) = read_index(out), read_index(tmp_path / "fresh")
     assert entries == fresh_entries
     assert not any(p.endswith("c.jpg") for p, _ in entries)
@@ -227,7 +228,8 @@ def test_killed_run_resumes(setup, tmp_path):
     result = search.build_index(images, out, model, preprocess, identity, 64, 48, batch_size=4)
     assert result["embedded"] == len(IMAGES) - 2  # continued after the two saved images
     assert not os.listdir(os.path.join(out, "parts"))
-    assert index(images, tmp_path / "fresh", weights[0]) == 0
+    # the fresh index decodes in 2 loader processes (the default on CUDA), the incremental one here
+    assert index(images, tmp_path / "fresh", weights[0], "--workers", "2") == 0
     (entries, emb), (fresh_entries, fresh_emb) = read_index(out), read_index(tmp_path / "fresh")
     assert entries == fresh_entries
     np.testing.assert_allclose(emb, fresh_emb, atol=1e-3)
@@ -259,3 +261,18 @@ def test_index_of_another_model_is_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="another model"):
         cli.main(["query", str(out), "a road", "--clip", weights[1]])
     assert cli.main(["query", str(out), "a road", "--clip", weights[0]])  # the same model: accepted
+
+
+def test_default_workers_decode_in_processes_only_beside_a_gpu(setup, tmp_path, monkeypatch):
+    _, images, weights = setup
+    assert search.default_workers("cpu") == 0 and 1 <= search.default_workers("cuda:1") <= 8
+    seen, build = [], search.build_index
+
+    def spy(*args, **kwargs):
+        seen.append(args[8])  # workers
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(search, "build_index", spy)
+    assert cli.main(["index", images, "--out", str(tmp_path / "i"), "--clip", weights[0],
+                     "--device", "cpu", "--tile", "64", "--stride", "48"]) == 0
+    assert seen == [0]
