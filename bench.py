@@ -16,8 +16,8 @@ Measures (medians of interleaved repeats):
                                           test set (452 images, 2,260 captions, 256x256 TIFF) /
                                           encoding its tensors alone
   search_index_ratio_vs_encode            `search.py index` tiles/s / encoding the same tiles alone
-                                          (48 256 px TIFFs + 2 1024 px scenes of 25 tiles; decoding
-                                          overlaps encoding)
+                                          (48 256 px TIFFs + 2 1024 px scenes of 25 tiles; median
+                                          of 9 interleaved pairs)
   search_query_ms_1m, _peak_mb_1m         one top-20 query over 1,000,000 x 512 float16 embeddings
                                           memory-mapped (2 threads; peak memory beyond the mapped
                                           file's pages)
@@ -313,10 +313,13 @@ def search_index_figures(args, tmp: str, rng: np.random.Generator):
     identity = {"backbone": weights, "backbone_sha256": "bench", "activation": "quickgelu",
                 "method": "zero_shot", "checkpoint": None, "checkpoint_sha256": None}
     decode, finish = split_at_to_tensor(preprocess)
+    start = time.perf_counter()
     tiles = torch.cat([search.read_tiles(os.path.join(images, rel), decode, 256, 192)[0]
                        for rel in search.list_images(images)])
+    decode_s = time.perf_counter() - start  # every image read, tiled, resized and cropped
     x = finish(tiles.float().div(255))  # the tensors `index` encodes, decoded beforehand
-    workers = 1 if args.device == "cpu" else min(8, os.cpu_count() or 1)
+    workers = search.default_workers(args.device) if args.search_workers is None \
+        else args.search_workers
 
     def encode_only():
         for i in range(0, len(x), 64):
@@ -324,16 +327,19 @@ def search_index_figures(args, tmp: str, rng: np.random.Generator):
 
     encode_only()  # warm-up
     runs = {"index": [], "encode": []}
-    for r in range(args.eval_repeats):  # interleaved, medians
+    for r in range(args.search_repeats):  # interleaved pairs: a slow spell hits both of a pair
         out = os.path.join(tmp, f"search_index_{r}")
         runs["index"].append(search.build_index(images, out, model, preprocess, identity,
                                                 workers=workers, device=args.device,
                                                 log=lambda *a: None)["seconds"])
         runs["encode"].append(timed(encode_only, args.device))
     index_s, encode_s = statistics.median(runs["index"]), statistics.median(runs["encode"])
-    return {"search_index_tiles_per_s": len(x) / index_s,
+    ratios = [e / i for e, i in zip(runs["encode"], runs["index"])]
+    return {"search_decode_s": decode_s, "search_index_s": index_s,
+            "search_index_tiles_per_s": len(x) / index_s,
             "search_encode_tiles_per_s": len(x) / encode_s,
-            "search_index_ratio_vs_encode": encode_s / index_s}, model
+            "search_index_ratio_pairs": [round(r, 3) for r in ratios],
+            "search_index_ratio_vs_encode": statistics.median(ratios)}, model
 
 
 def search_query_figures(tmp: str, model: torch.nn.Module, rng: np.random.Generator) -> dict:
@@ -537,6 +543,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="interleaved eval.py / encode-only runs (medians)")
     p.add_argument("--rounds", type=int, default=2,
                    help="A B rounds of the training-step processes")
+    p.add_argument("--search-workers", type=int,
+                   help="decoding processes of the timed `search.py index` (default: search.py's)")
+    p.add_argument("--search-repeats", type=int, default=9,
+                   help="interleaved `search.py index` / encode-only pairs (median ratio)")
     p.add_argument("--search-images", type=int, default=48,
                    help="256 px TIFFs indexed by the search bench")
     p.add_argument("--overlap-images", type=int,
