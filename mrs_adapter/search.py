@@ -27,10 +27,11 @@ from .runfiles import write_json
 from .search_store import (
     Part,
     commit,
+    next_part_number,
     open_index,
+    part_numbers,
     read_manifest,
     reusable_rows,
-    saved_parts,
     write_npy,
 )
 from .tokenizer import tokenize
@@ -53,14 +54,13 @@ def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None
     if checkpoint and ("trainable" not in ckpt or "method" not in config):
         raise ValueError(f"{checkpoint} is not a train.py checkpoint (expected 'trainable' and "
                          f"config['method'])")
-    if clip_name is not None:
-        clip_name = os.path.expanduser(clip_name)
     if checkpoint:
         model, preprocess = load_backbone(config, clip_name, where=checkpoint)
+        backbone = model.backbone  # read before a method's head may wrap the CLIP
         model = apply_checkpoint(model, ckpt)
     else:
         model, preprocess = clip.load(clip_name or "ViT-B/32", "cpu")
-    backbone = getattr(model, "backbone", None) or model.clip.backbone  # heads wrap the CLIP
+        backbone = model.backbone
     named = backbone["clip"] in clip.available_models()
     identity = {"backbone": backbone["clip"] if named else backbone["path"],
                 "backbone_sha256": backbone["sha256"],
@@ -199,8 +199,8 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
     skipped = {rel: e for rel, e in manifest["skipped"].items()
                if stats.get(rel) == [e["size"], e["mtime_ns"]]}  # unreadable, unchanged since
     todo = [rel for rel in stats if rel not in sources and rel not in skipped]
-    numbers = [n for n, _ in saved_parts(out, 0)]
-    part = Part(out, max(numbers + [manifest["next_part"] - 1]) + 1)
+    saved_before = bool(part_numbers(out))  # parts of an interrupted run: commit even if no news
+    part = Part(out, next_part_number(out, manifest))
     decode, finish = split_at_to_tensor(preprocess)  # workers decode + resize + crop; we normalise
     loader = DataLoader(_Tiles(images, todo, decode, tile, stride), batch_size=None,
                         num_workers=workers)  # > 0: processes decode ahead; 0: decoded here
@@ -226,7 +226,7 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
     part.save(sources)
     seconds = time.time() - start
     deleted = [rel for rel in manifest["files"] if rel not in stats]
-    if todo or deleted or numbers or skipped != manifest["skipped"]:
+    if todo or deleted or saved_before or skipped != manifest["skipped"]:
         manifest = commit(out, manifest, sources, stats, skipped)
     embedded = sum(1 for rel in todo if rel not in skipped)
     log(f"index {out}: {manifest['rows']} entries from {len(manifest['files'])} images "

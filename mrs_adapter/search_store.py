@@ -50,14 +50,24 @@ def write_npy(path: str, chunks, n_rows: int, dim: int):
     atomic_write(path, write, mode="wb")
 
 
+def part_numbers(folder: str) -> List[int]:
+    """Numbers of the complete saved parts (each part's json is written after its .npy, so a part
+    without json is incomplete and ignored), ascending."""
+    paths = glob.glob(os.path.join(folder, "parts", "part-*.json"))
+    return sorted(int(os.path.basename(path)[5:-5]) for path in paths)
+
+
+def next_part_number(folder: str, manifest: Dict) -> int:
+    """The number for the next part: after every saved one and every one a commit absorbed."""
+    return max(part_numbers(folder) + [manifest["next_part"] - 1]) + 1
+
+
 def saved_parts(folder: str, after: int) -> List[Tuple[int, Dict]]:
-    """Saved parts of unfinished runs numbered >= after: [(number, its json)]; each part's json
-    is written after its .npy, so a part without json is incomplete and ignored."""
+    """Complete saved parts of unfinished runs numbered >= after: [(number, its json)]."""
     parts = []
-    for path in sorted(glob.glob(os.path.join(folder, "parts", "part-*.json"))):
-        number = int(os.path.basename(path)[5:-5])
+    for number in part_numbers(folder):
         if number >= after:
-            with open(path) as f:
+            with open(part_path(folder, number, "json")) as f:
                 parts.append((number, json.load(f)))
     return parts
 
@@ -102,13 +112,13 @@ class Part:
     """Rows embedded since the last save; `save` writes them as parts/part-<n>.npy + .json."""
 
     def __init__(self, out: str, number: int):
-        self.out, self.number, self.rows, self.files = out, number, [], {}
+        self.out, self.number, self.rows, self.files, self.n_rows = out, number, [], {}, 0
 
     def add(self, rel: str, stat: list, boxes: List, rows: np.ndarray):
-        first = sum(len(r) for r in self.rows)
-        self.files[rel] = {"size": stat[0], "mtime_ns": stat[1], "first": first,
+        self.files[rel] = {"size": stat[0], "mtime_ns": stat[1], "first": self.n_rows,
                            "boxes": [None if b is None else list(b) for b in boxes]}
         self.rows.append(rows)
+        self.n_rows += len(rows)
 
     def save(self, sources: Dict) -> "Part":
         if self.files:
@@ -139,10 +149,8 @@ def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) 
         chunks = (maps[npy][start:start + len(boxes)]
                   for npy, start, boxes in (sources[rel] for rel in order))
         write_npy(os.path.join(out, name), chunks, first, dim)
-    numbers = [n for n, _ in saved_parts(out, 0)]
     manifest = dict(manifest, dim=dim, rows=first, embeddings=name, generation=generation,
-                    files=files, skipped=skipped,
-                    next_part=max(numbers + [manifest["next_part"] - 1]) + 1)
+                    files=files, skipped=skipped, next_part=next_part_number(out, manifest))
     write_json(os.path.join(out, "index.json"), manifest)
     del maps
     replaced = glob.glob(os.path.join(out, "embeddings-*.npy"))
