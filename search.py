@@ -101,20 +101,23 @@ def contact_sheet(title: str, query_image: Optional[str], hits: List[Dict], path
     """A PNG: the query (its text, and the image for an image query), then each hit's image or
     tile with its rank and score."""
     pad, text_h = 6, 30
-    cells = ([query_image] if query_image else []) + [h for h in hits]
+    cells = ([query_image] if query_image else []) + list(hits)
+    names = [cell if isinstance(cell, str) else cell["path"] for cell in cells]
+    thumbs = {}
+    for name in dict.fromkeys(names):  # tiles of one large scene often rank together: one decode
+        image = search.open_image(name)  # 8-bit RGB (datasets.to_rgb8)
+        for c in (c for c, n in enumerate(names) if n == name):
+            box = None if isinstance(cells[c], str) else cells[c]["box"]
+            thumbs[c] = ImageOps.fit(image.crop(tuple(box)) if box else image, (thumb, thumb))
     rows = (len(cells) + columns - 1) // columns
     size = (pad + columns * (thumb + pad), text_h + rows * (thumb + text_h))
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     lines = textwrap.wrap(f"query: {title}", (canvas.width - 2 * pad) // 6)[:2]
     draw.text((pad, pad), "\n".join(lines), fill="black")
-    for c, cell in enumerate(cells):
+    for c, (cell, name) in enumerate(zip(cells, names)):
         x, y = pad + (c % columns) * (thumb + pad), text_h + (c // columns) * (thumb + text_h)
-        name = cell if isinstance(cell, str) else cell["path"]
-        image = search.open_image(name).convert("RGB")
-        if not isinstance(cell, str) and cell["box"]:
-            image = image.crop(tuple(cell["box"]))
-        canvas.paste(ImageOps.fit(image, (thumb, thumb)), (x, y))
+        canvas.paste(thumbs[c], (x, y))
         label = "query" if isinstance(cell, str) else f"#{cell['rank']} {cell['score']:.3f}"
         caption = f"{label}\n{os.path.basename(name)[:thumb // 6]}"
         draw.text((x, y + thumb + 2), caption, fill="black")
