@@ -174,6 +174,16 @@ def test_query_equals_brute_force_ranking(setup, tmp_path):
     assert hits[0]["score"] == pytest.approx(1.0, abs=SLACK)
 
 
+def assert_equals_fresh_index(out, images, weights, tmp_path):
+    """`out` (decoded in the main process) equals a fresh index of `images` decoded in 2 loader
+    processes (the default on CUDA): same entries, embeddings within float16 rounding."""
+    assert index(images, tmp_path / "fresh", weights, "--workers", "2") == 0
+    (entries, emb), (fresh_entries, fresh_emb) = read_index(out), read_index(tmp_path / "fresh")
+    assert entries == fresh_entries
+    np.testing.assert_allclose(emb, fresh_emb, atol=1e-3)
+    return entries
+
+
 def test_incremental_index_equals_a_fresh_one(setup, tmp_path, capsys):
     _, _, weights = setup
     images = str(tmp_path / "images")
@@ -187,12 +197,8 @@ def test_incremental_index_equals_a_fresh_one(setup, tmp_path, capsys):
     capsys.readouterr()
     assert index(images, out, weights[0]) == 0
     assert "indexing 2 new or changed of 5 images" in capsys.readouterr().out
-    # the fresh index decodes in 2 loader processes (the default on CUDA), the incremental one here
-    assert index(images, tmp_path / "fresh", weights[0], "--workers", "2") == 0
-    (entries, emb), (fresh_entries, fresh_emb) = read_index(out), read_index(tmp_path / "fresh")
-    assert entries == fresh_entries
+    entries = assert_equals_fresh_index(out, images, weights[0], tmp_path)
     assert not any(p.endswith("c.jpg") for p, _ in entries)
-    np.testing.assert_allclose(emb, fresh_emb, atol=1e-3)
     exported = tmp_path / "emb.npy"
     assert cli.main(["export", str(out), "--out", str(exported)]) == 0
     np.testing.assert_array_equal(np.load(exported), read_index(out)[1].astype(np.float16))
@@ -228,11 +234,7 @@ def test_killed_run_resumes(setup, tmp_path):
     result = search.build_index(images, out, model, preprocess, identity, 64, 48, batch_size=4)
     assert result["embedded"] == len(IMAGES) - 2  # continued after the two saved images
     assert not os.listdir(os.path.join(out, "parts"))
-    # the fresh index decodes in 2 loader processes (the default on CUDA), the incremental one here
-    assert index(images, tmp_path / "fresh", weights[0], "--workers", "2") == 0
-    (entries, emb), (fresh_entries, fresh_emb) = read_index(out), read_index(tmp_path / "fresh")
-    assert entries == fresh_entries
-    np.testing.assert_allclose(emb, fresh_emb, atol=1e-3)
+    assert_equals_fresh_index(out, images, weights[0], tmp_path)
 
 
 def test_unreadable_file_skipped_and_reported(setup, tmp_path, capsys):
