@@ -5,11 +5,12 @@ requires_grad, under their names in `model.named_parameters()`, plus plain Pytho
 run's config). Loading is strict: names and shapes must match exactly, or nothing is copied.
 """
 import os
-import tempfile
 from typing import Dict, Tuple
 
 import torch
 from torch import nn
+
+from .runfiles import atomic_write
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -67,25 +68,15 @@ def load_trainable_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tens
 def save_trainable(model: nn.Module, path: str, **extra) -> None:
     """Write `{"trainable": trainable_state_dict(model), **extra}` atomically.
 
-    The file is written under a temporary name in the same folder and renamed with `os.replace`,
-    so `path` is always either the previous file or the complete new one. Keep `extra` to plain
-    Python values (dicts, lists, numbers, strings) so `load_trainable` reads it with weights_only.
+    The file is written under a temporary name in the same folder and renamed
+    (runfiles.atomic_write), so `path` is always either the previous file or the complete new
+    one. Keep `extra` to plain Python values (dicts, lists, numbers, strings) so
+    `load_trainable` reads it with weights_only.
     """
     if "trainable" in extra:
         raise ValueError("'trainable' is the key of the tensors; name the extra entry otherwise")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"trainable": trainable_state_dict(model), **extra}, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    state = {"trainable": trainable_state_dict(model), **extra}
+    atomic_write(path, lambda f: torch.save(state, f), mode="wb")
 
 
 def read_checkpoint(path: str):
