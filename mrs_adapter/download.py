@@ -81,10 +81,9 @@ def download(url: str, sha256: str = None, root: str = None, filename: str = Non
         expected = sha256 or recorded_sha256(target)
         actual = sha256_of(target)
         if expected is None or actual == expected:
-            if expected is None:
+            if expected is None:  # neither pinned nor recorded yet
                 print(f"{target}: no published sha256; its sha256 is {actual} "
                       f"(kept in {target}.sha256)", file=sys.stderr)
-            if sha256 is None and recorded_sha256(target) != actual:
                 _record_sha256(target, actual)
             return target
         print(f"{target} exists but its sha256 does not match {expected}; downloading it again",
