@@ -27,7 +27,7 @@ from .data import (
     read_listings,
 )
 from .datasets import depth_note, read_image
-from .overlap import default_cache, hash_images, near_pairs
+from .overlap import copy_pairs, default_cache, hash_images
 from .overlap import main as overlap_main
 from .tokenizer import token_count
 
@@ -127,16 +127,9 @@ def _copies_across_splits(listings: Dict[str, Listing], image_dir: str,
     items = [(split, name, origin) for split, listing in listings.items()
              for name, origin in zip(listing.names, listing.origins) if name not in broken]
     paths = [os.path.join(image_dir, name) for _, name, _ in items]
-    hashes = hash_images(paths, default_cache(data_root), threads)
-    groups = {}
-    for i, h in enumerate(hashes.exact):
-        groups.setdefault(h, []).append(i)
-    pairs = {(i, j): "an exact copy" for g in groups.values()
-             for x, i in enumerate(g) for j in g[x + 1:]}
-    for i, j, d in zip(*near_pairs(hashes)):
-        pairs.setdefault((int(i), int(j)), f"a near copy (pHash distance {d})")
     problems = []
-    for (i, j), what in sorted(pairs.items()):
+    for i, j, kind, d in sorted(copy_pairs(hash_images(paths, default_cache(data_root), threads))):
+        what = "an exact copy" if kind == "exact" else f"a near copy (pHash distance {d})"
         (split_a, name_a, _), (split_b, name_b, origin) = items[i], items[j]
         if split_a != split_b and name_a != name_b:  # the same name in two splits is reported above
             message = f"{name_b} ({split_b}) is {what} of {name_a} ({split_a})"

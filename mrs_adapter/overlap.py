@@ -22,12 +22,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .datasets import read_image
 from .runfiles import atomic_write
 
 HAMMING_THRESHOLD = 18  # pHash bits that may differ in a near copy (measured: see the docstring)
 THUMB_THRESHOLD = 3.0  # mean |difference| of the 8x8 RGB thumbnails, in 0-255 levels
 CAPTION_MAX_IMAGES = 20  # a caption on more images is a template ("many buildings ..."), not a leak
-_VERSION = 1  # bump when a hash changes, so cached hashes are recomputed
+_VERSION = 2  # bump when a hash changes, so cached hashes are recomputed
 
 
 def _dct_matrix(n: int = 32) -> np.ndarray:
@@ -53,19 +54,17 @@ def phash(image: Image.Image) -> int:
     return int(np.packbits(np.concatenate([[False], bits])).view(">u8")[0])
 
 
-def hash_image(path: str) -> Tuple[str, int, bytes]:
-    """(blake2b of the decoded RGB pixels and size, pHash, 8x8 RGB thumbnail bytes)."""
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+def hash_pixels(rgb: Image.Image) -> Tuple[str, int, bytes]:
+    """(blake2b of the pixels and size, pHash, 8x8 RGB thumbnail bytes) of an 8-bit RGB image."""
     exact = hashlib.blake2b(rgb.tobytes(), digest_size=16)
     exact.update(f"{rgb.size}".encode())
     thumb = rgb.resize((8, 8), Image.Resampling.BOX).tobytes()  # (8, 8, 3) uint8
     return exact.hexdigest(), phash(rgb), thumb
+
+
+def hash_image(path: str) -> Tuple[str, int, bytes]:
+    """hash_pixels of the image as the model sees it (datasets.read_image: 16-bit stretched)."""
+    return read_image(path, hash_pixels)
 
 
 @dataclass
@@ -74,6 +73,17 @@ class Hashes:
     exact: List[str]
     phash: np.ndarray
     thumb: np.ndarray
+
+    @classmethod
+    def of(cls, values: Sequence[Tuple[str, int, bytes]]) -> "Hashes":
+        """From hash_image's values, one per image."""
+        thumbs = np.frombuffer(b"".join(v[2] for v in values), np.uint8).reshape(len(values), 192)
+        return cls([v[0] for v in values], np.array([v[1] for v in values], np.uint64), thumbs)
+
+    def take(self, rows) -> "Hashes":
+        """The hashes of images `rows` (a slice or an index array), in that order."""
+        rows = np.arange(len(self.exact))[rows]
+        return Hashes([self.exact[k] for k in rows], self.phash[rows], self.thumb[rows])
 
 
 class HashCache:
@@ -115,23 +125,24 @@ class HashCache:
 
 def hash_images(paths: Sequence[str], cache: Optional[str] = None, threads: int = 2,
                 progress: bool = False) -> Hashes:
-    """Hashes of `paths` (decoded in a thread pool; PIL releases the GIL), read from and added to
-    the cache file `cache`."""
+    """Hashes of `paths`, one per path (decoded in a thread pool, PIL releases the GIL; a path
+    listed twice is decoded once), read from and added to the cache file `cache`."""
+    unique = list(dict.fromkeys(paths))
     store, start = HashCache(cache), time.time()
-    values: List = [store.get(p) for p in paths]
+    values: List = [store.get(p) for p in unique]
     todo = [i for i, v in enumerate(values) if v is None]
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        computed = pool.map(lambda i: hash_image(paths[i]), todo)
+        computed = pool.map(lambda i: hash_image(unique[i]), todo)
         for n, (i, value) in enumerate(zip(todo, computed), 1):
             values[i] = value
-            store.put(paths[i], value)
+            store.put(unique[i], value)
             if progress and (n % 1000 == 0 or n == len(todo)):
                 rate = n / max(time.time() - start, 1e-9)
-                print(f"hashed {n}/{len(todo)} images ({len(paths) - len(todo)} cached), "
+                print(f"hashed {n}/{len(todo)} images ({len(unique) - len(todo)} cached), "
                       f"{rate:.0f}/s, eta {(len(todo) - n) / rate:.0f}s", flush=True)
     store.save()
-    thumbs = np.frombuffer(b"".join(v[2] for v in values), np.uint8).reshape(len(values), 192)
-    return Hashes([v[0] for v in values], np.array([v[1] for v in values], np.uint64), thumbs)
+    where = {p: k for k, p in enumerate(unique)}
+    return Hashes.of(values).take(np.array([where[p] for p in paths], dtype=int))
 
 
 def near_pairs(a: Hashes, b: Optional[Hashes] = None, threshold: int = HAMMING_THRESHOLD,
@@ -165,6 +176,20 @@ def copies_of(candidates: Hashes, references: Hashes) -> np.ndarray:
     return np.array(sorted(hit), dtype=int)
 
 
+def copy_pairs(hashes: Hashes) -> List[Tuple[int, int, str, int]]:
+    """(i, j, "exact", 0) for every pair i < j of identical pixels, in order, then (i, j, "near",
+    pHash distance) for every other pair that near_pairs finds."""
+    groups = {}
+    for i, h in enumerate(hashes.exact):
+        groups.setdefault(h, []).append(i)
+    exact = sorted((i, j) for members in groups.values()
+                   for x, i in enumerate(members) for j in members[x + 1:])
+    seen = set(exact)
+    return [(i, j, "exact", 0) for i, j in exact] + [
+        (int(i), int(j), "near", int(d)) for i, j, d in zip(*near_pairs(hashes))
+        if (int(i), int(j)) not in seen]
+
+
 def drop_copies(splits: Dict, references: Sequence[str], cache: Optional[str] = None,
                 threads: int = 2) -> Tuple[Dict, Dict[str, int]]:
     """`splits` ({name: data.Split}) without the images that are exact or near copies of one of the
@@ -172,9 +197,8 @@ def drop_copies(splits: Dict, references: Sequence[str], cache: Optional[str] = 
     paths = [p for split in splits.values() for p in split.image_paths]
     hashes = hash_images(paths + list(references), cache, threads)
     n = len(paths)
-    mine = Hashes(hashes.exact[:n], hashes.phash[:n], hashes.thumb[:n])
-    theirs = Hashes(hashes.exact[n:], hashes.phash[n:], hashes.thumb[n:])
-    copies, start, kept, dropped = set(copies_of(mine, theirs).tolist()), 0, {}, {}
+    copies = set(copies_of(hashes.take(slice(n)), hashes.take(slice(n, None))).tolist())
+    start, kept, dropped = 0, {}, {}
     for name, split in splits.items():
         keep = [i for i in range(len(split.image_paths)) if start + i not in copies]
         kept[name] = split.subset(split.name, keep)
@@ -233,21 +257,7 @@ def find_overlaps(entries: Sequence[Entry], cache: Optional[str] = None, threads
     """(i, j, kind, distance) for every pair of entries i < j that are exact copies (distance 0),
     near copies (pHash Hamming distance) or share captions of different splits (distance = the
     number of identical captions). A pair that is an exact copy is not listed as near again."""
-    paths = [e.path for e in entries]
-    unique = list(dict.fromkeys(paths))
-    hashes = hash_images(unique, cache, threads, progress)
-    where = {p: k for k, p in enumerate(unique)}  # a file listed in two splits is hashed once
-    at = np.array([where[p] for p in paths], dtype=int)
-    full = Hashes([hashes.exact[k] for k in at], hashes.phash[at], hashes.thumb[at])
-    rows, groups = [], {}
-    for i, h in enumerate(full.exact):
-        groups.setdefault(h, []).append(i)
-    exact = {(i, j) for members in groups.values()
-             for x, i in enumerate(members) for j in members[x + 1:]}
-    rows += [(i, j, "exact", 0) for i, j in sorted(exact)]
-    for i, j, d in zip(*near_pairs(full)):
-        if (int(i), int(j)) not in exact:
-            rows.append((int(i), int(j), "near", int(d)))
+    rows = copy_pairs(hash_images([e.path for e in entries], cache, threads, progress))
     group = [(e.dataset, e.split) for e in entries]
     shared = caption_pairs(group, [e.captions for e in entries])
     rows += [(i, j, "caption", n) for (i, j), n in sorted(shared.items())]

@@ -24,14 +24,25 @@ def hashes(images):
         image.save(buffer, format="PNG")
         buffer.seek(0)
         values.append(hash_image(buffer))
-    return Hashes([v[0] for v in values], np.array([v[1] for v in values], np.uint64),
-                  np.frombuffer(b"".join(v[2] for v in values), np.uint8).reshape(len(values), 192))
+    return Hashes.of(values)
 
 
 def jpeg(image, quality=75):
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def test_16_bit_images_are_hashed_as_the_model_sees_them():
+    """Two different 12-bit scenes are no copies: hashed through datasets.read_image (stretched),
+    not PIL's convert("RGB"), which clips both to white, the same pixels."""
+    rng = np.random.default_rng(0)
+    scenes = [Image.fromarray((1000 + 3000 * rng.random((64, 64))).astype(np.uint16))
+              for _ in range(2)]
+    assert scenes[0].mode.startswith("I;16")
+    assert scenes[0].convert("RGB").tobytes() == scenes[1].convert("RGB").tobytes()  # the trap
+    h = hashes(scenes)
+    assert h.exact[0] != h.exact[1] and len(near_pairs(h)[0]) == 0
 
 
 def test_copies_are_found_and_distinct_scenes_are_not():
