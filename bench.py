@@ -54,10 +54,11 @@ import torch
 from PIL import Image
 
 from mrs_adapter.clip import transform
+from mrs_adapter.datasets import to_rgb8
 from mrs_adapter.demo import captions as demo_captions
 from mrs_adapter.demo import render, sample_scene
 from mrs_adapter.model import CLIP, build_model
-from mrs_adapter.overlap import HAMMING_THRESHOLD, THUMB_THRESHOLD, Hashes, hash_image
+from mrs_adapter.overlap import HAMMING_THRESHOLD, THUMB_THRESHOLD, Hashes, hash_pixels
 from mrs_adapter.runfiles import write_json
 from mrs_adapter.tokenizer import tokenize
 
@@ -389,14 +390,7 @@ def copies(image: Image.Image) -> Dict[str, Image.Image]:
 
 
 def hashes_of(images: Sequence[Image.Image]) -> Hashes:
-    values = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")  # lossless: the hash sees exactly these pixels
-        buffer.seek(0)
-        values.append(hash_image(buffer))
-    thumbs = np.frombuffer(b"".join(v[2] for v in values), np.uint8).reshape(len(values), 192)
-    return Hashes([v[0] for v in values], np.array([v[1] for v in values], np.uint64), thumbs)
+    return Hashes.of([hash_pixels(to_rgb8(image)) for image in images])  # as hash_image sees them
 
 
 def distances(a: Hashes, b: Hashes, i: np.ndarray, j: np.ndarray):
@@ -414,8 +408,9 @@ def copy_distances(base: Hashes, images: list) -> Dict:
     """How far each kind of near copy lies from its original, and how many the thresholds find."""
     out, n = {}, len(images)
     own = np.arange(n)
+    variants = [copies(x) for x in images]
     for kind in ("jpeg75", "resized", "resized_jpeg75"):
-        hamming, thumb = distances(base, hashes_of([copies(x)[kind] for x in images]), own, own)
+        hamming, thumb = distances(base, hashes_of([v[kind] for v in variants]), own, own)
         out[f"copies {kind}"] = {"hamming max": int(hamming.max()),
                                  "hamming p99": float(np.percentile(hamming, 99)),
                                  "thumb max": round(float(thumb.max()), 2),
