@@ -54,7 +54,7 @@ import torch
 from PIL import Image
 
 from mrs_adapter.clip import transform
-from mrs_adapter.datasets import to_rgb8
+from mrs_adapter.datasets import default_workers, to_rgb8
 from mrs_adapter.demo import captions as demo_captions
 from mrs_adapter.demo import render, sample_scene
 from mrs_adapter.model import CLIP, build_model
@@ -319,7 +319,7 @@ def search_index_figures(args, tmp: str, rng: np.random.Generator):
                        for rel in search.list_images(images)])
     decode_s = time.perf_counter() - start  # every image read, tiled, resized and cropped
     x = finish(tiles.float().div(255))  # the tensors `index` encodes, decoded beforehand
-    workers = search.default_workers(args.device) if args.search_workers is None \
+    workers = default_workers(args.device) if args.search_workers is None \
         else args.search_workers
 
     def encode_only():

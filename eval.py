@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 from mrs_adapter import clip
 from mrs_adapter.checkpoint import read_checkpoint
 from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, Split, load_splits
-from mrs_adapter.datasets import eval_loaders, read_image
+from mrs_adapter.datasets import default_workers, eval_loaders, read_image
 from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS
 from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k
@@ -251,7 +251,7 @@ def report(args: argparse.Namespace, path: str, splits: Dict[str, Split],
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
     if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
+        args.workers = default_workers(args.device)
     if len(args.datasets) > 1 and (args.layout or args.image_dir or args.visualize):
         raise ValueError("--layout, --image-dir and --visualize describe one dataset; "
                          f"{args.dataset.replace('+', ', ')} were named")

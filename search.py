@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from mrs_adapter import search
+from mrs_adapter.datasets import default_workers
 from mrs_adapter.download import DownloadError
 from mrs_adapter.runfiles import atomic_write, write_json
 from mrs_adapter.search_store import check_same_model
@@ -67,7 +68,7 @@ def run_index(args) -> int:
     if args.tile < 1 or not 0 < args.stride <= args.tile:
         raise ValueError(f"--tile {args.tile} --stride {args.stride}: expected 0 < stride <= tile")
     if args.workers is None:
-        args.workers = search.default_workers(args.device)
+        args.workers = default_workers(args.device)
     model, preprocess, identity = search.load_model(args.checkpoint, args.clip, args.device)
     result = search.build_index(args.images, args.out, model, preprocess, identity, args.tile,
                                 args.stride, args.batch_size, args.workers, args.save_every,

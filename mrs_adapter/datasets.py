@@ -2,6 +2,7 @@
 the decoded-image cache, and the torch Datasets and loaders of training and evaluation
 (docs/method.md §4-§6). Every reader of the package opens images through `read_image`.
 """
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence, Tuple
@@ -87,6 +88,14 @@ def split_at_to_tensor(preprocess) -> Tuple[Callable, Callable]:
         raise ValueError(f"cache=True needs a torchvision Compose with a ToTensor step (such as "
                          f"mrs_adapter.clip.transform); got {preprocess!r}")
     return T.Compose(steps[:at]), T.Compose(steps[at + 1:])
+
+
+def default_workers(device) -> int:
+    """DataLoader worker processes for train.py, eval.py and search.py: on CUDA, min(8, CPUs)
+    decode the next batches while the GPU computes; on the CPU the model's threads already use
+    every core, so a decoding process only competes with them (bench.py measures it for search)
+    and the main process decodes between batches."""
+    return min(8, os.cpu_count() or 1) if str(device).startswith("cuda") else 0
 
 
 def _decode_uint8(path: str, decode: Callable) -> torch.Tensor:

@@ -72,14 +72,6 @@ def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None
 
 
 
-def default_workers(device) -> int:
-    """Decoding processes for `build_index`: on CUDA they decode the next images while the GPU
-    encodes; on the CPU the encoder's threads already use every core, so a decoding process only
-    competes with them (README 'Search your own images' has the figures) and the main process
-    decodes between batches."""
-    return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
-
-
 def list_images(root: str) -> List[str]:
     """Image files under `root`, recursively, as sorted '/'-separated paths relative to it."""
     found = []

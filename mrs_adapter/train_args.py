@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from mrs_adapter import clip
 from mrs_adapter.data import CAPTIONS_PER_IMAGE
+from mrs_adapter.datasets import default_workers
 from mrs_adapter.methods import METHODS, default_lr, method_options
 from mrs_adapter.runfiles import check_folder_writable
 
@@ -142,7 +143,7 @@ def fill_defaults(args) -> None:
                         and args.precision != "fp16" and not args.compile)
     args.eval_batch_size = args.eval_batch_size or (512 if on_cuda else 64)
     if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1) if on_cuda else 0
+        args.workers = default_workers(args.device)
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     args.amp_dtype = dtypes[args.precision] if on_cuda else None
     args.lr = args.lr if args.lr is not None else default_lr(args.method)

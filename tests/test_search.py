@@ -16,6 +16,7 @@ from PIL import Image
 
 from mrs_adapter import search
 from mrs_adapter.checkpoint import save_trainable
+from mrs_adapter.datasets import default_workers
 from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.tokenizer import tokenize
 
@@ -267,7 +268,7 @@ def test_index_of_another_model_is_refused(setup, tmp_path):
 
 def test_default_workers_decode_in_processes_only_beside_a_gpu(setup, tmp_path, monkeypatch):
     _, images, weights = setup
-    assert search.default_workers("cpu") == 0 and 1 <= search.default_workers("cuda:1") <= 8
+    assert default_workers("cpu") == 0 and 1 <= default_workers("cuda:1") <= 8
     seen, build = [], search.build_index
 
     def spy(*args, **kwargs):
