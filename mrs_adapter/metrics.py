@@ -113,7 +113,8 @@ def _first(batch):
 
 
 @torch.no_grad()
-def _encode(encode, loader: Iterable, device: torch.device, amp_dtype) -> torch.Tensor:
+def encode_batches(encode, loader: Iterable, device: torch.device, amp_dtype) -> torch.Tensor:
+    """`encode` of every batch of `loader`, L2-normalised, fp32, concatenated."""
     chunks = []
     for batch in loader:
         x = _first(batch).to(device, non_blocking=True)
@@ -136,8 +137,8 @@ def encode_dataset(model: torch.nn.Module, image_loader: Iterable, caption_loade
     was_training = model.training
     model.eval()
     try:
-        img = _encode(model.encode_image, image_loader, device, amp_dtype)
-        txt = _encode(model.encode_text, caption_loader, device, amp_dtype)
+        img = encode_batches(model.encode_image, image_loader, device, amp_dtype)
+        txt = encode_batches(model.encode_text, caption_loader, device, amp_dtype)
     finally:
         model.train(was_training)
     return img, txt

@@ -22,6 +22,7 @@ from . import clip
 from .checkpoint import read_checkpoint
 from .datasets import read_image, split_at_to_tensor
 from .download import sha256_of
+from .metrics import encode_batches
 from .rebuild import apply_checkpoint, load_backbone
 from .runfiles import write_json
 from .search_store import (
@@ -139,13 +140,10 @@ class _Tiles(Dataset):
             return i, None, None, str(e)
 
 
-@torch.no_grad()
 def encode_images(model, x: torch.Tensor, device) -> np.ndarray:
-    """L2-normalised image embeddings, float32 (N, E), as metrics.encode_dataset computes them."""
+    """L2-normalised image embeddings, float32 (N, E), as eval.py computes them (bf16 on CUDA)."""
     device = torch.device(device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return F.normalize(model.encode_image(x.to(device)).float(), dim=-1).cpu().numpy()
-
+    return encode_batches(model.encode_image, [x], device, torch.bfloat16).cpu().numpy()
 
 
 def _embed_pending(model, finish, pending: List, part: Part, batch_size: int, device):
