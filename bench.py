@@ -318,7 +318,7 @@ def search_index_figures(args, tmp: str, rng: np.random.Generator):
     tiles = torch.cat([search.read_tiles(os.path.join(images, rel), decode, 256, 192)[0]
                        for rel in search.list_images(images)])
     decode_s = time.perf_counter() - start  # every image read, tiled, resized and cropped
-    x = finish(tiles.float().div(255))  # the tensors `index` encodes, decoded beforehand
+    x = finish(tiles)  # the tensors `index` encodes, decoded beforehand
     workers = default_workers(args.device) if args.search_workers is None \
         else args.search_workers
 

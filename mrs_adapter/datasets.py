@@ -80,14 +80,16 @@ def read_image(path: str, transform: Callable):
 
 
 def split_at_to_tensor(preprocess) -> Tuple[Callable, Callable]:
-    """(steps before ToTensor: decode, resize, crop -> PIL; steps after it, applied to a float
-    CHW tensor in [0, 1]). The cache stores the first part's output as uint8."""
+    """(steps before ToTensor: decode, resize, crop -> PIL; the rest, applied to a uint8 (C, H, W)
+    or (N, C, H, W) tensor: scaled to [0, 1] exactly as ToTensor scales, then the steps after
+    it). The cache stores the first part's output as uint8."""
     steps = getattr(preprocess, "transforms", None) or []
     at = next((i for i, t in enumerate(steps) if isinstance(t, T.ToTensor)), None)
     if at is None:
         raise ValueError(f"cache=True needs a torchvision Compose with a ToTensor step (such as "
                          f"mrs_adapter.clip.transform); got {preprocess!r}")
-    return T.Compose(steps[:at]), T.Compose(steps[at + 1:])
+    scale = T.ConvertImageDtype(torch.get_default_dtype())  # uint8 / 255, as ToTensor
+    return T.Compose(steps[:at]), T.Compose([scale] + steps[at + 1:])
 
 
 def default_workers(device) -> int:
@@ -144,8 +146,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.cache is None:
             return read_image(self.paths[i], self.preprocess)
-        pixels = self.cache[i].to(torch.get_default_dtype()).div(255)  # exactly ToTensor's scaling
-        return self.finish(pixels)
+        return self.finish(self.cache[i])
 
 
 class CaptionDataset(Dataset):

@@ -150,7 +150,7 @@ def _embed_pending(model, finish, pending: List, part: Part, batch_size: int, de
     """Encode the tiles of `pending` [(rel, stat, boxes, uint8 tiles)] in batches into `part`."""
     if not pending:
         return
-    x = finish(torch.cat([t for _, _, _, t in pending]).to(torch.get_default_dtype()).div(255))
+    x = finish(torch.cat([t for _, _, _, t in pending]))
     rows = np.concatenate([encode_images(model, x[i:i + batch_size], device).astype(np.float16)
                            for i in range(0, len(x), batch_size)])
     first = 0
