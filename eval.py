@@ -18,13 +18,12 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from mrs_adapter import clip
-from mrs_adapter.checkpoint import read_checkpoint
 from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, Split, load_splits
 from mrs_adapter.datasets import default_workers, eval_loaders, read_image
 from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS
 from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k
-from mrs_adapter.rebuild import apply_checkpoint, load_backbone
+from mrs_adapter.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
 from mrs_adapter.runfiles import atomic_write, check_file_writable
 
 WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overwrite
@@ -113,9 +112,9 @@ def build_model_for_eval(args: argparse.Namespace):
         args.backbone = model.backbone
         print(clip.describe(model.backbone))
         return model, preprocess
-    ckpt = read_checkpoint(args.checkpoint)
-    args.precision = eval_precision(args, ckpt.get("config", {}).get("precision") or "bf16")
-    model, preprocess = load_recorded_backbone(args, ckpt.get("config") or {})
+    ckpt, config = read_train_checkpoint(args.checkpoint)  # before the backbone is loaded for it
+    args.precision = eval_precision(args, config.get("precision") or "bf16")
+    model, preprocess = load_recorded_backbone(args, config)
     args.backbone = model.backbone
     print(clip.describe(model.backbone))
     return apply_checkpoint(model, ckpt, args.method).to(args.device).eval(), preprocess

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 from torch import nn
 
 from . import clip
-from .checkpoint import load_trainable_state_dict
+from .checkpoint import load_trainable_state_dict, read_checkpoint
 from .methods import apply_method, freeze_unread, method_options
 
 
@@ -45,13 +45,27 @@ def load_backbone(config: Dict, clip_path: Optional[str] = None,
     return model, preprocess
 
 
+def train_config(ckpt, where: str = "the checkpoint") -> Dict:
+    """The run config of a train.py checkpoint; a ValueError naming `where` for anything else
+    (a CLIP state dict, another project's file), before any weights are loaded for it."""
+    config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
+    if not isinstance(ckpt, dict) or "trainable" not in ckpt or "method" not in config:
+        found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{where} is not a train.py checkpoint: expected 'trainable' and "
+                         f"config['method'], found {found} and config keys {sorted(config)}")
+    return config
+
+
+def read_train_checkpoint(path: str) -> Tuple[Dict, Dict]:
+    """(checkpoint, its run config) of a train.py best.pt / last.pt, with errors naming `path`."""
+    ckpt = read_checkpoint(path)
+    return ckpt, train_config(ckpt, path)
+
+
 def apply_checkpoint(model: nn.Module, ckpt: Dict, method: Optional[str] = None) -> nn.Module:
     """Compose the PETL method named in ckpt["config"] into `model` (as train.py built it) and load
     ckpt["trainable"] strictly: a missing, unexpected or mis-shaped tensor is an error."""
-    config = ckpt.get("config") or {}
-    if "trainable" not in ckpt or "method" not in config:
-        raise ValueError(f"not a train.py checkpoint: expected 'trainable' and config['method'], "
-                         f"found {sorted(ckpt)} and config keys {sorted(config)}")
+    config = train_config(ckpt)
     if method is not None and method != config["method"]:
         raise ValueError(f"--method {method} given, but the checkpoint was trained with "
                          f"{config['method']}")

@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import clip
-from .checkpoint import read_checkpoint
 from .datasets import read_image, split_at_to_tensor
 from .download import sha256_of
 from .metrics import encode_batches
-from .rebuild import apply_checkpoint, load_backbone
+from .rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
 from .runfiles import write_json
 from .search_store import (
     Part,
@@ -50,11 +49,7 @@ Box = Optional[Tuple[int, int, int, int]]  # (left, top, right, bottom) in pixel
 def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None, device="cpu"):
     """(model in eval mode, preprocess, identity): a train.py checkpoint rebuilt as eval.py does
     (its recorded backbone, or `clip_name` where the weights moved), or plain CLIP `clip_name`."""
-    ckpt = read_checkpoint(checkpoint) if checkpoint else {}
-    config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
-    if checkpoint and ("trainable" not in ckpt or "method" not in config):
-        raise ValueError(f"{checkpoint} is not a train.py checkpoint (expected 'trainable' and "
-                         f"config['method'])")
+    ckpt, config = read_train_checkpoint(checkpoint) if checkpoint else ({}, {})
     if checkpoint:
         model, preprocess = load_backbone(config, clip_name, where=checkpoint)
         backbone = model.backbone  # read before a method's head may wrap the CLIP
