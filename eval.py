@@ -109,23 +109,17 @@ def build_model_for_eval(args: argparse.Namespace):
         args.precision = eval_precision(args, "bf16")
         model, preprocess = clip.load(args.clip, args.device, activation=args.clip_activation,
                                       sha256=args.clip_sha256)
-        args.backbone = model.backbone
-        print(clip.describe(model.backbone))
-        return model, preprocess
-    ckpt, config = read_train_checkpoint(args.checkpoint)  # before the backbone is loaded for it
-    args.precision = eval_precision(args, config.get("precision") or "bf16")
-    model, preprocess = load_recorded_backbone(args, config)
+    else:
+        ckpt, config = read_train_checkpoint(args.checkpoint)  # before loading a backbone for it
+        args.precision = eval_precision(args, config.get("precision") or "bf16")
+        # the CLIP it was trained on; --clip where the weights moved, --clip-sha256 other weights
+        model, preprocess = load_backbone(config, args.clip, args.clip_activation,
+                                          args.clip_sha256, where=args.checkpoint)
+        args.clip = model.backbone["clip"]
     args.backbone = model.backbone
     print(clip.describe(model.backbone))
-    return apply_checkpoint(model, ckpt, args.method).to(args.device).eval(), preprocess
-
-
-def load_recorded_backbone(args: argparse.Namespace, config: Dict):
-    """The CLIP a checkpoint was trained on (rebuild.load_backbone); --clip where the weights moved,
-    --clip-sha256 to use other weights on purpose. Sets args.clip to what was loaded."""
-    model, preprocess = load_backbone(config, args.clip, args.clip_activation, args.clip_sha256,
-                                      where=args.checkpoint)
-    args.clip = model.backbone["clip"]
+    if not args.zero_shot:
+        model = apply_checkpoint(model, ckpt, args.method).to(args.device).eval()
     return model, preprocess
 
 
