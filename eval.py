@@ -22,7 +22,7 @@ from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, Split, load_splits
 from mrs_adapter.datasets import default_workers, eval_loaders, read_image
 from mrs_adapter.download import DownloadError
 from mrs_adapter.methods import METHODS
-from mrs_adapter.metrics import encode_dataset, format_table, recall_at_k
+from mrs_adapter.metrics import AMP_DTYPES, encode_dataset, format_table, recall_at_k
 from mrs_adapter.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
 from mrs_adapter.runfiles import atomic_write, check_file_writable
 
@@ -205,7 +205,7 @@ def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k
 def evaluate_splits(args: argparse.Namespace, model, preprocess, splits: Dict[str, Split]):
     """({dataset: the paper's metrics}, the last split's (N_img, N_cap) similarities); each
     image and each caption of a split is embedded once."""
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = AMP_DTYPES[args.precision]
     results, what = {}, "zero-shot" if args.zero_shot else args.checkpoint
     for name, split in splits.items():
         loaders = eval_loaders(split, preprocess, model.context_length, args.batch_size,

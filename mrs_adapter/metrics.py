@@ -112,6 +112,9 @@ def _first(batch):
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: autocast
+
+
 @torch.no_grad()
 def encode_batches(encode, loader: Iterable, device: torch.device, amp_dtype) -> torch.Tensor:
     """`encode` of every batch of `loader`, L2-normalised, fp32, concatenated."""

@@ -13,6 +13,7 @@ from mrs_adapter import clip
 from mrs_adapter.data import CAPTIONS_PER_IMAGE
 from mrs_adapter.datasets import default_workers
 from mrs_adapter.methods import METHODS, default_lr, method_options
+from mrs_adapter.metrics import AMP_DTYPES
 from mrs_adapter.runfiles import check_folder_writable
 
 DATASET_NAMES = ["rsitmd", "rsicd", "ucm", "sydney", "demo"]
@@ -144,8 +145,7 @@ def fill_defaults(args) -> None:
     args.eval_batch_size = args.eval_batch_size or (512 if on_cuda else 64)
     if args.workers is None:
         args.workers = default_workers(args.device)
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    args.amp_dtype = dtypes[args.precision] if on_cuda else None
+    args.amp_dtype = AMP_DTYPES[args.precision] if on_cuda else None
     args.lr = args.lr if args.lr is not None else default_lr(args.method)
     args.dataset = "+".join(args.datasets)  # one name as before; several: rsitmd+rsicd
     transfer = f"-to-{'+'.join(args.test_dataset)}" if args.test_dataset else ""
