@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mrs_adapter.data",
                                      description=check_dataset.__doc__)
     a = parser.add_argument
-    a("command", choices=["check", "overlap"])
+    a("command", choices=["check"],
+      help="check one dataset (copies across datasets: `python -m mrs_adapter.data overlap`)")
     a("--dataset", required=True, choices=sorted(DATASETS))
     a("--data-root", required=True)
     a("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
