@@ -56,7 +56,7 @@ from PIL import Image
 from mrs_adapter.clip import transform
 from mrs_adapter.datasets import default_workers, to_rgb8
 from mrs_adapter.demo import captions as demo_captions
-from mrs_adapter.demo import render, sample_scene
+from mrs_adapter.demo import render, sample_scene, write_precomp
 from mrs_adapter.model import CLIP, build_model
 from mrs_adapter.overlap import HAMMING_THRESHOLD, THUMB_THRESHOLD, Hashes, hash_pixels
 from mrs_adapter.runfiles import write_json
@@ -190,12 +190,7 @@ def synthetic_rsitmd(root: str, n_train: int, n_test: int = 452, threads: int = 
     os.makedirs(images, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
         names = [f"{split}_{i:05d}.tif" for i in range(n)]
-        with open(os.path.join(text, f"{split}_caps.txt"), "w") as f:
-            f.write("\n".join(rs_captions(5 * n, seed=len(split))) + "\n")
-        # train: one line per image; test: one line per caption
-        listed = names if split == "train" else [n for n in names for _ in range(5)]
-        with open(os.path.join(text, f"{split}_filename.txt"), "w") as f:
-            f.write("\n".join(listed) + "\n")
+        write_precomp(text, split, names, rs_captions(5 * n, seed=len(split)))
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda i: write_tiff(os.path.join(images, names[i]),
                                                np.random.default_rng(i)), range(n)))
@@ -483,10 +478,7 @@ def write_rsicd_like(root: str, n: int, seed: int = 0, threads: int = 2) -> int:
              "train": [f"{k:05d}.jpg" for k in range(n_test, len(scenes))] + planted}
     for split, files in names.items():
         caps = [c for k, _ in enumerate(files) for c in demo_captions(sample_scene(rng), rng)]
-        listed = files if split == "train" else [f for f in files for _ in range(5)]
-        for kind, lines in (("caps", caps), ("filename", listed)):
-            with open(os.path.join(root, "rsicd_precomp", f"{split}_{kind}.txt"), "w") as f:
-                f.write("\n".join(lines) + "\n")
+        write_precomp(os.path.join(root, "rsicd_precomp"), split, files, caps)
     return n_copies
 
 

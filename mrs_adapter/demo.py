@@ -112,6 +112,15 @@ def captions(scene: Dict, rng: random.Random) -> List[str]:
     return out
 
 
+def write_precomp(folder: str, split: str, names: List[str], caps: List[str]):
+    """<split>_caps.txt (5 captions per image, in image order) and <split>_filename.txt as the
+    public releases write them: train one line per image, test one line per caption."""
+    listed = names if split == "train" else [name for name in names for _ in range(5)]
+    for kind, lines in (("caps", caps), ("filename", listed)):
+        with open(os.path.join(folder, f"{split}_{kind}.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def _params(seed: int, n_train: int, n_test: int, size: int) -> Dict:
     return {"seed": seed, "n_train": n_train, "n_test": n_test, "size": size, "version": _VERSION}
 
@@ -184,11 +193,6 @@ def _write(tmp: str, params: Dict):
             render(scene, params["size"], rng).save(os.path.join(tmp, "demo_images", name))
             names.append(name)
             caps += captions(scene, rng)
-        # as the public releases: train_filename one line per image, test_filename one per caption
-        listed = names if split == "train" else [name for name in names for _ in range(5)]
-        for kind, lines in (("caps", caps), ("filename", listed)):
-            path = os.path.join(tmp, "demo_precomp", f"{split}_{kind}.txt")
-            with open(path, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+        write_precomp(os.path.join(tmp, "demo_precomp"), split, names, caps)
     with open(os.path.join(tmp, "demo_precomp", "demo.json"), "w") as f:
         json.dump(params, f)
