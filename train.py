@@ -95,8 +95,9 @@ def lr_at(epoch: int, args) -> float:
     return args.lr * args.lr_decay ** ((epoch - args.lr_decay_start) // args.lr_decay_every + 1)
 
 
-def build_model(args, verbose: bool = True):
-    """(CLIP with the method composed in, on args.device; preprocess; all the method's options)."""
+def build_model(args, verbose: bool = True, device=None):
+    """(CLIP with the method composed in, on `device` (default args.device); preprocess; all the
+    method's options)."""
     model, preprocess = clip.load(args.clip, device="cpu", activation=args.clip_activation,
                                   sha256=args.clip_sha256)
     args.backbone = model.backbone  # absolute path, sha256, activation: in config.json and best.pt
@@ -110,7 +111,7 @@ def build_model(args, verbose: bool = True):
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"method {args.method} trains nothing; evaluate it with "
                          f"`python eval.py --zero-shot`")
-    return model.to(args.device), preprocess, options
+    return model.to(device or args.device), preprocess, options
 
 
 def collate_trimmed(batch):
@@ -259,7 +260,7 @@ def preflight(args, splits: dict) -> None:
     """Everything that can fail before the run folder is made or emptied (--overwrite): every image
     opens, the backbone loads and the method trains something, --resume keeps the settings."""
     check_images(args, splits)
-    _, _, options = build_model(args, verbose=False)
+    _, _, options = build_model(args, verbose=False, device="cpu")  # checked, then dropped
     for seed in args.seeds if args.resume else ():
         run_dir = os.path.join(args.output, f"seed{seed}")
         old = recorded_config(run_dir)  # None: no run to resume, this seed starts afresh
