@@ -18,19 +18,20 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from mrs_adapter import clip
+from mrs_adapter.atomic import atomic_write, check_file_writable
 from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, Split, load_splits
 from mrs_adapter.datasets import default_workers, eval_loaders, read_image
-from mrs_adapter.download import DownloadError
+from mrs_adapter.demo import scenes as demo
 from mrs_adapter.methods import METHODS
 from mrs_adapter.metrics import AMP_DTYPES, encode_dataset, format_table, recall_at_k
-from mrs_adapter.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
-from mrs_adapter.runfiles import atomic_write, check_file_writable
+from mrs_adapter.run.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
+from mrs_adapter.weights.download import DownloadError
 
 WRITTEN_BY = "mrs-adapter eval.py"  # marks the JSON files this script may overwrite
 
 
 WORKERS_HELP = ("DataLoader workers (default: min(8, CPUs) on CUDA; 0 on CPU, where the encoder "
-                "needs the cores; measured in bench.py)")
+                "needs the cores; measured in speed_bench.py)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,7 +103,7 @@ def build_model_for_eval(args: argparse.Namespace):
     """(model in eval mode on args.device, its preprocess) for --zero-shot or --checkpoint."""
     if args.clip is None and args.dataset == "demo" and args.checkpoint is None:
         # offline: the demo's tiny CLIP, pretrained here once
-        from mrs_adapter.demo_backbone import default_path, load_or_pretrain
+        from mrs_adapter.demo.backbone import default_path, load_or_pretrain
         args.clip = load_or_pretrain(default_path(args.data_root))
     if args.zero_shot:
         args.clip = args.clip or "ViT-B/32"
@@ -248,6 +249,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if len(args.datasets) > 1 and (args.layout or args.image_dir or args.visualize):
         raise ValueError("--layout, --image-dir and --visualize describe one dataset; "
                          f"{args.dataset.replace('+', ', ')} were named")
+    if "demo" in args.datasets:
+        demo.prepare(args.data_root, args.layout, args.image_dir)
     splits = {name: load_splits(name, args.data_root, args.layout, args.image_dir,
                                 captions_per_image=args.captions_per_image)[args.split]
               for name in args.datasets}  # data errors before the model is built

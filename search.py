@@ -6,7 +6,7 @@
     python search.py query INDEX_DIR --image my_scene.tif --json hits.json
     python search.py export INDEX_DIR --out emb.npy                            # + emb.manifest.json
 
-Large images are cut into --tile px tiles every --stride px (mrs_adapter/search.py says why
+Large images are cut into --tile px tiles every --stride px (mrs_adapter/search/index.py says why
 256 / 192); a rerun embeds only new or changed files, and an interrupted run continues.
 """
 import argparse
@@ -18,11 +18,12 @@ from typing import Dict, List, Optional
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from mrs_adapter import search
+from mrs_adapter.atomic import atomic_write, write_json
 from mrs_adapter.datasets import default_workers
-from mrs_adapter.download import DownloadError
-from mrs_adapter.runfiles import atomic_write, write_json
-from mrs_adapter.search_store import check_same_model
+from mrs_adapter.search import index as search
+from mrs_adapter.search import query as search_query
+from mrs_adapter.search.store import check_same_model
+from mrs_adapter.weights.download import DownloadError
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -77,13 +78,13 @@ def run_index(args) -> int:
 
 
 def run_query(args) -> List[Dict]:
-    index = search.SearchIndex(args.index)
+    index = search_query.SearchIndex(args.index)
     recorded = index.manifest["model"]
     checkpoint = args.checkpoint or recorded["checkpoint"]
     backbone = args.clip or recorded["backbone"]
     model, preprocess, identity = search.load_model(checkpoint, backbone, args.device)
     check_same_model(recorded, identity, f"index {args.index}")
-    query = search.embed_query(model, preprocess, args.device, args.text, args.image)
+    query = search_query.embed_query(model, preprocess, args.device, args.text, args.image)
     hits = index.search(query, args.top)
     for h in hits:
         box = f"  {h['box']}" if h["box"] else ""
@@ -131,7 +132,7 @@ def main(argv: Optional[List[str]] = None):
         return run_index(args)
     if args.command == "query":
         return run_query(args)
-    npy, manifest = search.export(args.index, args.out)
+    npy, manifest = search_query.export(args.index, args.out)
     print(f"wrote {npy} and {manifest}")
     return 0
 

@@ -19,24 +19,27 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
-from mrs_adapter import clip, distributed, resume, train_args
+from mrs_adapter import clip
+from mrs_adapter.atomic import write_json
 from mrs_adapter.checkpoint import print_trainable_parameters, save_trainable
-from mrs_adapter.cuda_graph import GraphedOrEager
 from mrs_adapter.datasets import TrainDataset, eval_loaders
-from mrs_adapter.distributed import counted_once, gather_with_grad, world_size
-from mrs_adapter.download import DownloadError
 from mrs_adapter.loss import hmmc_loss, info_nce
 from mrs_adapter.methods import apply_method, freeze_unread
 from mrs_adapter.metrics import evaluate
-from mrs_adapter.resume import check_resume_config, recorded_config, run_config
-from mrs_adapter.runfiles import RUN_FILES, environment, prepare_run_dir, write_json
-from mrs_adapter.summary import score_selected, summarize
-from mrs_adapter.train_args import resolve_method_options
-from mrs_adapter.union import check_images, load_data, test_keys
+from mrs_adapter.run import args as train_args
+from mrs_adapter.run import distributed, resume
+from mrs_adapter.run.args import resolve_method_options
+from mrs_adapter.run.cuda_graph import GraphedOrEager
+from mrs_adapter.run.distributed import counted_once, gather_with_grad, world_size
+from mrs_adapter.run.files import RUN_FILES, environment, prepare_run_dir
+from mrs_adapter.run.resume import check_resume_config, recorded_config, run_config
+from mrs_adapter.run.summary import score_selected, summarize
+from mrs_adapter.run.union import check_images, load_data, test_keys
+from mrs_adapter.weights.download import DownloadError
 
 
 def get_parser():
-    """Every flag, with the paper's defaults and their sources (mrs_adapter/train_args.py)."""
+    """Every flag, with the paper's defaults and their sources (mrs_adapter/run/args.py)."""
     return train_args.get_parser(__doc__)
 
 

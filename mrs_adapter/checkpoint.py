@@ -10,7 +10,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from .runfiles import atomic_write
+from .atomic import atomic_write
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:

@@ -17,9 +17,9 @@ from typing import Callable, List, Tuple
 import torch
 from torchvision import transforms as T
 
-from .backbones import OPENAI_PUBLISHED, REMOTE_SENSING
-from .download import download, recorded_sha256, sha256_of
 from .model import ACTIVATIONS, CLIP, build_model, unwrap
+from .weights.backbones import OPENAI_PUBLISHED, REMOTE_SENSING
+from .weights.download import download, recorded_sha256, sha256_of
 
 _URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
 _MODELS = {  # name -> (sha256, which is also the URL's folder, file name)

@@ -5,8 +5,8 @@ Two layouts on disk: "precomp" (RSITMD, RSICD, UCM as released with AMFMN / GaLR
 file-name lists) and Karpathy-style JSON (Sydney-Captions; other releases of the rest). Both give
 `Split`s (image paths, captions, each caption's image). The published runs validate on 20% of
 the precomp training images (`validation_split`). Reading images and the torch Datasets are in
-datasets.py; `check.check_dataset` lists every problem of a dataset before training (also
-`python -m mrs_adapter.data check --dataset D --data-root DIR`).
+datasets.py; `python -m mrs_adapter.prepare check --dataset D --data-root DIR` lists every
+problem of a dataset before training (prepare/check.py).
 """
 import json
 import os
@@ -25,7 +25,7 @@ DATASETS = {  # name -> (default layout, where the data comes from)
               f"images from https://github.com/201528014227051/RSICD_optimal; {_PRECOMP}"),
     "ucm": ("precomp", f"UCM-Captions images ({_QU}); {_PRECOMP}"),
     "sydney": ("json", f"Sydney-Captions images and dataset.json ({_QU})"),
-    "demo": ("precomp", "generated on the fly by mrs_adapter.demo.make_demo (no download)"),
+    "demo": ("precomp", "generated offline by train.py / eval.py (mrs_adapter/demo/, no download)"),
 }
 SPLITS = ("train", "val", "test")
 CAPTIONS_PER_IMAGE = 5  # every known dataset and the demo; state others (--captions-per-image)
@@ -282,7 +282,7 @@ def _raise_fatal(problems: List[Problem], hint: str):
 def check_command(dataset: str, data_root: str, layout: str, image_dir: Optional[str] = None,
                   captions_per_image: int = CAPTIONS_PER_IMAGE) -> str:
     """The `check` command line that reads the data exactly as the failing run did."""
-    words = ["python", "-m", "mrs_adapter.data", "check", "--dataset", dataset,
+    words = ["python", "-m", "mrs_adapter.prepare", "check", "--dataset", dataset,
              "--data-root", data_root, "--layout", layout]
     words += ["--image-dir", image_dir] if image_dir else []
     if captions_per_image != CAPTIONS_PER_IMAGE:
@@ -296,10 +296,6 @@ def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
     """{'train', 'val', 'test'} Splits of `dataset` under `data_root` (see `locate` for the tree).
     precomp: val = 20% of the training images by `validation_split`; json: the file's own splits
     (and `validation_split` when it has no 'val' images). Missing images raise before training."""
-    if dataset == "demo" and (layout or "precomp") == "precomp" and image_dir is None \
-            and not os.path.isdir(os.path.join(data_root, "demo_precomp")):
-        from .demo import make_demo  # generated once with the default parameters, then reused
-        make_demo(data_root, verbose=verbose)
     given_image_dir = image_dir
     layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
     listings, problems = read_listings(layout, text, captions_per_image)
@@ -325,7 +321,3 @@ def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
               + (f"; {blanks} blank captions kept" if blanks else ""))
     return {s: splits[s] for s in SPLITS}
 
-
-if __name__ == "__main__":  # the documented `python -m mrs_adapter.data check|overlap ...`
-    from .check import main
-    raise SystemExit(main())

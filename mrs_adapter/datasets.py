@@ -93,10 +93,11 @@ def split_at_to_tensor(preprocess) -> Tuple[Callable, Callable]:
 
 
 def default_workers(device) -> int:
-    """DataLoader worker processes for train.py, eval.py and search.py: on CUDA, min(8, CPUs)
-    decode the next batches while the GPU computes; on the CPU the model's threads already use
-    every core, so a decoding process only competes with them (bench.py measures it for search)
-    and the main process decodes between batches."""
+    """DataLoader worker processes for train.py, eval.py and search.py.
+
+    On CUDA, min(8, CPUs) decode the next batches while the GPU computes. On the CPU the model's
+    threads already use every core, so a decoding process only competes with them
+    (speed_bench.py measures it for search): the main process decodes between batches."""
     return min(8, os.cpu_count() or 1) if str(device).startswith("cuda") else 0
 
 
@@ -157,7 +158,7 @@ class CaptionDataset(Dataset):
         self.captions, self.context_length = split.captions, context_length
         self.tokens = tokenize(self.captions, context_length)  # (N, context_length)
         cut = sum(token_count(c) > context_length for c in self.captions)
-        if cut:  # once per split: `python -m mrs_adapter.data check` lists them
+        if cut:  # once per split: `python -m mrs_adapter.prepare check` lists them
             print(f"warning: {cut} of {len(self.captions)} {split.name} captions are longer than "
                   f"the {context_length}-token context and are cut to their first "
                   f"{context_length - 2} tokens")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mrs_adapter.demo import make_demo
-from mrs_adapter.demo_backbone import pretrain
+from mrs_adapter.demo.backbone import pretrain
+from mrs_adapter.demo.scenes import make_demo
 from mrs_adapter.model import CLIP
 
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128,
@@ -103,7 +103,7 @@ def two_datasets(tmp_path_factory):
     training pool a JPEG copy of one rsicd test image. Every other image is a distinct scene."""
     import random
 
-    from mrs_adapter.demo import captions, render, sample_scene
+    from mrs_adapter.demo.scenes import captions, render, sample_scene
     root, rng = tmp_path_factory.mktemp("two"), random.Random(5)
     scenes = {}
 

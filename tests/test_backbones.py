@@ -20,7 +20,7 @@ from test_eval import KEYS, eval_script
 
 import train
 from mrs_adapter import clip
-from mrs_adapter.demo import make_demo
+from mrs_adapter.demo.scenes import make_demo
 from mrs_adapter.methods import METHODS, apply_method
 from mrs_adapter.model import QuickGELU, build_model
 

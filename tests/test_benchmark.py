@@ -1,8 +1,8 @@
-"""benchmark.py: methods x seeds through train.main / eval.main, written as Markdown and CSV."""
+"""petl_benchmark.py: methods x seeds through train.main / eval.main, as Markdown and CSV."""
 import csv
 import json
 
-import benchmark
+import petl_benchmark as benchmark
 from mrs_adapter import clip
 from mrs_adapter.checkpoint import count_parameters
 from mrs_adapter.methods import apply_method

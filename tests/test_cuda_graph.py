@@ -3,7 +3,7 @@ import pytest
 import torch
 from test_train import adam_step, fixed_problem
 
-from mrs_adapter.cuda_graph import GraphedStep
+from mrs_adapter.run.cuda_graph import GraphedStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

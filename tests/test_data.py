@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mrs_adapter.check import check_dataset
-from mrs_adapter.check import main as _main
 from mrs_adapter.clip import transform
 from mrs_adapter.data import load_splits, validation_split
 from mrs_adapter.datasets import CaptionDataset, ImageDataset, TrainDataset
-from mrs_adapter.demo import GROUNDS, make_demo
+from mrs_adapter.demo.scenes import GROUNDS, make_demo
+from mrs_adapter.prepare.check import check_dataset
+from mrs_adapter.prepare.cli import main as _main
 
 
 def colour(name):  # a distinct colour per image name, so pixels tell which file was read

@@ -12,7 +12,7 @@ import torch
 from conftest import as_torchscript_archive
 
 from mrs_adapter import clip
-from mrs_adapter.download import DownloadError, download
+from mrs_adapter.weights.download import DownloadError, download
 
 
 class Server:

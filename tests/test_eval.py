@@ -12,7 +12,7 @@ from mrs_adapter.checkpoint import save_trainable
 from mrs_adapter.clip import transform
 from mrs_adapter.data import load_splits
 from mrs_adapter.datasets import read_image
-from mrs_adapter.demo import make_demo
+from mrs_adapter.demo.scenes import make_demo
 from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.metrics import recall_at_k
 from mrs_adapter.tokenizer import tokenize

@@ -113,7 +113,7 @@ def test_the_step_is_recorded_in_a_mode_other_threads_cannot_break(monkeypatch):
     unsafe calls of the recording thread only. (The recording itself: test_cuda_graph.py, GPU.)"""
     from test_train import adam_step, fixed_problem
 
-    from mrs_adapter import cuda_graph
+    from mrs_adapter.run import cuda_graph
     modes = []
 
     class Capture:  # stands in for torch.cuda.graph on the CPU: runs the step, notes the mode
@@ -138,7 +138,7 @@ def test_full_batches_replay_a_recording_made_again_when_the_lr_changes(monkeypa
     """GraphedOrEager (train.py's step dispatch): a full batch replays the recording, made at the
     first full batch and again when the lr changes; a smaller batch, a run without graphs and a
     run whose recording failed take the eager step."""
-    from mrs_adapter import cuda_graph
+    from mrs_adapter.run import cuda_graph
     recordings, eager = [], []
 
     class Recording:  # stands in for GraphedStep on the CPU

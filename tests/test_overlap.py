@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from mrs_adapter import overlap
-from mrs_adapter.check import check_dataset
-from mrs_adapter.check import main as _main
 from mrs_adapter.data import load_splits
-from mrs_adapter.demo import render, sample_scene
-from mrs_adapter.overlap import Hashes, copies_of, hash_image, hash_images, near_pairs
+from mrs_adapter.demo.scenes import render, sample_scene
+from mrs_adapter.prepare import overlap
+from mrs_adapter.prepare.check import check_dataset
+from mrs_adapter.prepare.cli import main as _main
+from mrs_adapter.prepare.overlap import Hashes, copies_of, hash_image, hash_images, near_pairs
 
 
 def hashes(images):

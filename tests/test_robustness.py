@@ -15,15 +15,16 @@ from PIL import Image
 from test_data import write_json, write_lines, write_precomp
 from test_eval import eval_script
 
-import benchmark
+import petl_benchmark as benchmark
 import train
-from mrs_adapter import runfiles
-from mrs_adapter.check import check_dataset
-from mrs_adapter.check import main as _main
+from mrs_adapter import atomic
 from mrs_adapter.clip import transform
 from mrs_adapter.data import Split, load_splits
 from mrs_adapter.datasets import CaptionDataset, read_image
-from mrs_adapter.demo import make_demo
+from mrs_adapter.demo.scenes import make_demo
+from mrs_adapter.demo.scenes import prepare as prepare_demo
+from mrs_adapter.prepare.check import check_dataset
+from mrs_adapter.prepare.cli import main as _main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,13 +88,11 @@ def test_demo_generation_never_deletes_a_folder_it_did_not_write(tmp_path, capsy
     splits = load_splits("demo", str(root), layout="json")
     assert len(splits["test"].image_paths) == 3 and mine.read_bytes() == stamp
     with pytest.raises(FileExistsError, match="demo_images was not written by the demo generator"):
-        load_splits(
-            "demo", str(root)
-        )  # precomp: would have to generate, but demo_images is not ours
+        prepare_demo(str(root))  # precomp: would have to generate, but demo_images is not ours
     assert mine.read_bytes() == stamp and not (root / "demo_precomp").exists()
     # a generated demo is replaced (other parameters) only while it holds nothing but its own files
     fresh = tmp_path / "fresh"
-    load_splits("demo", str(fresh))  # negative control: nothing there, so it is generated, and said
+    prepare_demo(str(fresh))  # negative control: nothing there, so it is generated, and said
     assert (
         "no demo dataset in" in capsys.readouterr().out
         and (fresh / "demo_images" / "train_0000.tif").exists()
@@ -391,7 +390,7 @@ def test_unwritable_outputs_are_one_line_errors(demo, tmp_path, monkeypatch):
             train.main(train_args(demo, output))
     real_access = os.access
     monkeypatch.setattr(
-        runfiles.os, "access", lambda p, m: False if "locked" in str(p) else real_access(p, m)
+        atomic.os, "access", lambda p, m: False if "locked" in str(p) else real_access(p, m)
     )
     (tmp_path / "locked").mkdir()
     with pytest.raises(ValueError, match="cannot write in .*locked \\(read-only"):
@@ -420,7 +419,7 @@ def test_second_benchmark_into_the_same_output_is_refused(demo, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "benchmark.py"),
+            os.path.join(ROOT, "petl_benchmark.py"),
             "--dataset",
             "demo",
             "--data-root",
@@ -458,7 +457,7 @@ def test_data_error_hint_repeats_layout_and_image_dir(tmp_path, capsys):
         load_splits("rsitmd", str(tmp_path), layout="json", image_dir=str(tmp_path / "pics"))
     command = str(error.value).split("`")[1]
     assert f"--layout json --image-dir {tmp_path / 'pics'}" in command
-    argv = command.split()[3:]  # after `python -m mrs_adapter.data`
+    argv = command.split()[3:]  # after `python -m mrs_adapter.prepare`
     assert _main(argv) == 1 and "holdout" in capsys.readouterr().out  # it finds the problem again
 
 

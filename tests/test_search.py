@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from conftest import make_tiny_clip
 from PIL import Image
 
-from mrs_adapter import search
 from mrs_adapter.checkpoint import save_trainable
 from mrs_adapter.datasets import default_workers
 from mrs_adapter.methods import apply_method, method_options
+from mrs_adapter.search import index as search
+from mrs_adapter.search import query as search_query
 from mrs_adapter.tokenizer import tokenize
 
 _spec = importlib.util.spec_from_file_location(
@@ -69,7 +70,7 @@ def index(images, out, weights, *extra) -> int:
 
 
 def read_index(out):
-    idx = search.SearchIndex(str(out))
+    idx = search_query.SearchIndex(str(out))
     entries = [idx.entry(r) for r in range(len(idx.embeddings))]
     return entries, np.asarray(idx.embeddings, dtype=np.float32)
 
@@ -114,7 +115,7 @@ def test_top_k_equals_a_full_sort():
     query = emb[7].astype(np.float32)
     exact = emb.astype(np.float32) @ query
     expected = np.lexsort((np.arange(len(exact)), -exact))[:25]  # best first, ties by row
-    rows, scores = search.top_k(emb, query, 25, block=777)
+    rows, scores = search_query.top_k(emb, query, 25, block=777)
     assert rows.tolist() == expected.tolist()
     np.testing.assert_allclose(scores, exact[expected], atol=1e-6)
 
@@ -209,7 +210,7 @@ def test_incremental_index_equals_a_fresh_one(setup, tmp_path, capsys):
 
 KILLED = """
 import os, signal, sys
-from mrs_adapter import search
+from mrs_adapter.search import index as search
 calls, original = [0], search.encode_images
 def killed_on_third_batch(*args):
     calls[0] += 1

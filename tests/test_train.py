@@ -193,7 +193,7 @@ def adam_step(model, **adam):
 def test_cuda_graph_warm_up_leaves_no_trace():
     """The warm-up before recording a CUDA graph runs real steps; their effect must be undone, so
     the first recorded step equals a plain first step (checked with the eager step on the CPU)."""
-    from mrs_adapter.cuda_graph import warm_up
+    from mrs_adapter.run.cuda_graph import warm_up
     runs = []
     for warm in (False, True):
         model, images, tokens = fixed_problem()

@@ -1,4 +1,4 @@
-"""The search index folder on disk (mrs_adapter/search.py builds and queries it).
+"""The search index folder on disk (index.py builds it, query.py reads it).
 
 index.json names the model, the image folder, the tiling and every file with its first row and
 tile boxes; it is the commit point: `commit` writes a new embeddings-<n>.npy first and index.json
@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .runfiles import atomic_write, write_json
+from ..atomic import atomic_write, write_json
 
 SAME_MODEL = ("backbone_sha256", "activation", "method", "checkpoint_sha256")
 WRITTEN_BY = "mrs-adapter search"

@@ -1,10 +1,10 @@
 """Speed and memory of mrs-adapter, ViT-B/32 shapes with random weights, on CPU or CUDA; and the
-near-copy detector (mrs_adapter/overlap.py): its thresholds and its speed.
+near-copy detector (mrs_adapter/prepare/overlap.py): its thresholds and its speed.
 
-    python bench.py --json bench_cpu.json                 # CPU, fp32
-    python bench.py --device cuda --json bench_gpu.json   # CUDA, bf16 autocast, plus the recipe
-    python bench.py --only overlap-measure                # near-copy distances, 300 demo scenes
-    python bench.py --only overlap-time                   # `overlap` on 10,921 generated JPEGs
+    python speed_bench.py --json bench_cpu.json                # CPU, fp32
+    python speed_bench.py --device cuda --json bench_gpu.json  # CUDA, bf16 autocast, the recipe
+    python speed_bench.py --only overlap-measure               # near-copy distances, 300 scenes
+    python speed_bench.py --only overlap-time                  # `overlap` on 10,921 JPEGs
 
 Measures (medians of interleaved repeats):
   encode_{image,text}_ratio_vs_open_clip  our encoder's throughput / open_clip's, same weights
@@ -32,7 +32,7 @@ Reports, run only when named in --only (they print lines, not figures):
                     how many the thresholds call copies (--overlap-images, default 300)
   overlap-time      writes a generated "rsicd" (train + test, 1% of the training images planted
                     copies of test images: JPEG quality 75 at 224 px from 256 px originals) in a
-                    temporary folder, runs `python -m mrs_adapter.data overlap` twice (cold, then
+                    temporary folder, runs `python -m mrs_adapter.prepare overlap` twice (cold, then
                     with the hash cache), deletes it (--overlap-images, default 10,921: RSICD's)
 """
 import argparse
@@ -53,13 +53,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mrs_adapter.atomic import write_json
 from mrs_adapter.clip import transform
 from mrs_adapter.datasets import default_workers, to_rgb8
-from mrs_adapter.demo import captions as demo_captions
-from mrs_adapter.demo import render, sample_scene, write_precomp
+from mrs_adapter.demo.scenes import captions as demo_captions
+from mrs_adapter.demo.scenes import render, sample_scene, write_precomp
 from mrs_adapter.model import CLIP, build_model
-from mrs_adapter.overlap import HAMMING_THRESHOLD, THUMB_THRESHOLD, Hashes, hash_pixels
-from mrs_adapter.runfiles import write_json
+from mrs_adapter.prepare.overlap import HAMMING_THRESHOLD, THUMB_THRESHOLD, Hashes, hash_pixels
 from mrs_adapter.tokenizer import tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -271,7 +271,7 @@ def recipe_projection(args, tmp: str) -> dict:
 def search_query_child(path: str, repeats: int = 5) -> dict:
     """(in a fresh process, 2 threads) ms of one top-20 query over the memory-mapped float16 file
     `path`, and the peak memory it adds beyond the mapped file's pages (page cache, shared)."""
-    from mrs_adapter.search import top_k
+    from mrs_adapter.search.query import top_k
 
     def status(key: str) -> int:  # kB -> bytes, from /proc/self/status (Linux)
         with open("/proc/self/status") as f:
@@ -296,8 +296,8 @@ def search_query_child(path: str, repeats: int = 5) -> dict:
 def search_index_figures(args, tmp: str, rng: np.random.Generator):
     """(figures, model): `index` tiles/s / the encoder's tiles/s on the same tiles (RSITMD-like
     256 px TIFFs and two 1024 px scenes of 25 tiles)."""
-    from mrs_adapter import search
     from mrs_adapter.datasets import split_at_to_tensor
+    from mrs_adapter.search import index as search
     images = os.path.join(tmp, "search_images")
     os.makedirs(images)
     for i in range(args.search_images):
@@ -368,7 +368,7 @@ def search_figures(args, tmp: str) -> dict:
     return dict(out, **search_query_figures(tmp, model, rng))
 
 
-# ---- near copies (mrs_adapter/overlap.py): how the thresholds were chosen, and its speed ----
+# ---- near copies (mrs_adapter/prepare/overlap.py): how the thresholds were chosen, its speed ----
 
 def jpeg(image: Image.Image, quality: int = 75) -> Image.Image:
     buffer = io.BytesIO()
@@ -483,14 +483,14 @@ def write_rsicd_like(root: str, n: int, seed: int = 0, threads: int = 2) -> int:
 
 
 def overlap_time(args) -> List[str]:
-    """`python -m mrs_adapter.data overlap` on a generated RSICD-sized set, cold and cached."""
+    """`python -m mrs_adapter.prepare overlap` on a generated RSICD-sized set, cold and cached."""
     n, threads, report = args.overlap_images or 10921, args.overlap_threads, []
     with tempfile.TemporaryDirectory(prefix="overlap-bench-") as root:
         start = time.time()
         planted = write_rsicd_like(root, n, threads=threads)
         seconds = time.time() - start
         report.append(f"generated {n} images ({planted} planted copies) in {seconds:.0f}s")
-        command = [sys.executable, "-m", "mrs_adapter.data", "overlap", "--datasets", "rsicd",
+        command = [sys.executable, "-m", "mrs_adapter.prepare", "overlap", "--datasets", "rsicd",
                    "--data-root", root, "--csv", os.path.join(root, "overlap.csv"),
                    "--threads", str(threads)]
         for run in ("cold", "cached"):

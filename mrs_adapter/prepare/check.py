@@ -5,18 +5,16 @@ does not find: captions longer than the text context, images that are missing, u
 not 8-bit, one image listed in two splits, and copies of an image under another name in another
 split (overlap.py). `verify_images` is train.py's quick pass: decode every image once.
 
-    python -m mrs_adapter.data check --dataset rsitmd --data-root data
-    python -m mrs_adapter.data overlap --datasets rsitmd rsicd --data-root data
+    python -m mrs_adapter.prepare check --dataset rsitmd --data-root data
 """
 import argparse
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
-from .data import (
+from ..data import (
     CAPTIONS_PER_IMAGE,
     CONTEXT_LENGTH,
     DATASETS,
@@ -26,10 +24,9 @@ from .data import (
     locate,
     read_listings,
 )
-from .datasets import depth_note, read_image
+from ..datasets import depth_note, read_image
+from ..tokenizer import token_count
 from .overlap import copy_pairs, default_cache, hash_images
-from .overlap import main as overlap_main
-from .tokenizer import token_count
 
 
 def _check_images(listings: Dict[str, Listing], image_dir: str, threads: int) -> List[Problem]:
@@ -138,11 +135,11 @@ def _copies_across_splits(listings: Dict[str, Listing], image_dir: str,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mrs_adapter.data",
+    parser = argparse.ArgumentParser(prog="python -m mrs_adapter.prepare",
                                      description=check_dataset.__doc__)
     a = parser.add_argument
     a("command", choices=["check"],
-      help="check one dataset (copies across datasets: `python -m mrs_adapter.data overlap`)")
+      help="check one dataset (copies across datasets: `python -m mrs_adapter.prepare overlap`)")
     a("--dataset", required=True, choices=sorted(DATASETS))
     a("--data-root", required=True)
     a("--layout", choices=["precomp", "json"], help="default: the dataset's usual layout")
@@ -156,10 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`check`: print every problem and a count, exit 1 if any is fatal; `overlap`: overlap.py."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["overlap"]:  # copies and shared captions between datasets: overlap.py
-        return overlap_main(argv[1:])
+    """`check`: print every problem and a count; exit code 1 if any is fatal."""
     args = _parser().parse_args(argv)
     problems = check_dataset(args.dataset, args.data_root, args.layout, args.image_dir,
                              not args.no_verify_images, captions_per_image=args.captions_per_image,
@@ -171,5 +165,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 1 if fatal else 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

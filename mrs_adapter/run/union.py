@@ -6,9 +6,10 @@ Training and validation images that are exact or near copies of a test image are
 (overlap.py; selecting on a validation image that is also a test image leaks too) unless
 --keep-overlap asks for the published, leaky setting.
 """
-from mrs_adapter.check import verify_images
-from mrs_adapter.data import DATASETS, check_command, load_splits, union_splits
-from mrs_adapter.overlap import default_cache, drop_copies
+from ..data import DATASETS, check_command, load_splits, union_splits
+from ..demo import scenes as demo
+from ..prepare.check import verify_images
+from ..prepare.overlap import default_cache, drop_copies
 
 
 def test_keys(splits: dict) -> list:
@@ -24,6 +25,8 @@ def load_data(args) -> dict:
     if len(every) > 1 and (args.layout or args.image_dir):
         raise ValueError(f"--layout / --image-dir describe one dataset; {', '.join(every)} were "
                          f"named (lay each out under --data-root as README 'Data' says)")
+    if "demo" in every:
+        demo.prepare(args.data_root, args.layout, args.image_dir, verbose=args.rank == 0)
     loaded = {n: load_splits(n, args.data_root, args.layout, args.image_dir, verbose=args.rank == 0,
                              captions_per_image=args.captions_per_image) for n in every}
     args.dropped_overlap = None

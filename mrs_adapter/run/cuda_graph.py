@@ -2,7 +2,7 @@
 
 At the recipe's batch of 16 pairs a ViT-B/32 step (both towers, two views, backward, Adam) is a
 few thousand small kernels, and launching them one by one from Python takes longer than running
-them (bench.py measured ~70 ms per step on an H200). `GraphedStep` records forward, loss,
+them (speed_bench.py measured ~70 ms per step on an H200). `GraphedStep` records forward, loss,
 backward and optimizer step once, after a few warm-up steps whose effect is undone, and replays
 the recording for every batch of the same shape. `GraphedOrEager` is how train.py calls its step
 on a single CUDA device: replayed for full batches, eager for the rest.

@@ -13,11 +13,11 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from .clip import MEAN, STD
-from .loss import info_nce
-from .model import CLIP, build_model
-from .runfiles import atomic_write
-from .tokenizer import tokenize
+from ..atomic import atomic_write
+from ..clip import MEAN, STD
+from ..loss import info_nce
+from ..model import CLIP, build_model
+from ..tokenizer import tokenize
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200),
            "yellow": (220, 200, 40), "white": (235, 235, 235), "black": (25, 25, 25),

@@ -9,9 +9,9 @@ from typing import Dict, Optional, Tuple
 
 from torch import nn
 
-from . import clip
-from .checkpoint import load_trainable_state_dict, read_checkpoint
-from .methods import apply_method, freeze_unread, method_options
+from .. import clip
+from ..checkpoint import load_trainable_state_dict, read_checkpoint
+from ..methods import apply_method, freeze_unread, method_options
 
 
 def load_backbone(config: Dict, clip_path: Optional[str] = None,

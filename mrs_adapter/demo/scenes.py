@@ -181,6 +181,14 @@ def make_demo(root: str, seed: int = 0, n_train: int = 300, n_test: int = 100, s
     return root
 
 
+def prepare(data_root: str, layout=None, image_dir=None, verbose: bool = True) -> None:
+    """Generate the demo under `data_root` where `--dataset demo` names it and it is not there
+    yet; not when --layout json or --image-dir point at files of the user's."""
+    if (layout or "precomp") == "precomp" and image_dir is None \
+            and not os.path.isdir(os.path.join(data_root, "demo_precomp")):
+        make_demo(data_root, verbose=verbose)  # the default parameters, generated once
+
+
 def _write(tmp: str, params: Dict):
     rng = random.Random(params["seed"])
     os.makedirs(os.path.join(tmp, "demo_images"))

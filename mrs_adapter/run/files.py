@@ -1,45 +1,19 @@
 """The run folder: config.json, log.jsonl, results.json, checkpoints - written so nothing is lost.
 
-Every file is written to a temporary name in its folder and renamed (`os.replace` is atomic),
-so a crash leaves either the previous complete file or the new complete one. A folder that
-already holds a run is never reused unless the user says `--resume` or `--overwrite`.
+Every file goes through `atomic.atomic_write` (a crash leaves the old file or the new one).
+A folder that already holds a run is never reused unless the user says `--resume` or
+`--overwrite`, and `--overwrite` removes only the files a run writes.
 """
 import json
 import os
 import platform
 import shutil
 import subprocess
-import tempfile
-from typing import Callable, List
+from typing import List
+
+from ..atomic import atomic_write, check_folder_writable
 
 RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt", "results.json")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, write: Callable, mode: str = "w"):
-    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
 def read_jsonl(path: str) -> List[dict]:
@@ -59,30 +33,6 @@ class RunLog:
     def write(self, **record) -> None:
         self.records.append(record)
         atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in self.records))
-
-
-def check_folder_writable(path: str, flag: str = "--output") -> None:
-    """A ValueError naming `path` unless the folder exists or can be made, and is writable: it is
-    not a file, no folder above it is a file, and the nearest existing one accepts new files.
-    Called before anything is removed or computed, so a bad path costs nothing."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{path} is a file, not a folder; choose another {flag}")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"cannot make {path}: {existing} is a file, not a folder; "
-                         f"choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write in {existing} (read-only for this user): change its "
-                         f"permissions or choose another {flag}")
-
-
-def check_file_writable(path: str, flag: str) -> None:
-    """As check_folder_writable, for a file about to be written at `path`."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder, not a file; choose another {flag}")
-    check_folder_writable(os.path.dirname(os.path.abspath(path)), flag)
 
 
 def prepare_run_dir(path: str, resume: bool, overwrite: bool) -> None:

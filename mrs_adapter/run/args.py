@@ -9,14 +9,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from mrs_adapter import clip
-from mrs_adapter.data import CAPTIONS_PER_IMAGE
-from mrs_adapter.datasets import default_workers
-from mrs_adapter.methods import METHODS, default_lr, method_options
-from mrs_adapter.metrics import AMP_DTYPES
-from mrs_adapter.runfiles import check_folder_writable
+from .. import clip
+from ..atomic import check_folder_writable
+from ..data import CAPTIONS_PER_IMAGE, DATASETS
+from ..datasets import default_workers
+from ..methods import METHODS, default_lr, method_options
+from ..metrics import AMP_DTYPES
 
-DATASET_NAMES = ["rsitmd", "rsicd", "ucm", "sydney", "demo"]
+DATASET_NAMES = list(DATASETS)  # the registry of data.py
 
 
 def _data_flags(a) -> None:
@@ -168,7 +168,7 @@ def resolve_clip(args) -> str:
         return args.clip
     if args.dataset != "demo":
         return "ViT-B/32"
-    from mrs_adapter.demo_backbone import default_path, load_or_pretrain
+    from ..demo.backbone import default_path, load_or_pretrain
     path = default_path(args.data_root)
     if args.rank == 0:
         load_or_pretrain(path)

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from mrs_adapter.checkpoint import load_trainable
-from mrs_adapter.metrics import METRICS, chance_recall, format_table
-from mrs_adapter.runfiles import write_json
-from mrs_adapter.union import test_keys
+from ..atomic import write_json
+from ..checkpoint import load_trainable
+from ..metrics import METRICS, chance_recall, format_table
+from .union import test_keys
 
 
 def score_selected(seed: int, model, run_dir: str, score, initial: dict, splits: dict) -> dict:

@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
-from .runfiles import atomic_write
+from ..atomic import atomic_write
 
 CACHE_ENV = "MRS_ADAPTER_CACHE"
 

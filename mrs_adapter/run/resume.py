@@ -14,9 +14,10 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from mrs_adapter.checkpoint import load_trainable, save_trainable
-from mrs_adapter.metrics import format_table
-from mrs_adapter.runfiles import RunLog, read_jsonl, write_json
+from ..atomic import write_json
+from ..checkpoint import load_trainable, save_trainable
+from ..metrics import format_table
+from .files import RunLog, read_jsonl
 
 
 def seed_everything(seed: int):

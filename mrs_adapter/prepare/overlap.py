@@ -4,12 +4,14 @@ RSITMD was built partly from RSICD's images, so a model trained on one and teste
 (or on their union) may be tested on images it trained on. Exact copies: a hash of the decoded
 pixels. Near copies: a 63-bit DCT perceptual hash within HAMMING_THRESHOLD bits, confirmed on an
 8x8 colour thumbnail (a flat image's pHash says little; its colour does).
-`python bench.py --only overlap-measure` on 300 demo scenes at 256 px: copies (JPEG quality 75;
-256 -> 224 -> 256; 224 + JPEG) lie at Hamming <= 18 and thumbnail <= 0.75; distinct scenes that
-close in Hamming differ by >= 4.2 in thumbnail (5.1 for same-class pairs): thresholds 18 and 3.0
-find 900/900 copies and 0 of 44,850 distinct pairs; flat noise textures of one colour, the worst
-case, give 36 of 44,850.
+
+Thresholds, from `python speed_bench.py --only overlap-measure` (300 demo scenes, 256 px):
+- copies (JPEG quality 75; 256 -> 224 -> 256; 224 + JPEG): Hamming <= 18, thumbnail <= 0.75;
+- distinct scenes that close in Hamming differ by >= 4.2 in thumbnail (5.1 same-class);
+- so 18 and 3.0 find 900/900 copies and 0 of 44,850 distinct pairs;
+- flat noise textures of one colour, the worst case: 36 of 44,850.
 """
+import argparse
 import csv
 import hashlib
 import json
@@ -22,8 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .datasets import read_image
-from .runfiles import atomic_write
+from ..atomic import atomic_write
+from ..data import DATASETS, load_splits
+from ..datasets import read_image
+from ..demo import scenes as demo
 
 HAMMING_THRESHOLD = 18  # pHash bits that may differ in a near copy (measured: see the docstring)
 THUMB_THRESHOLD = 3.0  # mean |difference| of the 8x8 RGB thumbnails, in 0-255 levels
@@ -290,11 +294,8 @@ def write_csv(path: str, entries: Sequence[Entry], rows):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """python -m mrs_adapter.data overlap --datasets rsitmd rsicd --data-root data --csv o.csv"""
-    import argparse
-
-    from .data import DATASETS, load_splits
-    parser = argparse.ArgumentParser(prog="python -m mrs_adapter.data overlap",
+    """python -m mrs_adapter.prepare overlap --datasets rsitmd rsicd --data-root data --csv o.csv"""
+    parser = argparse.ArgumentParser(prog="python -m mrs_adapter.prepare overlap",
                                      description=find_overlaps.__doc__)
     parser.add_argument("--datasets", nargs="+", required=True, choices=sorted(DATASETS))
     parser.add_argument("--data-root", required=True)
@@ -304,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     start, entries = time.time(), []
     for name in args.datasets:
+        if name == "demo":
+            demo.prepare(args.data_root)
         entries += split_entries(name, load_splits(name, args.data_root))
     rows = find_overlaps(entries, args.cache or default_cache(args.data_root), args.threads)
     print(f"{'split a':<16} {'split b':<16} {'exact':>6} {'near':>6} {'caption':>8}")

@@ -1,8 +1,8 @@
 """The paper's PETL benchmark (Tables II-IV): methods x seeds on one dataset, beside the published
 mR.
 
-    python benchmark.py --dataset rsitmd --data-root data --seeds 2 3 4
-    python benchmark.py --dataset demo --methods zero_shot mrs_adapter lora -- --epochs 10
+    python petl_benchmark.py --dataset rsitmd --data-root data --seeds 2 3 4
+    python petl_benchmark.py --dataset demo --methods zero_shot mrs_adapter lora -- --epochs 10
 
 Each method trains through `train.main` (same loop, loss, selection on validation, checkpoints)
 into <output>/<method>; zero_shot is evaluated with `eval.main`. Flags after `--` go to train.py.
@@ -19,26 +19,14 @@ import torch
 
 import eval as eval_script
 import train
-from mrs_adapter.download import DownloadError
-from mrs_adapter.runfiles import atomic_write, check_folder_writable
+from mrs_adapter.atomic import atomic_write, check_folder_writable
+from mrs_adapter.data import DATASETS
+from mrs_adapter.model import ACTIVATIONS
+from mrs_adapter.paper import BENCHMARK, published_mr, published_params
+from mrs_adapter.weights.download import DownloadError
 
-# method -> (the paper's trainable parameters, its mR on RSICD / RSITMD / UCM); docs/method.md §7
-PUBLISHED = {
-    "zero_shot": ("0", {"rsicd": 15.04, "rsitmd": 23.89, "ucm": 33.08}),
-    "full": ("151M", {"rsicd": 30.39, "rsitmd": 45.33, "ucm": 52.43}),
-    "linear_probe": ("1.05M", {"rsicd": 24.46, "rsitmd": 36.25, "ucm": 51.30}),
-    "coop": ("0.10M", {"rsicd": 17.29, "rsitmd": 30.51, "ucm": 44.95}),
-    "vpt": ("0.46M", {"rsicd": 21.72, "rsitmd": 34.14, "ucm": 49.77}),
-    "vl_prompt": ("0.47M", {"rsicd": 19.61, "rsitmd": 32.40, "ucm": 47.50}),
-    "adapter": ("0.17M", {"rsicd": 24.84, "rsitmd": 32.37, "ucm": 52.74}),
-    "clip_adapter": ("0.52M", {"rsicd": 21.65, "rsitmd": 32.38, "ucm": 44.82}),
-    "convpass": ("0.14M", {"rsicd": 21.38, "rsitmd": 32.55, "ucm": 52.91}),
-    "adaptformer": ("0.17M", {"rsicd": 28.10, "rsitmd": 34.81, "ucm": 53.69}),
-    "cross_modal_adapter": ("0.16M", {"rsicd": 27.96, "rsitmd": 38.06, "ucm": 53.62}),
-    "uniadapter": ("0.55M", {"rsicd": 28.84, "rsitmd": 39.23, "ucm": 54.59}),
-    "mrs_adapter": ("0.16M", {"rsicd": 31.12, "rsitmd": 44.47, "ucm": 55.71}),
-    "lora": ("-", {}),  # not in the paper
-}
+# the paper's methods in its tables' order, then LoRA (not in the paper)
+METHOD_ORDER = list(BENCHMARK) + ["lora"]
 COLUMNS = ["method", "params", "paper_params", "i2t_r1", "i2t_r5", "i2t_r10",
            "t2i_r1", "t2i_r5", "t2i_r10", "mR", "mR_std", "paper_mR", "seeds"]
 
@@ -61,7 +49,7 @@ def run_method(args, method: str, train_argv: list) -> dict:
 
 
 def row(dataset: str, method: str, result: dict) -> dict:
-    paper_params, paper_mr = PUBLISHED.get(method, ("-", {}))
+    paper_params, paper_mr = published_params(method) or "-", published_mr(method)
     cells = {k: round(result["mean"][k], 2) for k in COLUMNS[3:10]}
     return {"method": method, "params": result["params"], "paper_params": paper_params, **cells,
             "mR_std": round(result["std"]["mR"], 2), "paper_mR": paper_mr.get(dataset, "-"),
@@ -70,7 +58,7 @@ def row(dataset: str, method: str, result: dict) -> dict:
 
 def markdown(dataset: str, rows: list) -> str:
     lines = [f"Test split of {dataset}; mean over seeds, model selected on validation mR "
-             "(python benchmark.py).", "",
+             "(python petl_benchmark.py).", "",
              "| method | params | paper params | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | mR "
              "| paper mR |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -94,14 +82,14 @@ def check_output(output: str, train_argv: list):
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=["rsitmd", "rsicd", "ucm", "sydney", "demo"])
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     p.add_argument("--data-root", default="data")
-    p.add_argument("--methods", nargs="+", default=list(PUBLISHED), choices=list(PUBLISHED),
+    p.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER,
                    help="default: every method of the paper's tables, then LoRA")
     p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4],
                    help="train.py seeds (published rows average runs)")
     p.add_argument("--clip", help="CLIP weights for every method (default: train.py's)")
-    p.add_argument("--clip-activation", choices=["quickgelu", "gelu"],
+    p.add_argument("--clip-activation", choices=ACTIVATIONS,
                    help="CLIP's MLP activation (train.py)")
     p.add_argument("--output", help="default: runs/benchmark-<dataset>")
     argv = list(sys.argv[1:] if argv is None else argv)

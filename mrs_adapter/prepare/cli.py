@@ -1,0 +1,18 @@
+"""`python -m mrs_adapter.prepare check|overlap ...`: the data-preparation commands.
+
+    python -m mrs_adapter.prepare check --dataset rsitmd --data-root data
+    python -m mrs_adapter.prepare overlap --datasets rsitmd rsicd ucm --data-root data --csv o.csv
+"""
+import sys
+from typing import List, Optional
+
+from . import check, overlap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """check: every problem of one dataset (check.py); overlap: copies between datasets
+    (overlap.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["overlap"]:
+        return overlap.main(argv[1:])
+    return check.main(argv)
