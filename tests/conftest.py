@@ -1,4 +1,5 @@
 """Shared fixtures: tiny CLIP models built in the test (no downloads), OpenAI-style archives."""
+import os
 import warnings
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from PIL import Image
 
 from mrs_adapter.demo.backbone import pretrain
-from mrs_adapter.demo.scenes import make_demo
+from mrs_adapter.demo.scenes import make_demo, write_precomp
 from mrs_adapter.model import CLIP
 
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128,
@@ -79,20 +80,17 @@ def as_torchscript_archive(state_dict: dict, path):
         torch.jit.save(torch.jit.script(Archive()), str(path))
 
 
-def _write_precomp(root, name, images, captions_of):
+def _write_scenes(root, name, images, captions_of):
     """<root>/<name>_precomp and <name>_images as released: {split: [(file name, PIL image)]}."""
-    import os
-    os.makedirs(os.path.join(root, f"{name}_precomp"))
-    os.makedirs(os.path.join(root, f"{name}_images"))
+    text, folder = os.path.join(root, f"{name}_precomp"), os.path.join(root, f"{name}_images")
+    os.makedirs(text)
+    os.makedirs(folder)
     for split, items in images.items():
         for file, image in items:
             quality = {"quality": 75} if file.endswith(".jpg") else {}
-            image.save(os.path.join(root, f"{name}_images", file), **quality)
-        caps = [c for file, _ in items for c in captions_of[file]]
-        listed = [f for f, _ in items for _ in range(1 if split == "train" else 5)]
-        for kind, lines in (("caps", caps), ("filename", listed)):
-            with open(os.path.join(root, f"{name}_precomp", f"{split}_{kind}.txt"), "w") as f:
-                f.write("\n".join(lines) + "\n")
+            image.save(os.path.join(folder, file), **quality)
+        names = [file for file, _ in items]
+        write_precomp(text, split, names, [c for file in names for c in captions_of[file]])
 
 
 @pytest.fixture(scope="session")
@@ -127,5 +125,5 @@ def two_datasets(tmp_path_factory):
         scenes[name] = (image, [f"copy {k} caption {c}" for c in range(5)])  # no caption match
         data[target]["train"].insert(3 * k, (name, image))
     for d in data:
-        _write_precomp(root, d, data[d], {name: caps for name, (_, caps) in scenes.items()})
+        _write_scenes(root, d, data[d], {name: caps for name, (_, caps) in scenes.items()})
     return str(root), copies

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from mrs_adapter.clip import transform
 from mrs_adapter.data import load_splits, validation_split
 from mrs_adapter.datasets import CaptionDataset, ImageDataset, TrainDataset
-from mrs_adapter.demo.scenes import GROUNDS, make_demo
+from mrs_adapter.demo.scenes import GROUNDS, make_demo, write_precomp
 from mrs_adapter.prepare.check import check_dataset
 from mrs_adapter.prepare.cli import main as _main
 
@@ -34,17 +34,15 @@ def write_lines(path, lines):
         f.write("\n".join(lines) + "\n")
 
 
-def write_precomp(root, name="rsitmd", n_train=10, n_test=3):
-    """As released: 5 captions per image, train_filename one line per image, test_filename one
-    per caption."""
+def make_precomp(root, name="rsitmd", n_train=10, n_test=3):
+    """<root>/<name>_precomp (the package's writer: 5 captions per image, train_filename one line
+    per image, test_filename one per caption) and <name>_images in plain colours; returns the
+    text folder."""
     text = os.path.join(root, f"{name}_precomp")
     os.makedirs(text)
     for split, n in (("train", n_train), ("test", n_test)):
         names = [f"{split}scene_{i}.tif" for i in range(n)]
-        caps = [f"caption {k} of {x}" for x in names for k in range(5)]
-        write_lines(os.path.join(text, f"{split}_caps.txt"), caps)
-        write_lines(os.path.join(text, f"{split}_filename.txt"),
-                    names if split == "train" else [x for x in names for _ in range(5)])
+        write_precomp(text, split, names, [f"caption {k} of {x}" for x in names for k in range(5)])
         write_images(os.path.join(root, f"{name}_images"), names)
     return text
 
@@ -70,7 +68,7 @@ def assert_aligned(split):
 
 
 def test_precomp_counts_alignment_and_split_rule(tmp_path):
-    write_precomp(tmp_path, n_train=10, n_test=3)
+    make_precomp(tmp_path, n_train=10, n_test=3)
     splits = load_splits("rsitmd", str(tmp_path))
     sizes = [(len(s.image_paths), len(s.captions)) for s in splits.values()]
     assert sizes == [(8, 40), (2, 10), (3, 15)]
@@ -97,7 +95,7 @@ def test_validation_split_rsitmd_sizes_and_global_rng_untouched():
 
 def test_filename_lists_in_either_form(tmp_path):
     # swap the forms: train one name per caption, test one per image; the reader accepts both
-    text = write_precomp(tmp_path, n_train=4, n_test=2)
+    text = make_precomp(tmp_path, n_train=4, n_test=2)
     for split, per_caption in (("train", True), ("test", False)):
         path = os.path.join(text, f"{split}_filename.txt")
         names = list(dict.fromkeys(open(path).read().split()))
@@ -126,7 +124,7 @@ def test_json_without_val_falls_back_to_the_rule(tmp_path):
 
 
 def test_datasets_and_cache_give_identical_tensors(tmp_path):
-    write_precomp(tmp_path, n_train=5, n_test=2)
+    make_precomp(tmp_path, n_train=5, n_test=2)
     split = load_splits("rsitmd", str(tmp_path))["train"]
     plain = TrainDataset(split, transform(32))
     cached = TrainDataset(split, transform(32), cache=True, threads=2)
@@ -148,7 +146,7 @@ def test_datasets_and_cache_give_identical_tensors(tmp_path):
 
 
 def test_problems_are_reported_with_their_file(tmp_path):
-    text = write_precomp(tmp_path, n_train=6, n_test=3)
+    text = make_precomp(tmp_path, n_train=6, n_test=3)
     images = os.path.join(tmp_path, "rsitmd_images")
     os.remove(os.path.join(images, "trainscene_1.tif"))  # missing image
     corrupt = os.path.join(images, "trainscene_2.tif")
@@ -178,7 +176,7 @@ def test_problems_are_reported_with_their_file(tmp_path):
 
 
 def test_clean_dataset_has_no_problems_and_missing_folder_says_where(tmp_path, capsys):
-    write_precomp(tmp_path)
+    make_precomp(tmp_path)
     assert check_dataset("rsitmd", str(tmp_path)) == []
     assert _main(["check", "--dataset", "rsitmd", "--data-root", str(tmp_path)]) == 0
     with pytest.raises(FileNotFoundError, match=r"rsicd_precomp.*RSICD_optimal"):

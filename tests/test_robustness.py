@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data import write_json, write_lines, write_precomp
+from test_data import make_precomp, write_json, write_lines
 from test_eval import eval_script
 
 import petl_benchmark as benchmark
@@ -266,7 +266,7 @@ def test_multi_band_16_bit_tiff_is_refused_not_darkened(tmp_path):
 
 
 def test_check_reports_every_image_that_is_not_8_bit(tmp_path):
-    write_precomp(tmp_path, n_train=5, n_test=2)
+    make_precomp(tmp_path, n_train=5, n_test=2)
     assert check_dataset("rsitmd", str(tmp_path)) == []  # negative control: 8-bit RGB only
     Image.fromarray(np.full((8, 8), 3000, np.uint16)).save(
         tmp_path / "rsitmd_images" / "trainscene_3.tif"
@@ -287,7 +287,7 @@ def test_check_reports_every_image_that_is_not_8_bit(tmp_path):
 
 # 6: a file-name list with another captions-per-image ratio than stated is an error
 def test_names_that_do_not_give_five_captions_per_image_are_an_error(tmp_path):
-    text = write_precomp(tmp_path, n_train=10, n_test=3)
+    text = make_precomp(tmp_path, n_train=10, n_test=3)
     for split in ("train", "test"):  # 6 captions per image; test_filename.txt one name per caption
         listed = open(os.path.join(text, f"{split}_filename.txt")).read().split()
         names = list(dict.fromkeys(listed))
@@ -327,7 +327,7 @@ def test_names_that_do_not_give_five_captions_per_image_are_an_error(tmp_path):
     "emptied", [["train_caps.txt"], ["test_caps.txt"], ["train_caps.txt", "train_filename.txt"]]
 )
 def test_empty_files_are_one_error_each(tmp_path, emptied):
-    text = write_precomp(tmp_path, n_train=10, n_test=3)
+    text = make_precomp(tmp_path, n_train=10, n_test=3)
     for name in emptied:
         open(os.path.join(text, name), "w").close()
     fatal = [str(p) for p in check_dataset("rsitmd", str(tmp_path)) if p.fatal]
@@ -344,7 +344,7 @@ def test_empty_files_are_one_error_each(tmp_path, emptied):
 
 # 8: captions longer than the context are counted, said once per split, and listed by check
 def test_captions_longer_than_the_context_are_reported(tmp_path, capsys):
-    text = write_precomp(tmp_path, n_train=5, n_test=2)
+    text = make_precomp(tmp_path, n_train=5, n_test=2)
     caps = open(os.path.join(text, "train_caps.txt")).read().splitlines()
     caps[7] = caps[7] + " with" + " many small houses" * 30
     write_lines(os.path.join(text, "train_caps.txt"), caps)
