@@ -1,24 +1,42 @@
-"""Shared fixtures: tiny CLIP models built in the test (no downloads), OpenAI-style archives."""
+"""Shared fixtures and helpers: tiny CLIP models built in the test (no downloads), OpenAI-style
+archives, eval.py as a module, one fixed training step, and small datasets on disk.
+
+Every helper more than one test module uses lives here, and no test module imports another or
+this file: pytest does not promise conftest an importable module name (two conftest.py files, or
+--import-mode=importlib, break `from conftest import ...`). A plain helper is offered as a
+session fixture that returns the function (pytest's "factories as fixtures"): the tests call it
+as before, with their own arguments, and module-scoped fixtures can ask for it too."""
+import importlib.util
+import json
 import os
+import random
 import warnings
+from argparse import Namespace
 
 import pytest
 import torch
 from PIL import Image
 
+import train
+from mrs_adapter.adapter import add_adapters
 from mrs_adapter.demo.backbone import pretrain
-from mrs_adapter.demo.scenes import make_demo, write_precomp
+from mrs_adapter.demo.scenes import captions, make_demo, render, sample_scene, write_precomp
 from mrs_adapter.model import CLIP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- tiny CLIP models ----
 
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128,
             vision_patch_size=8, context_length=32, vocab_size=49408, transformer_width=96,
             transformer_heads=1, transformer_layers=2)
 
 
-def make_tiny_clip(seed: int = 0, embed_dim: int = 32, image_resolution: int = 32,
-                   vision_layers: int = 2, vision_width: int = 128, vision_patch_size: int = 8,
-                   context_length: int = 77, vocab_size: int = 49408, transformer_width: int = 96,
-                   transformer_layers: int = 2) -> CLIP:
+def _make_tiny_clip(seed: int = 0, embed_dim: int = 32, image_resolution: int = 32,
+                    vision_layers: int = 2, vision_width: int = 128, vision_patch_size: int = 8,
+                    context_length: int = 77, vocab_size: int = 49408, transformer_width: int = 96,
+                    transformer_layers: int = 2) -> CLIP:
     """A randomly initialised CLIP small enough for CPU tests; heads = width // 64, as
     build_model reads them.
 
@@ -31,9 +49,15 @@ def make_tiny_clip(seed: int = 0, embed_dim: int = 32, image_resolution: int = 3
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def make_tiny_clip():
+    """make_tiny_clip(seed=0, **sizes) -> a fresh tiny CLIP, the same one for the same seed."""
+    return _make_tiny_clip
+
+
 @pytest.fixture
 def tiny_clip() -> CLIP:
-    return make_tiny_clip()
+    return _make_tiny_clip()
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +72,26 @@ def demo(tmp_path_factory):
     return str(root), str(root / "backbone.pt")
 
 
-def as_torchscript_archive(state_dict: dict, path):
+def _random_token_ids(n: int, context: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Ids < vocab - 1 with the end id (vocab - 1, the largest) at varied positions, zero padded
+    after it."""
+    tokens = torch.zeros(n, context, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(2, context + 1, (1,), generator=generator))
+        tokens[i, :length] = torch.randint(1, vocab - 1, (length,), generator=generator)
+        tokens[i, length - 1] = vocab - 1
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def random_token_ids():
+    """random_token_ids(n, context, vocab, generator) -> (n, context) ids for any vocabulary."""
+    return _random_token_ids
+
+
+# ---- weight files ----
+
+def _as_torchscript_archive(state_dict: dict, path):
     """Write tensors the way the OpenAI archives hold them: a scripted module whose state_dict has
     the official nested names, fp16 weights and the three integer entries."""
     root = torch.nn.Module()
@@ -80,6 +123,156 @@ def as_torchscript_archive(state_dict: dict, path):
         torch.jit.save(torch.jit.script(Archive()), str(path))
 
 
+@pytest.fixture(scope="session")
+def as_torchscript_archive():
+    """as_torchscript_archive(state_dict, path): an OpenAI-style TorchScript archive at path."""
+    return _as_torchscript_archive
+
+
+# ---- eval.py ----
+
+@pytest.fixture(scope="session")
+def eval_script():
+    """eval.py, loaded once as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("eval_script", os.path.join(ROOT, "eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def metric_keys():
+    """The names of the paper's row that eval.py returns and writes."""
+    return frozenset({"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"})
+
+
+# ---- one training step of train.py on a fixed batch ----
+
+_LOSS_ARGS = Namespace(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0), amp_dtype=None)
+
+
+def _fixed_problem():
+    """A tiny CLIP with non-zero adapters, no dropout anywhere, and a fixed batch of 8 pairs."""
+    model = add_adapters(_make_tiny_clip(), dropout=0.0, verbose=False).train()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    tokens = torch.randint(1, 49000, (8, 77), generator=g)
+    tokens[:, 12:] = 0
+    tokens[:, 11] = 49407
+    return model, images, tokens
+
+
+def _adam_step(model, **adam):
+    """(trainable params, Adam, step(images, tokens) -> (loss, terms)): forward, backward, Adam
+    step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3, **adam)
+    views = train.Views(model, 0.0, both_views=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+    def step(images, tokens):
+        loss = train.forward_backward(_LOSS_ARGS, views, model, images, tokens, scaler)
+        optimizer.step()
+        return loss
+
+    return params, optimizer, step
+
+
+@pytest.fixture(scope="session")
+def loss_args():
+    """The HMMC loss settings of the fixed step (train.forward_backward's first argument)."""
+    return _LOSS_ARGS
+
+
+@pytest.fixture(scope="session")
+def fixed_problem():
+    """fixed_problem() -> (model, images, tokens), built afresh, the same every call."""
+    return _fixed_problem
+
+
+@pytest.fixture(scope="session")
+def adam_step():
+    """adam_step(model, **adam) -> (params, optimizer, step)."""
+    return _adam_step
+
+
+# ---- small datasets on disk ----
+
+def _colour(name):  # a distinct colour per image name, so pixels tell which file was read
+    h = sum(ord(c) * 31 ** k for k, c in enumerate(name))
+    return (h % 251, (h // 251) % 251, (h // 63001) % 251)
+
+
+def _write_images(folder, names, size=40):
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (size, size + 8), _colour(name)).save(os.path.join(folder, name))
+
+
+def _write_lines(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _make_precomp(root, name="rsitmd", n_train=10, n_test=3):
+    """<root>/<name>_precomp (the package's writer: 5 captions per image, train_filename one line
+    per image, test_filename one per caption) and <name>_images in plain colours; returns the
+    text folder."""
+    text = os.path.join(root, f"{name}_precomp")
+    os.makedirs(text)
+    for split, n in (("train", n_train), ("test", n_test)):
+        names = [f"{split}scene_{i}.tif" for i in range(n)]
+        write_precomp(text, split, names, [f"caption {k} of {x}" for x in names for k in range(5)])
+        _write_images(os.path.join(root, f"{name}_images"), names)
+    return text
+
+
+_JSON_SPLITS = ("train",) * 6 + ("val",) * 2 + ("test",) * 3
+
+
+def _make_json_dataset(root, name="sydney", splits=_JSON_SPLITS, counts=None):
+    images = []
+    for i, split in enumerate(splits):
+        filename = f"{i}.tif"
+        n = counts[i] if counts else 5
+        sentences = [{"raw": f"caption {k} of {filename}", "tokens": []} for k in range(n)]
+        images.append({"filename": filename, "imgid": i, "split": split, "sentences": sentences})
+    with open(os.path.join(root, f"dataset_{name}.json"), "w") as f:
+        json.dump({"images": images, "dataset": name}, f)
+    _write_images(os.path.join(root, f"{name}_images"), [x["filename"] for x in images])
+
+
+@pytest.fixture(scope="session")
+def image_colour():
+    """image_colour(file name) -> the (r, g, b) every image the dataset fixtures write is
+    filled with."""
+    return _colour
+
+
+@pytest.fixture(scope="session")
+def write_lines():
+    """write_lines(path, lines): one line each, newline-terminated (to edit a written dataset)."""
+    return _write_lines
+
+
+@pytest.fixture(scope="session")
+def make_precomp():
+    """make_precomp(root, name="rsitmd", n_train=10, n_test=3) -> its <name>_precomp folder."""
+    return _make_precomp
+
+
+@pytest.fixture(scope="session")
+def make_json_dataset():
+    """make_json_dataset(root, name="sydney", splits=..., counts=None): dataset_<name>.json (the
+    split of each image in `splits`, `counts[i]` captions for image i, else 5) and its
+    images."""
+    return _make_json_dataset
+
+
 def _write_scenes(root, name, images, captions_of):
     """<root>/<name>_precomp and <name>_images as released: {split: [(file name, PIL image)]}."""
     text, folder = os.path.join(root, f"{name}_precomp"), os.path.join(root, f"{name}_images")
@@ -99,9 +292,6 @@ def two_datasets(tmp_path_factory):
     copies[name] = the test image it copies: rsicd's training pool holds an exact copy, a JPEG
     (quality 75) and a 64 -> 56 px resized copy of two rsitmd test images each, and rsitmd's
     training pool a JPEG copy of one rsicd test image. Every other image is a distinct scene."""
-    import random
-
-    from mrs_adapter.demo.scenes import captions, render, sample_scene
     root, rng = tmp_path_factory.mktemp("two"), random.Random(5)
     scenes = {}
 

@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_clip
 from torch import nn
 
 from mrs_adapter.adapter import AdaptedBlock, MRSAdapter, add_adapters
@@ -66,8 +65,13 @@ def randomize_adapters(model, seed=1, std=0.1):
     return model
 
 
-def adapted_tiny_clip(seed=0, **kwargs):
-    return add_adapters(make_tiny_clip(seed, **{**TINY, **kwargs}), verbose=False)
+@pytest.fixture
+def adapted_tiny_clip(make_tiny_clip):
+    """adapted_tiny_clip(seed=0, **sizes) -> a tiny CLIP of TINY's widths with fresh shared
+    adapters."""
+    def build(seed=0, **kwargs):
+        return add_adapters(make_tiny_clip(seed, **{**TINY, **kwargs}), verbose=False)
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +154,7 @@ def test_vit_b32_trains_exactly_161088_parameters_and_no_clip_tensor(vit_b32):
     assert len(blocks) == 24 and len({id(b.adapter) for b in blocks}) == 1
 
 
-def test_trainable_line_is_printed(vit_b32, capsys):
+def test_trainable_line_is_printed(vit_b32, make_tiny_clip, capsys):
     print_trainable_parameters(vit_b32)
     assert capsys.readouterr().out.strip() == \
         "trainable params: 161,088 || all params: 151,438,401 || trainable%: 0.1064"
@@ -174,7 +178,7 @@ def test_adapter_follows_vit_l14_widths(layers):
     assert count_parameters(model)[0] == mrs_adapter_params(768, 1024) == 227_136
 
 
-def test_per_block_ablation_has_one_single_modality_adapter_per_block():
+def test_per_block_ablation_has_one_single_modality_adapter_per_block(make_tiny_clip):
     model = add_adapters(make_tiny_clip(vision_layers=3, **TINY), shared=False, verbose=False)
     text, vision = list(model.transformer.resblocks), list(model.visual.transformer.resblocks)
     assert len({id(b.adapter) for b in text + vision}) == 5
@@ -190,7 +194,7 @@ def test_per_block_ablation_has_one_single_modality_adapter_per_block():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_wrapper_holds_the_frozen_block_and_says_so():
+def test_wrapper_holds_the_frozen_block_and_says_so(make_tiny_clip):
     model = make_tiny_clip(**TINY)
     original = model.transformer.resblocks[1]
     add_adapters(model, verbose=False)
@@ -209,7 +213,7 @@ def test_wrapper_holds_the_frozen_block_and_says_so():
         add_adapters(model, verbose=False)
 
 
-def test_adapted_block_writes_the_parallel_equation():
+def test_adapted_block_writes_the_parallel_equation(adapted_tiny_clip):
     model = randomize_adapters(adapted_tiny_clip()).eval()
     for wrapper in (model.transformer.resblocks[0], model.visual.transformer.resblocks[1]):
         block, adapter = wrapper.block, wrapper.adapter
@@ -223,7 +227,7 @@ def test_adapted_block_writes_the_parallel_equation():
         assert not torch.allclose(wrapper(x), wrong, atol=1e-4)
 
 
-def test_fresh_adapters_leave_clip_outputs_unchanged():
+def test_fresh_adapters_leave_clip_outputs_unchanged(make_tiny_clip):
     plain = make_tiny_clip(**TINY)
     adapted = add_adapters(copy.deepcopy(plain), verbose=False)
     images, tokens = random_images(3), random_tokens(3)
@@ -237,7 +241,7 @@ def test_fresh_adapters_leave_clip_outputs_unchanged():
     assert not torch.allclose(adapted.encode_text(tokens), plain.encode_text(tokens), atol=1e-4)
 
 
-def test_causal_mask_passes_through_adapted_text_blocks():
+def test_causal_mask_passes_through_adapted_text_blocks(adapted_tiny_clip):
     model = randomize_adapters(adapted_tiny_clip()).eval()
     tokens = random_tokens(2)
     changed = tokens.clone()
@@ -255,7 +259,7 @@ def test_causal_mask_passes_through_adapted_text_blocks():
     assert not torch.allclose(hidden(tokens)[:, :6], hidden(changed)[:, :6], atol=1e-3)
 
 
-def test_one_adam_step_changes_only_adapter_tensors():
+def test_one_adam_step_changes_only_adapter_tensors(adapted_tiny_clip):
     model = randomize_adapters(adapted_tiny_clip()).train()
     before = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -276,7 +280,7 @@ def test_one_adam_step_changes_only_adapter_tensors():
 
 # ---- trainable-state checkpoints ----
 
-def test_save_load_reproduces_outputs_bit_identically(tmp_path):
+def test_save_load_reproduces_outputs_bit_identically(adapted_tiny_clip, tmp_path):
     trained = randomize_adapters(adapted_tiny_clip(seed=0)).eval()
     path = str(tmp_path / "adapter.pt")
     save_trainable(trained, path, config={"bottleneck": 64, "margin": 0.2}, epoch=3)
@@ -289,7 +293,8 @@ def test_save_load_reproduces_outputs_bit_identically(tmp_path):
     assert os.listdir(tmp_path) == ["adapter.pt"]  # no temporary file left behind
 
 
-def test_vit_b32_adapter_file_is_small_and_refused_by_other_widths(vit_b32, tmp_path):
+def test_vit_b32_adapter_file_is_small_and_refused_by_other_widths(vit_b32, adapted_tiny_clip,
+                                                                   tmp_path):
     path = str(tmp_path / "b32.pt")
     save_trainable(vit_b32, path)
     assert os.path.getsize(path) < 1_000_000
@@ -301,7 +306,7 @@ def test_vit_b32_adapter_file_is_small_and_refused_by_other_widths(vit_b32, tmp_
     assert "text_up.weight: checkpoint (448, 64) vs model (32, 64)" in str(error.value)
 
 
-def test_strict_loading_names_what_differs():
+def test_strict_loading_names_what_differs(make_tiny_clip, adapted_tiny_clip):
     source = randomize_adapters(adapted_tiny_clip())
     state = trainable_state_dict(source)
     target = adapted_tiny_clip()
@@ -329,7 +334,7 @@ def test_strict_loading_names_what_differs():
     assert all(torch.equal(trainable_state_dict(target)[n], t) for n, t in state.items())
 
 
-def test_save_is_atomic_and_load_checks_the_format(tmp_path):
+def test_save_is_atomic_and_load_checks_the_format(adapted_tiny_clip, tmp_path):
     path = str(tmp_path / "adapter.pt")
     model = randomize_adapters(adapted_tiny_clip())
     save_trainable(model, path, epoch=1)
@@ -346,7 +351,7 @@ def test_save_is_atomic_and_load_checks_the_format(tmp_path):
 
 # ---- feature-dropout views (model.py, docs/method.md §3) ----
 
-def test_feature_dropout_is_off_in_eval_mode():
+def test_feature_dropout_is_off_in_eval_mode(make_tiny_clip):
     model = make_tiny_clip().eval()
     images, tokens = random_images(3), random_tokens(3)
     assert torch.equal(model.encode_image(images, feature_dropout=0.2), model.encode_image(images))
@@ -358,7 +363,7 @@ def test_feature_dropout_is_off_in_eval_mode():
         assert torch.allclose(dropped, clean, atol=1e-5)
 
 
-def test_feature_dropout_drops_a_fifth_of_the_embeddings_in_train_mode():
+def test_feature_dropout_drops_a_fifth_of_the_embeddings_in_train_mode(make_tiny_clip):
     # plain CLIP has no other random op, so the draws can be replayed
     model = make_tiny_clip().train()
     images, tokens = random_images(8), random_tokens(8)
@@ -381,7 +386,7 @@ def test_feature_dropout_drops_a_fifth_of_the_embeddings_in_train_mode():
         assert not torch.allclose(out, encode(inputs), atol=1e-4), name
 
 
-def test_views_in_train_mode_give_a_clean_and_a_dropped_view():
+def test_views_in_train_mode_give_a_clean_and_a_dropped_view(make_tiny_clip):
     model = make_tiny_clip().train()
     images, tokens = random_images(4), random_tokens(4)
     for views, x, encode in ((model.encode_image_views, images, model.encode_image),

@@ -14,9 +14,6 @@ import zipfile
 import open_clip
 import pytest
 import torch
-from conftest import make_tiny_clip
-from test_clip import random_tokens
-from test_eval import KEYS, eval_script
 
 import train
 from mrs_adapter import clip
@@ -34,9 +31,9 @@ FORMATS = {  # how the checkpoints in the wild hold the same tensors
 
 
 @pytest.fixture(scope="module")
-def inputs():
+def inputs(random_token_ids):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(1, 3, 224, 224, generator=g), random_tokens(2, 77, 49408, g)
+    return torch.randn(1, 3, 224, 224, generator=g), random_token_ids(2, 77, 49408, g)
 
 
 def encode(model, inputs):
@@ -113,7 +110,7 @@ def test_a_moved_named_file_is_recognised_by_its_sha256(tiny_clip, tmp_path, mon
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_handles_towers_of_unequal_depth_or_says_why(method, capsys):
+def test_every_method_handles_towers_of_unequal_depth_or_says_why(method, make_tiny_clip, capsys):
     """ViT-L/14 has 24 vision and 12 text blocks: here 4 and 2."""
     model = make_tiny_clip(vision_layers=4, transformer_layers=2)
     try:
@@ -144,11 +141,17 @@ def train_and_eval(root, clip_arg, run_dir, *extra):
                      "--workers", "0", "--device", "cpu"]
 
 
-def same_metrics(got, want):
-    return all(got[k] == pytest.approx(want[k], abs=1e-6) for k in KEYS)
+@pytest.fixture
+def same_metrics(metric_keys):
+    """same_metrics(got, want): every metric of the row equal to 1e-6."""
+    def same(got, want):
+        return all(got[k] == pytest.approx(want[k], abs=1e-6) for k in metric_keys)
+    return same
 
 
-def test_eval_from_another_folder_finds_the_clip_a_relative_path_named(demo, tmp_path, monkeypatch):
+def test_eval_from_another_folder_finds_the_clip_a_relative_path_named(demo, eval_script,
+                                                                      same_metrics, tmp_path,
+                                                                      monkeypatch):
     """Issue 15 item 12: the recorded CLIP path was relative to train.py's working folder."""
     root, backbone = demo
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
@@ -166,7 +169,8 @@ def test_eval_from_another_folder_finds_the_clip_a_relative_path_named(demo, tmp
                         summary["per_seed"][0]["test"])
 
 
-def test_gelu_checkpoint_trains_and_eval_rebuilds_it_without_flags(demo, tmp_path, capsys):
+def test_gelu_checkpoint_trains_and_eval_rebuilds_it_without_flags(demo, eval_script, same_metrics,
+                                                                   tmp_path, capsys):
     """Issue 11: a GELU CLIP in SkyCLIP's format; the activation is recorded with the run."""
     root, backbone = demo
     state = torch.load(backbone, weights_only=True)
@@ -194,7 +198,8 @@ def test_gelu_checkpoint_trains_and_eval_rebuilds_it_without_flags(demo, tmp_pat
     assert same_metrics(on_purpose, summary["per_seed"][0]["test"])
 
 
-def test_zero_shot_prints_the_published_figure_beside_ours(tmp_path, monkeypatch, capsys):
+def test_zero_shot_prints_the_published_figure_beside_ours(eval_script, make_tiny_clip, tmp_path,
+                                                           monkeypatch, capsys):
     make_demo(str(tmp_path / "data"), n_train=10, n_test=12, size=64)
     weights = tmp_path / "RS5M_ViT-B-32.pt"  # as if downloaded by hand: known by its sha256
     torch.save(make_tiny_clip().state_dict(), weights)

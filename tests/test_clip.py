@@ -6,7 +6,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import as_torchscript_archive
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
@@ -18,28 +17,23 @@ VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_wi
                 transformer_heads=8, transformer_layers=12)
 
 
-def random_tokens(n: int, context: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """Ids < vocab - 1 with the end id (vocab - 1, the largest) at varied positions, zero padded
-    after it."""
-    tokens = torch.zeros(n, context, dtype=torch.long)
-    for i in range(n):
-        length = int(torch.randint(2, context + 1, (1,), generator=generator))
-        tokens[i, :length] = torch.randint(1, vocab - 1, (length,), generator=generator)
-        tokens[i, length - 1] = vocab - 1
-    return tokens
-
-
-def assert_parity(reference, image_size: int, context: int, vocab: int, tol: float = 1e-4):
-    model = build_model(reference.state_dict())
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(3, 3, image_size, image_size, generator=g)
-    tokens = random_tokens(4, context, vocab, g)
-    with torch.no_grad():
-        img_err = (model.encode_image(images) - reference.encode_image(images)).abs().max().item()
-        txt_err = (model.encode_text(tokens) - reference.encode_text(tokens)).abs().max().item()
-    print(f"parity max abs error: image {img_err:.3g}, text {txt_err:.3g}")
-    assert img_err <= tol and txt_err <= tol
-    return model
+@pytest.fixture
+def assert_parity(random_token_ids):
+    """assert_parity(reference, image_size, context, vocab, tol=1e-4) -> our CLIP built from the
+    reference's state dict, after checking both encoders agree within tol."""
+    def check(reference, image_size: int, context: int, vocab: int, tol: float = 1e-4):
+        model = build_model(reference.state_dict())
+        g = torch.Generator().manual_seed(1)
+        images = torch.randn(3, 3, image_size, image_size, generator=g)
+        tokens = random_token_ids(4, context, vocab, g)
+        with torch.no_grad():
+            img_err = (model.encode_image(images) - reference.encode_image(images)).abs().max()
+            txt_err = (model.encode_text(tokens) - reference.encode_text(tokens)).abs().max()
+        img_err, txt_err = img_err.item(), txt_err.item()
+        print(f"parity max abs error: image {img_err:.3g}, text {txt_err:.3g}")
+        assert img_err <= tol and txt_err <= tol
+        return model
+    return check
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +42,12 @@ def open_clip_b32():
     return open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
 
 
-def test_parity_with_open_clip_vit_b_32(open_clip_b32):
+def test_parity_with_open_clip_vit_b_32(open_clip_b32, assert_parity):
     model = assert_parity(open_clip_b32, 224, 77, 49408)
     assert model.visual.input_resolution == 224 and model.context_length == 77
 
 
-def test_parity_with_open_clip_non_standard_shape():
+def test_parity_with_open_clip_non_standard_shape(assert_parity):
     torch.manual_seed(0)
     # other width, depth, patch size, image size, context length, vocabulary and embed dim
     reference = open_clip.model.CLIP(
@@ -111,7 +105,7 @@ def test_text_pools_the_end_token_and_is_causal(tiny_clip):
         assert not torch.allclose(tiny_clip.encode_text(earlier), base)
 
 
-def test_torchscript_archive_loads_like_the_state_dict(tiny_clip, tmp_path):
+def test_torchscript_archive_loads_like_the_state_dict(tiny_clip, as_torchscript_archive, tmp_path):
     as_torchscript_archive(tiny_clip.state_dict(), tmp_path / "ViT-tiny.pt")
     torch.save({k: v.half() for k, v in tiny_clip.state_dict().items()}, tmp_path / "plain.pt")
     from_archive, preprocess = clip.load(str(tmp_path / "ViT-tiny.pt"))

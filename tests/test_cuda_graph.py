@@ -1,14 +1,13 @@
 """The CUDA-graphed training step equals the eager one (runs only where CUDA is available)."""
 import pytest
 import torch
-from test_train import adam_step, fixed_problem
 
 from mrs_adapter.run.cuda_graph import GraphedStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_replayed_steps_equal_eager_steps():
+def test_replayed_steps_equal_eager_steps(fixed_problem, adam_step):
     results = []
     for graphed in (False, True):
         model, images, tokens = fixed_problem()

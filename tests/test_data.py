@@ -13,53 +13,9 @@ from torch.utils.data import DataLoader
 from mrs_adapter.clip import transform
 from mrs_adapter.data import load_splits, validation_split
 from mrs_adapter.datasets import CaptionDataset, ImageDataset, TrainDataset
-from mrs_adapter.demo.scenes import GROUNDS, make_demo, write_precomp
+from mrs_adapter.demo.scenes import GROUNDS, make_demo
 from mrs_adapter.prepare.check import check_dataset
 from mrs_adapter.prepare.cli import main as _main
-
-
-def colour(name):  # a distinct colour per image name, so pixels tell which file was read
-    h = sum(ord(c) * 31 ** k for k, c in enumerate(name))
-    return (h % 251, (h // 251) % 251, (h // 63001) % 251)
-
-
-def write_images(folder, names, size=40):
-    os.makedirs(folder, exist_ok=True)
-    for name in names:
-        Image.new("RGB", (size, size + 8), colour(name)).save(os.path.join(folder, name))
-
-
-def write_lines(path, lines):
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def make_precomp(root, name="rsitmd", n_train=10, n_test=3):
-    """<root>/<name>_precomp (the package's writer: 5 captions per image, train_filename one line
-    per image, test_filename one per caption) and <name>_images in plain colours; returns the
-    text folder."""
-    text = os.path.join(root, f"{name}_precomp")
-    os.makedirs(text)
-    for split, n in (("train", n_train), ("test", n_test)):
-        names = [f"{split}scene_{i}.tif" for i in range(n)]
-        write_precomp(text, split, names, [f"caption {k} of {x}" for x in names for k in range(5)])
-        write_images(os.path.join(root, f"{name}_images"), names)
-    return text
-
-
-JSON_SPLITS = ("train",) * 6 + ("val",) * 2 + ("test",) * 3
-
-
-def write_json(root, name="sydney", splits=JSON_SPLITS, counts=None):
-    images = []
-    for i, split in enumerate(splits):
-        filename = f"{i}.tif"
-        n = counts[i] if counts else 5
-        sentences = [{"raw": f"caption {k} of {filename}", "tokens": []} for k in range(n)]
-        images.append({"filename": filename, "imgid": i, "split": split, "sentences": sentences})
-    with open(os.path.join(root, f"dataset_{name}.json"), "w") as f:
-        json.dump({"images": images, "dataset": name}, f)
-    write_images(os.path.join(root, f"{name}_images"), [x["filename"] for x in images])
 
 
 def assert_aligned(split):
@@ -67,7 +23,7 @@ def assert_aligned(split):
         assert caption.endswith(" of " + os.path.basename(split.image_paths[i]))
 
 
-def test_precomp_counts_alignment_and_split_rule(tmp_path):
+def test_precomp_counts_alignment_and_split_rule(make_precomp, tmp_path):
     make_precomp(tmp_path, n_train=10, n_test=3)
     splits = load_splits("rsitmd", str(tmp_path))
     sizes = [(len(s.image_paths), len(s.captions)) for s in splits.values()]
@@ -93,7 +49,7 @@ def test_validation_split_rsitmd_sizes_and_global_rng_untouched():
     assert (len(train), len(val)) == (3432, 859) and train + val == idx
 
 
-def test_filename_lists_in_either_form(tmp_path):
+def test_filename_lists_in_either_form(make_precomp, write_lines, tmp_path):
     # swap the forms: train one name per caption, test one per image; the reader accepts both
     text = make_precomp(tmp_path, n_train=4, n_test=2)
     for split, per_caption in (("train", True), ("test", False)):
@@ -106,8 +62,8 @@ def test_filename_lists_in_either_form(tmp_path):
         assert_aligned(split)
 
 
-def test_json_layout_uses_its_own_splits(tmp_path):
-    write_json(tmp_path, counts=[5, 1, 7, 5, 5, 5, 5, 5, 5, 5, 5])
+def test_json_layout_uses_its_own_splits(make_json_dataset, tmp_path):
+    make_json_dataset(tmp_path, counts=[5, 1, 7, 5, 5, 5, 5, 5, 5, 5, 5])
     splits = load_splits("sydney", str(tmp_path))  # Sydney's default layout is json
     assert [os.path.basename(p) for p in splits["val"].image_paths] == ["6.tif", "7.tif"]
     assert [os.path.basename(p) for p in splits["test"].image_paths] == ["8.tif", "9.tif", "10.tif"]
@@ -116,14 +72,14 @@ def test_json_layout_uses_its_own_splits(tmp_path):
         assert_aligned(split)
 
 
-def test_json_without_val_falls_back_to_the_rule(tmp_path):
-    write_json(tmp_path, name="rsitmd", splits=("train",) * 10 + ("test",) * 2)
+def test_json_without_val_falls_back_to_the_rule(make_json_dataset, tmp_path):
+    make_json_dataset(tmp_path, name="rsitmd", splits=("train",) * 10 + ("test",) * 2)
     splits = load_splits("rsitmd", str(tmp_path), layout="json")
     train_idx, val_idx = validation_split(10)
     assert [os.path.basename(p) for p in splits["val"].image_paths] == [f"{i}.tif" for i in val_idx]
 
 
-def test_datasets_and_cache_give_identical_tensors(tmp_path):
+def test_datasets_and_cache_give_identical_tensors(make_precomp, image_colour, tmp_path):
     make_precomp(tmp_path, n_train=5, n_test=2)
     split = load_splits("rsitmd", str(tmp_path))["train"]
     plain = TrainDataset(split, transform(32))
@@ -135,7 +91,7 @@ def test_datasets_and_cache_give_identical_tensors(tmp_path):
     # the pixels are those of the caption's image (colour(name), normalised by CLIP's mean/std)
     image, _, i = plain[7]
     assert image.shape == (3, 32, 32)
-    want = torch.tensor(colour(os.path.basename(split.image_paths[i]))) / 255
+    want = torch.tensor(image_colour(os.path.basename(split.image_paths[i]))) / 255
     assert torch.allclose(image[:, 16, 16] * torch.tensor(transform(32).transforms[-1].std)
                           + torch.tensor(transform(32).transforms[-1].mean), want, atol=1e-3)
     # forked DataLoader workers read the cache filled in the main process
@@ -145,7 +101,7 @@ def test_datasets_and_cache_give_identical_tensors(tmp_path):
     assert CaptionDataset(split, 77)[0].shape == (77,)
 
 
-def test_problems_are_reported_with_their_file(tmp_path):
+def test_problems_are_reported_with_their_file(make_precomp, write_lines, tmp_path):
     text = make_precomp(tmp_path, n_train=6, n_test=3)
     images = os.path.join(tmp_path, "rsitmd_images")
     os.remove(os.path.join(images, "trainscene_1.tif"))  # missing image
@@ -175,7 +131,8 @@ def test_problems_are_reported_with_their_file(tmp_path):
         load_splits("rsitmd", str(tmp_path))
 
 
-def test_clean_dataset_has_no_problems_and_missing_folder_says_where(tmp_path, capsys):
+def test_clean_dataset_has_no_problems_and_missing_folder_says_where(make_precomp, tmp_path,
+                                                                     capsys):
     make_precomp(tmp_path)
     assert check_dataset("rsitmd", str(tmp_path)) == []
     assert _main(["check", "--dataset", "rsitmd", "--data-root", str(tmp_path)]) == 0
@@ -217,8 +174,8 @@ def test_demo_is_deterministic_idempotent_and_readable(tmp_path):
         assert not any(other in c for c in own for other in others), (path, own)
 
 
-def test_json_problems_and_image_dir_override(tmp_path):
-    write_json(tmp_path, splits=("train", "train", "test"))
+def test_json_problems_and_image_dir_override(make_json_dataset, tmp_path):
+    make_json_dataset(tmp_path, splits=("train", "train", "test"))
     path = os.path.join(tmp_path, "dataset_sydney.json")
     data = json.load(open(path))
     data["images"][1]["split"] = "holdout"
@@ -232,7 +189,7 @@ def test_json_problems_and_image_dir_override(tmp_path):
     open(path, "w").write('{"images": [\n{"filename": "0.tif",,}]}')
     assert "dataset_sydney.json:2: not valid JSON" in str(check_dataset("sydney", str(tmp_path))[0])
     # images elsewhere: image_dir overrides <root>/<name>_images
-    write_json(tmp_path)
+    make_json_dataset(tmp_path)
     os.rename(os.path.join(tmp_path, "sydney_images"), os.path.join(tmp_path, "elsewhere"))
     with pytest.raises(FileNotFoundError, match="sydney_images"):
         load_splits("sydney", str(tmp_path))

@@ -9,7 +9,6 @@ import threading
 
 import pytest
 import torch
-from conftest import as_torchscript_archive
 
 from mrs_adapter import clip
 from mrs_adapter.weights.download import DownloadError, download
@@ -51,7 +50,7 @@ def server():
 
 
 @pytest.fixture
-def served_vit(server, tiny_clip, tmp_path, monkeypatch):
+def served_vit(server, tiny_clip, as_torchscript_archive, tmp_path, monkeypatch):
     """The tiny CLIP as an OpenAI-style archive, served where `load("ViT-B/32")` looks for it."""
     archive = tmp_path / "archive.pt"
     as_torchscript_archive(tiny_clip.state_dict(), archive)

@@ -1,11 +1,8 @@
 """eval.py end to end: zero-shot tiny CLIP on the generated demo dataset, JSON and PNG outputs."""
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
-from conftest import make_tiny_clip
 from PIL import Image
 
 from mrs_adapter.checkpoint import save_trainable
@@ -17,15 +14,9 @@ from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.metrics import recall_at_k
 from mrs_adapter.tokenizer import tokenize
 
-_EVAL_PY = os.path.join(os.path.dirname(__file__), "..", "eval.py")
-_spec = importlib.util.spec_from_file_location("eval_script", _EVAL_PY)
-eval_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eval_script)
-KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"}
-
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(make_tiny_clip, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     weights = str(root / "tiny.pt")
     torch.save(make_tiny_clip().state_dict(), weights)
@@ -33,21 +24,22 @@ def setup(tmp_path_factory):
     return root, weights
 
 
-def test_zero_shot_end_to_end(setup):
+def test_zero_shot_end_to_end(setup, eval_script, make_tiny_clip, metric_keys):
     root, weights = setup
     out, png = str(root / "out" / "m.json"), str(root / "vis.png")
     metrics = eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"),
                                 "--zero-shot", "--clip", weights, "--workers", "0",
                                 "--batch-size", "5", "--device", "cpu",
                                 "--json", out, "--visualize", png])
-    assert KEYS <= set(metrics)
+    assert metric_keys <= set(metrics)
     saved = json.load(open(out))
-    assert KEYS <= set(saved["metrics"]) and saved["n_images"] == 12 and saved["n_captions"] == 60
+    assert (metric_keys <= set(saved["metrics"]) and saved["n_images"] == 12
+            and saved["n_captions"] == 60)
     assert Image.open(png).format == "PNG" and Image.open(png).size[0] > 100
 
     txt2img = torch.tensor(demo_test_split(root).txt2img)
     want = recall_at_k(direct_sims(make_tiny_clip(), root), txt2img)
-    assert all(metrics[k] == pytest.approx(want[k]) for k in KEYS)
+    assert all(metrics[k] == pytest.approx(want[k]) for k in metric_keys)
 
 
 def demo_test_split(root):
@@ -65,7 +57,8 @@ def direct_sims(model, root):
     return normalize(img, dim=-1) @ normalize(txt, dim=-1).t()
 
 
-def test_checkpoint_composes_the_method_and_loads_its_tensors(setup):
+def test_checkpoint_composes_the_method_and_loads_its_tensors(setup, eval_script, make_tiny_clip,
+                                                              metric_keys):
     root, weights = setup
     model = apply_method(make_tiny_clip(), "mrs_adapter", {}, verbose=False)
     with torch.no_grad():  # trained-looking adapter weights (the up layers start at zero)
@@ -81,19 +74,20 @@ def test_checkpoint_composes_the_method_and_loads_its_tensors(setup):
     plain = direct_sims(make_tiny_clip(), root)
     assert not torch.allclose(sims, plain, atol=1e-3)  # the adapter matters
     want = recall_at_k(sims, torch.tensor(demo_test_split(root).txt2img))
-    assert all(metrics[k] == pytest.approx(want[k]) for k in KEYS)
+    assert all(metrics[k] == pytest.approx(want[k]) for k in metric_keys)
     beside = root / "run" / "eval_demo_test.json"  # beside the checkpoint
-    assert KEYS <= set(json.load(open(beside))["metrics"])
+    assert metric_keys <= set(json.load(open(beside))["metrics"])
 
 
-def test_default_json_path_and_no_overwrite_of_foreign_files(setup, tmp_path, monkeypatch):
+def test_default_json_path_and_no_overwrite_of_foreign_files(setup, eval_script, metric_keys,
+                                                              tmp_path, monkeypatch):
     root, weights = setup
     monkeypatch.chdir(tmp_path)
     args = ["--dataset", "demo", "--data-root", str(root / "data"), "--zero-shot",
             "--clip", weights, "--workers", "0", "--device", "cpu"]
     eval_script.main(args)
     written = tmp_path / "results" / "zeroshot_tiny_demo_test.json"
-    assert KEYS <= set(json.load(open(written))["metrics"])
+    assert metric_keys <= set(json.load(open(written))["metrics"])
     eval_script.main(args + ["--split", "val"])  # its own file again: replaced without complaint
     eval_script.main(args)
     foreign = tmp_path / "notes.json"
@@ -103,14 +97,14 @@ def test_default_json_path_and_no_overwrite_of_foreign_files(setup, tmp_path, mo
     assert foreign.read_text() == '{"mine": 1}'
 
 
-def test_missing_checkpoint_is_named(setup):
+def test_missing_checkpoint_is_named(setup, eval_script):
     root, _ = setup
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         eval_script.main(["--dataset", "demo", "--data-root", str(root / "data"),
                           "--checkpoint", "nope.pt"])
 
 
-def test_unreadable_or_foreign_checkpoints_are_named(setup, tmp_path):
+def test_unreadable_or_foreign_checkpoints_are_named(setup, eval_script, tmp_path):
     root, weights = setup
     args = ["--dataset", "demo", "--data-root", str(root / "data"), "--clip", weights,
             "--checkpoint"]
@@ -123,7 +117,7 @@ def test_unreadable_or_foreign_checkpoints_are_named(setup, tmp_path):
         eval_script.main(args + [weights])
 
 
-def test_several_datasets_give_one_row_each(setup, two_datasets, tmp_path, capsys):
+def test_several_datasets_give_one_row_each(setup, two_datasets, eval_script, tmp_path, capsys):
     _, weights = setup
     common = ["--data-root", two_datasets[0], "--zero-shot", "--clip", weights]
     both = eval_script.main(["--dataset", "rsitmd", "rsicd", *common,

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_tiny_clip
 from torch.nn.parallel import DistributedDataParallel
 
 import train
@@ -71,7 +70,8 @@ def worker(rank: int, weights: str, out_dir: str):
     dist.destroy_process_group()
 
 
-def test_every_method_trains_under_two_processes_as_one_process_on_the_global_batch(tmp_path):
+def test_every_method_trains_under_two_processes_as_one_process_on_the_global_batch(
+        make_tiny_clip, tmp_path):
     weights = str(tmp_path / "tiny.pt")
     torch.save(make_tiny_clip().state_dict(), weights)
     mp.spawn(worker, args=(weights, str(tmp_path)), nprocs=WORLD, join=True)  # one pair for all
@@ -108,11 +108,10 @@ def test_a_single_process_on_cuda_n_makes_it_current_first(device, current, monk
     assert calls == ([current] if current else [])
 
 
-def test_the_step_is_recorded_in_a_mode_other_threads_cannot_break(monkeypatch):
+def test_the_step_is_recorded_in_a_mode_other_threads_cannot_break(fixed_problem, adam_step,
+                                                                   monkeypatch):
     """The pin-memory thread keeps calling CUDA while the step is recorded: the capture must reject
     unsafe calls of the recording thread only. (The recording itself: test_cuda_graph.py, GPU.)"""
-    from test_train import adam_step, fixed_problem
-
     from mrs_adapter.run import cuda_graph
     modes = []
 

@@ -2,14 +2,13 @@
 mrs_adapter.methods.
 
 Trainable counts on ViT-B/32 shapes (built on the meta device: shapes without memory, so one
-deep copy per method is instant); everything else on tiny CLIPs (conftest.make_tiny_clip).
+deep copy per method is instant); everything else on tiny CLIPs (the make_tiny_clip fixture).
 """
 import copy
 import math
 
 import pytest
 import torch
-from conftest import make_tiny_clip
 
 from mrs_adapter.checkpoint import count_parameters, load_trainable, save_trainable
 from mrs_adapter.loss import hmmc_loss
@@ -76,7 +75,7 @@ def vit_b32():
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(make_tiny_clip):
     """Tiny CLIP (text 96 wide, vision 128, 2 layers each); tests deep-copy it and never change
     it."""
     return make_tiny_clip(0)
@@ -263,7 +262,7 @@ def test_adam_steps_on_hmmc_change_the_methods_tensors_and_nothing_else(name, ti
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_checkpoint_round_trip_reproduces_the_outputs(name, tiny, tmp_path):
+def test_checkpoint_round_trip_reproduces_the_outputs(name, tiny, make_tiny_clip, tmp_path):
     model, original = with_method(tiny, name)
     randomize_new(model, original)
     model.eval()
@@ -454,7 +453,7 @@ def test_uniadapter_shares_layernorm_and_down_projection_and_scales_its_output(t
 
 
 @pytest.mark.parametrize("name", ["cross_modal_adapter", "uniadapter"])
-def test_layerwise_shared_methods_reject_towers_of_unequal_depth(name):
+def test_layerwise_shared_methods_reject_towers_of_unequal_depth(name, make_tiny_clip):
     model = make_tiny_clip(0, vision_layers=3)
     with pytest.raises(ValueError, match="equal depth; this CLIP has 2 text and 3 vision layers"):
         apply_method(model, name, verbose=False)

@@ -1,6 +1,5 @@
 """A checkpoint records its method's whole configuration and eval.py rebuilds from it; eval.py's
 contradictory flags are errors; the evaluation precision follows the checkpoint."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +8,6 @@ from argparse import Namespace
 
 import pytest
 import torch
-from conftest import make_tiny_clip
 
 import train
 from mrs_adapter import clip
@@ -18,18 +16,20 @@ from mrs_adapter.methods import apply_method, method_options
 from mrs_adapter.methods import mrs_adapter as mrs_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("eval_script_rc", os.path.join(ROOT, "eval.py"))
-eval_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eval_script)
 
 
-def evaluate(demo, checkpoint, *extra):
-    return eval_script.main(["--dataset", "demo", "--data-root", demo[0], "--checkpoint",
-                             str(checkpoint), "--workers", "0", "--device", "cpu", "--split", "val",
-                             *extra])
+@pytest.fixture
+def evaluate(eval_script):
+    """evaluate(demo, checkpoint, *extra) -> eval.py's metrics for the checkpoint on demo val."""
+    def run(demo, checkpoint, *extra):
+        return eval_script.main(["--dataset", "demo", "--data-root", demo[0], "--checkpoint",
+                                 str(checkpoint), "--workers", "0", "--device", "cpu", "--split",
+                                 "val", *extra])
+    return run
 
 
-def test_a_checkpoint_is_rebuilt_from_its_recorded_options_not_todays_constants(demo, tmp_path,
+def test_a_checkpoint_is_rebuilt_from_its_recorded_options_not_todays_constants(demo, evaluate,
+                                                                                 tmp_path,
                                                                                  monkeypatch):
     root, backbone = demo
     train.main(["--dataset", "demo", "--data-root", root, "--clip", backbone, "--output",
@@ -65,7 +65,7 @@ def test_an_option_the_method_lacks_is_an_error_before_anything_is_written(tmp_p
     assert train.resolve_method_options(args) == {**method_options("adaptformer"), "bottleneck": 3}
 
 
-def test_an_unrecorded_option_is_an_error_not_a_default(tmp_path):
+def test_an_unrecorded_option_is_an_error_not_a_default(eval_script, make_tiny_clip, tmp_path):
     model = apply_method(make_tiny_clip(), "adaptformer", verbose=False)
     path = tmp_path / "best.pt"
     options = method_options("adaptformer")
@@ -77,7 +77,9 @@ def test_an_unrecorded_option_is_an_error_not_a_default(tmp_path):
 
 
 @pytest.mark.parametrize("objective", ["hmmc", "info_nce"])
-def test_full_checkpoints_hold_logit_scale_only_where_the_objective_reads_it(objective, tmp_path):
+def test_full_checkpoints_hold_logit_scale_only_where_the_objective_reads_it(objective, eval_script,
+                                                                            make_tiny_clip,
+                                                                            tmp_path):
     torch.save(make_tiny_clip().state_dict(), tmp_path / "tiny.pt")
     args = train.get_parser().parse_args(["--dataset", "demo", "--clip", str(tmp_path / "tiny.pt"),
                                           "--method", "full", "--objective", objective,
@@ -90,7 +92,7 @@ def test_full_checkpoints_hold_logit_scale_only_where_the_objective_reads_it(obj
     eval_script.apply_checkpoint(make_tiny_clip(), ckpt)  # strict: the same trainable set
 
 
-def test_contradictory_eval_flags_are_errors(demo, capsys):
+def test_contradictory_eval_flags_are_errors(demo, eval_script, capsys):
     base = ["--dataset", "demo", "--data-root", demo[0]]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *base, "--checkpoint",
                            "x/best.pt", "--method", "zero_shot"],
@@ -107,7 +109,8 @@ def test_contradictory_eval_flags_are_errors(demo, capsys):
     assert eval_script.parse_args(base + ["--method", "zero_shot"]).zero_shot  # = --zero-shot
 
 
-def test_precision_defaults_to_the_checkpoints_on_cuda_and_fp32_on_the_cpu(demo, tmp_path,
+def test_precision_defaults_to_the_checkpoints_on_cuda_and_fp32_on_the_cpu(demo, eval_script,
+                                                                            evaluate, tmp_path,
                                                                             monkeypatch):
     cuda = eval_script.parse_args(["--dataset", "demo", "--checkpoint", "x.pt", "--device",
                                    "cuda:0"])

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data import make_precomp, write_json, write_lines
-from test_eval import eval_script
 
 import petl_benchmark as benchmark
 import train
@@ -79,10 +77,11 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(demo, tmp_pat
 
 
 # 2 + 13: the demo is generated only where nothing is; a user's folder is never deleted
-def test_demo_generation_never_deletes_a_folder_it_did_not_write(tmp_path, capsys):
+def test_demo_generation_never_deletes_a_folder_it_did_not_write(make_json_dataset, tmp_path,
+                                                                  capsys):
     root = tmp_path / "data"
     root.mkdir()
-    write_json(str(root), name="demo")  # the user's own demo_images/ and dataset_demo.json
+    make_json_dataset(str(root), name="demo")  # the user's own demo_images/ and dataset_demo.json
     mine = root / "demo_images" / "0.tif"
     stamp = mine.read_bytes()
     splits = load_splits("demo", str(root), layout="json")
@@ -105,11 +104,9 @@ def test_demo_generation_never_deletes_a_folder_it_did_not_write(tmp_path, capsy
 
 # 3: --visualize and --json refuse a file eval.py did not write, before the evaluation runs
 @pytest.fixture
-def eval_setup(tmp_path):
+def eval_setup(make_tiny_clip, tmp_path):
     root = tmp_path / "data"
     make_demo(str(root), n_train=10, n_test=6, size=32)
-    from conftest import make_tiny_clip
-
     weights = tmp_path / "tiny.pt"
     torch.save(make_tiny_clip().state_dict(), weights)
     return [
@@ -128,7 +125,7 @@ def eval_setup(tmp_path):
 
 
 def test_visualize_and_json_refuse_foreign_files_before_evaluating(
-    eval_setup, tmp_path, monkeypatch
+    eval_setup, eval_script, tmp_path, monkeypatch
 ):
     eval_script.main(
         eval_setup + ["--visualize", str(tmp_path / "queries.png")]
@@ -265,7 +262,7 @@ def test_multi_band_16_bit_tiff_is_refused_not_darkened(tmp_path):
         read_image(str(path), np.asarray)
 
 
-def test_check_reports_every_image_that_is_not_8_bit(tmp_path):
+def test_check_reports_every_image_that_is_not_8_bit(make_precomp, tmp_path):
     make_precomp(tmp_path, n_train=5, n_test=2)
     assert check_dataset("rsitmd", str(tmp_path)) == []  # negative control: 8-bit RGB only
     Image.fromarray(np.full((8, 8), 3000, np.uint16)).save(
@@ -286,7 +283,8 @@ def test_check_reports_every_image_that_is_not_8_bit(tmp_path):
 
 
 # 6: a file-name list with another captions-per-image ratio than stated is an error
-def test_names_that_do_not_give_five_captions_per_image_are_an_error(tmp_path):
+def test_names_that_do_not_give_five_captions_per_image_are_an_error(make_precomp, write_lines,
+                                                                    tmp_path):
     text = make_precomp(tmp_path, n_train=10, n_test=3)
     for split in ("train", "test"):  # 6 captions per image; test_filename.txt one name per caption
         listed = open(os.path.join(text, f"{split}_filename.txt")).read().split()
@@ -326,7 +324,7 @@ def test_names_that_do_not_give_five_captions_per_image_are_an_error(tmp_path):
 @pytest.mark.parametrize(
     "emptied", [["train_caps.txt"], ["test_caps.txt"], ["train_caps.txt", "train_filename.txt"]]
 )
-def test_empty_files_are_one_error_each(tmp_path, emptied):
+def test_empty_files_are_one_error_each(make_precomp, tmp_path, emptied):
     text = make_precomp(tmp_path, n_train=10, n_test=3)
     for name in emptied:
         open(os.path.join(text, name), "w").close()
@@ -343,7 +341,8 @@ def test_empty_files_are_one_error_each(tmp_path, emptied):
 
 
 # 8: captions longer than the context are counted, said once per split, and listed by check
-def test_captions_longer_than_the_context_are_reported(tmp_path, capsys):
+def test_captions_longer_than_the_context_are_reported(make_precomp, write_lines, tmp_path,
+                                                       capsys):
     text = make_precomp(tmp_path, n_train=5, n_test=2)
     caps = open(os.path.join(text, "train_caps.txt")).read().splitlines()
     caps[7] = caps[7] + " with" + " many small houses" * 30
@@ -379,7 +378,7 @@ def test_broken_image_stops_before_the_run_folder_is_made(demo, tmp_path):
 
 
 # 10: output paths that cannot be written: one line naming the path, before anything runs
-def test_unwritable_outputs_are_one_line_errors(demo, tmp_path, monkeypatch):
+def test_unwritable_outputs_are_one_line_errors(demo, eval_script, tmp_path, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("mine")
     for output, message in (
@@ -446,8 +445,8 @@ def test_second_benchmark_into_the_same_output_is_refused(demo, tmp_path):
 
 
 # 11: the hint printed with data errors reads the data the way the failing run did
-def test_data_error_hint_repeats_layout_and_image_dir(tmp_path, capsys):
-    write_json(str(tmp_path), name="rsitmd")
+def test_data_error_hint_repeats_layout_and_image_dir(make_json_dataset, tmp_path, capsys):
+    make_json_dataset(str(tmp_path), name="rsitmd")
     os.rename(tmp_path / "rsitmd_images", tmp_path / "pics")
     path = tmp_path / "dataset_rsitmd.json"
     data = json.load(open(path))
@@ -462,8 +461,8 @@ def test_data_error_hint_repeats_layout_and_image_dir(tmp_path, capsys):
 
 
 # 13: the smaller ones
-def test_non_utf8_json_is_named(tmp_path):
-    write_json(str(tmp_path))
+def test_non_utf8_json_is_named(make_json_dataset, tmp_path):
+    make_json_dataset(str(tmp_path))
     path = tmp_path / "dataset_sydney.json"
     path.write_bytes(path.read_bytes().replace(b"caption 0", b"caption \xff"))
     with pytest.raises(ValueError, match="dataset_sydney.json: not UTF-8"):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_clip
 from PIL import Image
 
 from mrs_adapter.checkpoint import save_trainable
@@ -53,7 +52,7 @@ IMAGES = [("a.png", (40, 30)), ("sub/big.TIF", (150, 100)), ("c.jpg", (64, 64)),
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(make_tiny_clip, tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     weights = [str(root / f"tiny{seed}.pt") for seed in (0, 1)]
     for seed, path in enumerate(weights):
@@ -120,19 +119,23 @@ def test_top_k_equals_a_full_sort():
     np.testing.assert_allclose(scores, exact[expected], atol=1e-6)
 
 
-def trained_checkpoint(root, weights):
-    """(path, model): an MRS-Adapter checkpoint whose adapters are far from their identity start."""
-    torch.manual_seed(5)
-    model = apply_method(make_tiny_clip(0), "mrs_adapter", {}, verbose=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.5 * torch.randn_like(p))
-    path = str(root / "best.pt")
-    config = {"clip": weights, "method": "mrs_adapter",
-              "method_options": method_options("mrs_adapter")}  # as train.py records them
-    save_trainable(model, path, config=config)
-    return path, model.eval()
+@pytest.fixture
+def trained_checkpoint(make_tiny_clip):
+    """trained_checkpoint(root, weights) -> (path, model): an MRS-Adapter checkpoint whose adapters
+    are far from their identity start."""
+    def write(root, weights):
+        torch.manual_seed(5)
+        model = apply_method(make_tiny_clip(0), "mrs_adapter", {}, verbose=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.5 * torch.randn_like(p))
+        path = str(root / "best.pt")
+        config = {"clip": weights, "method": "mrs_adapter",
+                  "method_options": method_options("mrs_adapter")}  # as train.py records them
+        save_trainable(model, path, config=config)
+        return path, model.eval()
+    return write
 
 
 @torch.no_grad()
@@ -149,7 +152,7 @@ def brute_force(model, preprocess, images, query):
     return sorted(((s, *e) for s, e in zip(scores, entries)), key=lambda t: -t[0])
 
 
-def test_query_equals_brute_force_ranking(setup, tmp_path):
+def test_query_equals_brute_force_ranking(setup, trained_checkpoint, tmp_path):
     root, images, weights = setup
     checkpoint, model = trained_checkpoint(root, weights[0])
     out = tmp_path / "index"

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_tiny_clip
 from torch.nn.parallel import DistributedDataParallel
 
 import train
@@ -128,42 +127,27 @@ def test_lr_schedule_is_the_published_step_decay():
     assert lrs[39:] == [pytest.approx(0.98e-4)] * 6
 
 
-def fixed_problem():
-    """A tiny CLIP with non-zero adapters, no dropout anywhere, and a fixed batch of 8 pairs."""
-    model = add_adapters(make_tiny_clip(), dropout=0.0, verbose=False).train()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    images = torch.randn(8, 3, 32, 32, generator=g)
-    tokens = torch.randint(1, 49000, (8, 77), generator=g)
-    tokens[:, 12:] = 0
-    tokens[:, 11] = 49407
-    return model, images, tokens
-
-
-LOSS_ARGS = Namespace(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0), amp_dtype=None)
-
-
-def ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
+def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, fixed_problem, loss_args):
+    # the two fixtures' values come as arguments: a spawned process has no fixtures
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model, images, tokens = fixed_problem()
     views = DistributedDataParallel(train.Views(model, 0.0, both_views=True))
     rows = slice(rank * 8 // world, (rank + 1) * 8 // world)  # this rank's share of the batch
-    loss, _ = train.forward_backward(LOSS_ARGS, views, model, images[rows], tokens[rows],
+    loss, _ = train.forward_backward(loss_args, views, model, images[rows], tokens[rows],
                                      torch.amp.GradScaler("cuda", enabled=False))
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+def test_two_gloo_processes_give_the_single_process_loss_and_gradients(fixed_problem, loss_args,
+                                                                      tmp_path):
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), fixed_problem, loss_args),
+             nprocs=2, join=True)
     model, images, tokens = fixed_problem()
     views = train.Views(model, 0.0, True)
-    loss, _ = train.forward_backward(LOSS_ARGS, views, model, images, tokens,
+    loss, _ = train.forward_backward(loss_args, views, model, images, tokens,
                                      torch.amp.GradScaler("cuda", enabled=False))
     expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert any(g.abs().max() > 0 for g in expected.values())
@@ -174,23 +158,7 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path)
             assert torch.allclose(got["grads"][name], grad, atol=1e-5), name
 
 
-def adam_step(model, **adam):
-    """(trainable params, Adam, step(images, tokens) -> (loss, terms)): forward, backward, Adam
-    step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-3, **adam)
-    views = train.Views(model, 0.0, both_views=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-
-    def step(images, tokens):
-        loss = train.forward_backward(LOSS_ARGS, views, model, images, tokens, scaler)
-        optimizer.step()
-        return loss
-
-    return params, optimizer, step
-
-
-def test_cuda_graph_warm_up_leaves_no_trace():
+def test_cuda_graph_warm_up_leaves_no_trace(fixed_problem, adam_step):
     """The warm-up before recording a CUDA graph runs real steps; their effect must be undone, so
     the first recorded step equals a plain first step (checked with the eager step on the CPU)."""
     from mrs_adapter.run.cuda_graph import warm_up
