@@ -75,7 +75,7 @@ def adapted_tiny_clip(make_tiny_clip):
 
 
 @pytest.fixture(scope="module")
-def vit_b32():
+def adapted_vit_b32():
     """Full-size random CLIP with ViT-B/32 shapes and the published shared adapter (a few
     seconds)."""
     torch.manual_seed(0)
@@ -140,22 +140,23 @@ def test_adapter_dropout_is_active_in_train_mode_only():
 
 # ---- insertion into CLIP ----
 
-def test_vit_b32_trains_exactly_161088_parameters_and_no_clip_tensor(vit_b32):
-    assert count_parameters(vit_b32) == (161_088, CLIP_VIT_B32_PARAMS + 161_088)
-    trainable = [n for n, p in vit_b32.named_parameters() if p.requires_grad]
+def test_vit_b32_trains_exactly_161088_parameters_and_no_clip_tensor(adapted_vit_b32):
+    assert count_parameters(adapted_vit_b32) == (161_088, CLIP_VIT_B32_PARAMS + 161_088)
+    trainable = [n for n, p in adapted_vit_b32.named_parameters() if p.requires_grad]
     assert len(trainable) == 10 and all(".adapter." in n for n in trainable)
     # Every CLIP tensor is frozen, the projections and logit_scale included.
-    frozen = {n for n, p in vit_b32.named_parameters() if not p.requires_grad}
+    frozen = {n for n, p in adapted_vit_b32.named_parameters() if not p.requires_grad}
     assert {"visual.proj", "text_projection", "logit_scale", "token_embedding.weight"} <= frozen
     assert all(".adapter." not in n for n in frozen)
-    assert len(frozen) + 10 == len(list(vit_b32.parameters()))
+    assert len(frozen) + 10 == len(list(adapted_vit_b32.parameters()))
     # One adapter instance in all 24 blocks of both towers.
-    blocks = list(vit_b32.transformer.resblocks) + list(vit_b32.visual.transformer.resblocks)
+    blocks = (list(adapted_vit_b32.transformer.resblocks)
+              + list(adapted_vit_b32.visual.transformer.resblocks))
     assert len(blocks) == 24 and len({id(b.adapter) for b in blocks}) == 1
 
 
-def test_trainable_line_is_printed(vit_b32, make_tiny_clip, capsys):
-    print_trainable_parameters(vit_b32)
+def test_trainable_line_is_printed(adapted_vit_b32, make_tiny_clip, capsys):
+    print_trainable_parameters(adapted_vit_b32)
     assert capsys.readouterr().out.strip() == \
         "trainable params: 161,088 || all params: 151,438,401 || trainable%: 0.1064"
     add_adapters(make_tiny_clip(**TINY))
@@ -293,10 +294,10 @@ def test_save_load_reproduces_outputs_bit_identically(adapted_tiny_clip, tmp_pat
     assert os.listdir(tmp_path) == ["adapter.pt"]  # no temporary file left behind
 
 
-def test_vit_b32_adapter_file_is_small_and_refused_by_other_widths(vit_b32, adapted_tiny_clip,
-                                                                   tmp_path):
+def test_vit_b32_adapter_file_is_small_and_refused_by_other_widths(adapted_vit_b32,
+                                                                   adapted_tiny_clip, tmp_path):
     path = str(tmp_path / "b32.pt")
-    save_trainable(vit_b32, path)
+    save_trainable(adapted_vit_b32, path)
     assert os.path.getsize(path) < 1_000_000
     state = torch.load(path, weights_only=True)["trainable"]
     assert sum(t.numel() for t in state.values()) == 161_088  # the shared adapter stored once

@@ -66,7 +66,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def vit_b32():
+def meta_vit_b32():
     """CLIP with ViT-B/32 shapes on the meta device (no memory, no values: for counting only)."""
     with torch.device("meta"):
         return CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
@@ -151,8 +151,8 @@ def test_apply_method_prints_the_count_and_rejects_unknown_names(tiny, capsys):
 # ---- ViT-B/32 counts: the paper's budget, and nothing of CLIP trainable ----
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_trainable_count_on_vit_b32_matches_the_paper_and_clip_stays_frozen(name, vit_b32):
-    model = copy.deepcopy(vit_b32)
+def test_trainable_count_on_vit_b32_matches_the_paper_and_clip_stays_frozen(name, meta_vit_b32):
+    model = copy.deepcopy(meta_vit_b32)
     original = {id(p) for p in model.parameters()}
     model = apply_method(model, name, verbose=False)
     paper, ours = COUNTS[name]
