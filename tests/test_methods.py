@@ -133,6 +133,7 @@ def test_every_method_is_registered_and_configured():
                                             "lr": ADAPTER_LR, "placement": adaptformer.PLACEMENT,
                                             "init": adaptformer.INIT}
     assert method_config("vpt")["length"] == 50 and method_config("coop")["length"] == 16
+    assert method_config("convpass")["xavier_init"] is True
 
 
 def test_default_lr_is_the_papers_except_where_a_method_sets_its_own():
@@ -474,6 +475,25 @@ def test_houlsby_block_is_the_two_sequential_gelu_adapters(tiny):
     with torch.no_grad():
         ref = sequential_reference(plain, block, adapter, x)
         torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_convpass_conv_starts_xavier_uniform_as_official_convpass_attn(tiny):
+    """Every official `convpass_attn` config sets xavier_init: the conv's weights are
+    U(-b, b), b = sqrt(6 / (fan_in + fan_out)), fan = bottleneck x taps (3 x 3 image, 3 text),
+    std b / sqrt(3), biases zero. The identity-tap init (`xavier_init=False`) is out of bounds."""
+    model, _ = with_method(tiny, "convpass")
+    for tower, taps in ((model.visual.transformer, 9), (model.transformer, 3)):
+        convs = [block.attn_bypass.conv for block in tower.resblocks]
+        r = convs[0].weight.shape[0]
+        bound = math.sqrt(6 / (2 * r * taps))
+        w = torch.cat([conv.weight.flatten() for conv in convs])
+        assert w.numel() == len(convs) * r * r * taps
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound and (w != 0).all()
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.15 * bound / math.sqrt(3)
+        assert abs(w.mean().item()) < 0.15 * bound
+        assert not any(conv.bias.any() for conv in convs)
+    identity = Convpass(128, 4, image=True, xavier_init=False).conv.weight
+    assert identity.abs().max() == 1 > math.sqrt(6 / 72)
 
 
 def test_convpass_block_has_the_bypass_beside_attention_reading_ln_1(tiny):
