@@ -21,12 +21,13 @@ import eval as eval_script
 import train
 from mrs_adapter.atomic import atomic_write, check_folder_writable
 from mrs_adapter.data import DATASETS
+from mrs_adapter.methods import METHODS
 from mrs_adapter.model import ACTIVATIONS
 from mrs_adapter.paper import BENCHMARK, published_mr, published_params
 from mrs_adapter.weights.download import DownloadError
 
-# the paper's methods in its tables' order, then LoRA (not in the paper)
-METHOD_ORDER = list(BENCHMARK) + ["lora"]
+# the paper's methods in its tables' order, then the registered ones it lacks (houlsby, lora)
+METHOD_ORDER = list(BENCHMARK) + [m for m in METHODS if m not in BENCHMARK]
 COLUMNS = ["method", "params", "paper_params", "i2t_r1", "i2t_r5", "i2t_r10",
            "t2i_r1", "t2i_r5", "t2i_r10", "mR", "mR_std", "paper_mR", "seeds"]
 
@@ -85,7 +86,7 @@ def main(argv=None) -> list:
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     p.add_argument("--data-root", default="data")
     p.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER,
-                   help="default: every method of the paper's tables, then LoRA")
+                   help="default: every method of the paper's tables, then houlsby and lora")
     p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4],
                    help="train.py seeds (published rows average runs)")
     p.add_argument("--clip", help="CLIP weights for every method (default: train.py's)")

@@ -5,7 +5,8 @@ import json
 import petl_benchmark as benchmark
 from mrs_adapter import clip
 from mrs_adapter.checkpoint import count_parameters
-from mrs_adapter.methods import apply_method
+from mrs_adapter.methods import METHODS, apply_method
+from mrs_adapter.paper import BENCHMARK
 
 
 def test_benchmark_runs_methods_and_seeds_on_the_demo(demo, tmp_path):
@@ -31,3 +32,10 @@ def test_benchmark_runs_methods_and_seeds_on_the_demo(demo, tmp_path):
         assert r["paper_mR"] == "-" and r["seeds"] == "2 3"  # the paper has no demo column
     zero_shot = json.load(open(out / "zero_shot" / "eval.json"))["metrics"]["mR"]
     assert float(table[0]["mR"]) == round(zero_shot, 2) and table[0]["params"] == "0"
+
+
+def test_the_default_methods_are_the_papers_rows_then_every_other_registered_method():
+    order = benchmark.METHOD_ORDER
+    assert order[:len(BENCHMARK)] == list(BENCHMARK)
+    assert sorted(order) == sorted(METHODS) and len(set(order)) == len(order)
+    assert {"houlsby", "lora"} <= set(order[len(BENCHMARK):])

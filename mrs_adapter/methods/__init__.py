@@ -28,14 +28,15 @@ METHODS = {  # --method name -> file in this folder
     "coop": "coop",
     "vpt": "vpt",
     "vl_prompt": "vl_prompt",
-    "adapter": "houlsby",
+    "adapter": "sequential_adapter",
     "clip_adapter": "clip_adapter",
     "convpass": "convpass",
     "adaptformer": "adaptformer",
     "cross_modal_adapter": "cross_modal_adapter",
     "uniadapter": "uniadapter",
     "mrs_adapter": "mrs_adapter",
-    "lora": "lora",
+    "houlsby": "houlsby",  # not in the paper: Houlsby's two adapters per block
+    "lora": "lora",  # not in the paper
 }
 # the paper's Adam learning rate (docs/method.md §4), for every method that sets no LR
 ADAPTER_LR = 2e-4

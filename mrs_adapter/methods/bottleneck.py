@@ -2,8 +2,9 @@
 
 `up(dropout(relu(down(x))))`: (B, L, D) -> (B, L, D). Down: PyTorch's default Linear weights and
 a zero bias; up: all zero (AdaptFormer's "lora" init), so the module outputs exactly 0 until the
-first step and a block that adds it starts as the frozen block. Used by adaptformer.py; not a
-method itself (houlsby.py builds Houlsby's own GELU adapter with its near-identity init).
+first step and a block that adds it starts as the frozen block. Used by adaptformer.py (beside the
+MLP) and sequential_adapter.py (on the MLP output); not a method itself (houlsby.py builds
+Houlsby's own GELU adapter with its near-identity init).
 """
 import torch
 from torch import nn

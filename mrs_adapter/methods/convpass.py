@@ -5,13 +5,17 @@ As in the official code (JieShibo/PETL-ViT, convpass/vtab/convpass.py): a bypass
 sublayer's normalised input and is added beside it, scaled by s (`forward_block_attn`):
     h = ln_1(x); x = x + attn(h) + s * C(h);  x = x + mlp(ln_2(x))
     C(h) = up(dropout(gelu(conv(gelu(down(h))))))                          (`Convpass.forward`)
-QuickGELU, dropout 0.1, s = 1 (`set_Convpass` default); down Xavier-uniform with zero bias, conv
-identity on the centre tap and 0 elsewhere (`xavier_init=False`, the default), up zero, so step 0
-is exactly zero-shot CLIP. [CLS] passes through the same conv as a 1x1 image (only the centre tap
-reaches it), as theirs. Configuration: the official code has two variants, `convpass` (a bypass
-beside attention and one beside the MLP) and `convpass_attn` (beside attention only); the paper's
-0.14M fits `convpass_attn` at bottleneck 4 (140,736); `convpass` would need bottleneck 2
-(154,944, `mlp_bypass=True, bottleneck=2`). Their bottleneck is 8.
+QuickGELU, dropout 0.1; down Xavier-uniform with zero bias, up zero, so step 0 is exactly
+zero-shot CLIP. [CLS] passes through the same conv as a 1x1 image (only the centre tap reaches
+it), as theirs. Configuration: the official code has two variants, `convpass` (a bypass beside
+attention and one beside the MLP) and `convpass_attn` (beside attention only); the paper's 0.14M
+fits `convpass_attn` at bottleneck 4 (140,736; `convpass` would need bottleneck 2, 154,944).
+Their bottleneck is 8. The init and s are `convpass_attn`'s (convpass/vtab/configs/convpass_attn/
+*.yaml, read by train.py into `set_Convpass`): every task sets `xavier_init: True`, the conv
+Xavier-uniform with zero bias (the identity-on-the-centre-tap init, `xavier_init=False`, is the
+function's default and some `convpass` tasks' choice; `xavier_init=False` here); s is tuned per
+task from 0.1 to 100, and we take RESISC45's s = 100, the one remote-sensing task of their
+benchmark (docs/method.md §7 gives a sweep on the demo).
 Departure: Convpass is a vision method; the text tower gets a causal 1-D conv of width 3 instead
 (token t mixes t-2, t-1, t, so no token reads a later one), with the same init.
 Count on ViT-B/32: 12 x (768 x 4 + 4 + 4 x 4 x 9 + 4 + 4 x 768 + 768) +
@@ -29,13 +33,14 @@ from . import freeze
 
 BOTTLENECK = 4
 KERNEL = 3
-SCALE = 1.0  # Convpass's s
+SCALE = 100.0  # Convpass's s: official convpass_attn on RESISC45
 DROPOUT = 0.1
+XAVIER_INIT = True  # the conv's init in every official convpass_attn config; False: identity tap
 # False: official `convpass_attn`; True: `convpass`, a second bypass beside the MLP
 MLP_BYPASS = False
 PLACEMENT = ("parallel to attention, reading ln_1(x), every block (and to the MLP if mlp_bypass); "
              "3x3 conv on the patch grid (vision), causal width-3 conv (text)")
-INIT = "down Xavier-uniform, conv identity tap, up zero (starts at zero-shot)"
+INIT = "down and conv Xavier-uniform, up zero (starts at zero-shot)"
 
 
 class Convpass(nn.Module):
@@ -47,7 +52,7 @@ class Convpass(nn.Module):
     """
 
     def __init__(self, width: int, bottleneck: int, image: bool, kernel: int = KERNEL,
-                 dropout: float = DROPOUT):
+                 dropout: float = DROPOUT, xavier_init: bool = XAVIER_INIT):
         super().__init__()
         self.image, self.kernel = image, kernel
         self.down = nn.Linear(width, bottleneck)
@@ -57,12 +62,14 @@ class Convpass(nn.Module):
         self.gelu, self.dropout = QuickGELU(), nn.Dropout(dropout)
         nn.init.xavier_uniform_(self.down.weight)
         nn.init.zeros_(self.down.bias)
-        # identity on the tap of the token itself: centre (image), last (causal text)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            centre = (kernel // 2, kernel // 2) if image else (kernel - 1,)
-            self.conv.weight[(slice(None), slice(None)) + centre] = torch.eye(bottleneck)
-            self.conv.bias.zero_()
+        if xavier_init:  # fan-in = fan-out = bottleneck x taps
+            nn.init.xavier_uniform_(self.conv.weight)
+        else:  # identity on the tap of the token itself: centre (image), last (causal text)
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                centre = (kernel // 2, kernel // 2) if image else (kernel - 1,)
+                self.conv.weight[(slice(None), slice(None)) + centre] = torch.eye(bottleneck)
+        nn.init.zeros_(self.conv.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -118,12 +125,13 @@ class ConvpassBlock(nn.Module):
 
 
 def apply(model: nn.Module, bottleneck: int = BOTTLENECK, kernel: int = KERNEL,
-          scale: float = SCALE, dropout: float = DROPOUT,
-          mlp_bypass: bool = MLP_BYPASS) -> nn.Module:
+          scale: float = SCALE, dropout: float = DROPOUT, mlp_bypass: bool = MLP_BYPASS,
+          xavier_init: bool = XAVIER_INIT) -> nn.Module:
     freeze(model)
     for tower, image in ((model.transformer, False), (model.visual.transformer, True)):
+        options = (tower.width, bottleneck, image, kernel, dropout, xavier_init)
         for i, block in enumerate(tower.resblocks):
-            attn = Convpass(tower.width, bottleneck, image, kernel, dropout)
-            mlp = Convpass(tower.width, bottleneck, image, kernel, dropout) if mlp_bypass else None
+            attn = Convpass(*options)
+            mlp = Convpass(*options) if mlp_bypass else None
             tower.resblocks[i] = ConvpassBlock(block, attn, mlp, scale)
     return model.to(model.logit_scale.device)

@@ -5,11 +5,16 @@ Configuration: all 151,277,313 parameters of ViT-B/32 trainable; train.py then f
 `logit_scale` unless the objective is InfoNCE (HMMC never reads it; methods.freeze_unread), and
 the checkpoint holds every trained tensor.
 LR = 5e-6 (Adam, no weight decay), not the adapters' 2e-4. Adam moves each weight by up to about
-lr per step whatever the gradient's size: at 2e-4, one RSITMD epoch (215 steps of 16) could shift
-a weight by 0.04, the size of CLIP's weights themselves (std ~0.02-0.04), and erase what zero-shot
-CLIP knows; the adapters start from zero and need that step size, pretrained weights do not.
-Fine-tuning recipes for CLIP use about 1e-5 with batches of hundreds; the paper's batch of 16
-gives noisier gradients, hence half of that (at most ~0.03 per weight over 30 epochs).
+lr per step whatever the gradient's size. A training item is one caption with its image: RSITMD
+trains on 17,160 pairs (3,432 images x 5 captions after the validation split), 1,073 steps of 16
+an epoch, and the recipe's 30 epochs (lr x 0.7 from epoch 19) add up to 1,073 x (19 + 11 x 0.7)
+= 28,650 steps at full lr. At 2e-4 a weight could move by 0.21 in one epoch, 5 to 10 times the
+size of CLIP's weights (std ~0.02-0.04), and erase what zero-shot CLIP knows; the adapters start
+from zero and need that step size, pretrained weights do not. At 5e-6 the bound is 0.005 an
+epoch and 0.14 over the run: only a gradient that pushed a weight the same way at every one of
+the 28,650 steps would carry it by a few times its size, and a batch of 16 gives noisy gradients
+whose steps largely cancel. That is the range of CLIP fine-tuning recipes (about 1e-5, with
+batches of hundreds: far fewer, less noisy steps an epoch).
 --lr overrides.
 """
 from torch import nn
