@@ -137,8 +137,9 @@ def check_arguments(args):
 def if_disk_full(e: OSError, safe: str):
     """A full disk as one line naming the file and saying what stays safe (other errors pass)."""
     if e.errno in DISK_FULL:
-        raise OSError(e.errno, f"no space left on the device to write {e.filename or 'its files'}: {safe}; "
-                               f"free some space and run the same command again") from e
+        raise OSError(e.errno, f"no space left on the device to write "
+                               f"{e.filename or 'its files'}: {safe}; free some space and run "
+                               f"the same command again") from e
 
 
 def run_index(args) -> int:
