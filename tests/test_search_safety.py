@@ -89,6 +89,12 @@ def test_commit_removes_only_the_files_the_index_wrote(tmp_path, weights):
         index(images, foreign, weights)
     assert (foreign / "parts" / "notes.txt").read_text() == "mine"
     assert sorted(os.listdir(foreign)) == ["parts"]  # nothing written there
+    lookalike = tmp_path / "lookalike"  # named as the index names its files, but no index
+    os.makedirs(lookalike)
+    np.save(lookalike / "embeddings-000001.npy", np.ones(3))
+    with pytest.raises(ValueError, match="e.g. embeddings-000001.npy"):
+        index(images, lookalike, weights)
+    assert np.load(lookalike / "embeddings-000001.npy").tolist() == [1, 1, 1]
     out = tmp_path / "index"
     assert index(images, out, weights) == 0
     np.save(out / "embeddings-mine.npy", np.ones(3))  # the user's files beside the index

@@ -139,7 +139,9 @@ def check_index_folder(out: str, images: str):
         raise ValueError(f"--out {out} is inside the image folder {images}; choose a folder "
                          f"outside it")
     if os.path.isdir(out) and not os.path.isfile(os.path.join(out, "index.json")):
-        foreign = sorted(n for n in os.listdir(out) if n != LOCK and not MINE.match(n))
+        # what a first run leaves before its index.json exists: the lock, a temporary index.json
+        foreign = sorted(n for n in os.listdir(out)
+                         if n != LOCK and not (n.startswith("index.json.") and MINE.match(n)))
         if foreign:
             raise ValueError(f"--out {out} holds {len(foreign)} file(s) or folder(s) not written "
                              f"by search.py (e.g. {foreign[0]}) and no index.json; choose a new "
