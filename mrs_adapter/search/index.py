@@ -10,7 +10,6 @@ or changed files. A large scene's tiles reach the encoder a batch at a time (mem
 decoded image and a few batches); files and folders that cannot be read are skipped and listed,
 and a run that would drop more than half of the index at once is refused without --prune.
 """
-import errno
 import os
 import time
 from typing import Dict, List, Optional, Tuple
@@ -25,6 +24,7 @@ from ..datasets import read_image, split_at_to_tensor
 from ..metrics import encode_batches
 from ..run.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
 from ..weights.download import sha256_of
+from .scan import file_stats, list_images, unseen  # noqa: F401 (list_images: as before)
 from .store import (
     Part,
     check_index_folder,
@@ -36,7 +36,6 @@ from .store import (
     reusable_rows,
 )
 
-EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 # The retrieval sets' scenes are 256 px (RSITMD, UCM) or 224 px (RSICD), and CLIP sees 224 px:
 # a 256 px tile shows a large image at the scale the model was trained on.
 # Stride 192 = 25% overlap, so an object cut by one tile border lies whole in a neighbour if it
@@ -73,23 +72,6 @@ def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None
                 "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
                 "checkpoint_sha256": sha256_of(checkpoint) if checkpoint else None}
     return model.to(device).eval(), preprocess, identity
-
-
-def list_images(root: str, problems: Optional[Dict[str, str]] = None) -> List[str]:
-    """Image files under `root`, recursively, as sorted '/'-separated paths relative to it; each
-    folder that cannot be listed goes into `problems` as 'folder/': its error."""
-    def unlisted(e: OSError):
-        if problems is not None:
-            rel = os.path.relpath(e.filename, root).replace(os.sep, "/")
-            problems[rel + "/"] = f"folder not readable ({e.strerror})"
-
-    found = []
-    for folder, dirs, files in os.walk(root, onerror=unlisted):
-        dirs.sort()
-        for name in files:
-            if name.lower().endswith(EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
-    return sorted(found)
 
 
 def _starts(length: int, tile: int, stride: int) -> List[int]:
@@ -211,30 +193,6 @@ def _progress(done: int, total: int, tiles: int, start: float, log):
     log(f"  {done}/{total} images, {tiles} tiles, {rate:.1f} images/s, ETA {eta:.0f}s")
 
 
-def _stat_error(path: str, e: OSError) -> str:
-    if e.errno == errno.ELOOP:
-        return "symbolic link loop"
-    if os.path.islink(path) and isinstance(e, FileNotFoundError):
-        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
-    return e.strerror or str(e)
-
-
-def file_stats(images: str, problems: Optional[Dict[str, str]] = None) -> Dict[str, List[int]]:
-    """[size, mtime_ns] of every image under `images`: a file whose pair is unchanged since it
-    was embedded is not read again. Files that cannot be stat'ed (a broken or looping symbolic
-    link) and folders that cannot be listed go into `problems`."""
-    stats, problems = {}, {} if problems is None else problems
-    for rel in list_images(images, problems):
-        path = os.path.join(images, rel)
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            problems[rel] = _stat_error(path, e)
-            continue
-        stats[rel] = [st.st_size, st.st_mtime_ns]
-    return stats
-
-
 def _check_losses(manifest: Dict, kept, images: str, out: str, prune: bool, later: str = ""):
     """Refuse (unless `prune`) to drop more than half of the indexed images at once: an empty,
     unmounted or unreadable image folder must not empty the index."""
@@ -244,15 +202,6 @@ def _check_losses(manifest: Dict, kept, images: str, out: str, prune: bool, late
                          f"gone from {images} or unreadable (e.g. {lost[0]}): is the folder empty, "
                          f"unmounted or unreadable? The index is unchanged{later}; if they are "
                          f"gone for good, run again with --prune to remove them")
-
-
-def _unseen(manifest: Dict, problems: Dict[str, str]) -> Dict[str, List[int]]:
-    """[size, mtime_ns] as recorded of the indexed (or known unreadable) files under folders that
-    could not be listed this run: kept as they are, since nothing says they changed."""
-    folders = [rel for rel in problems if rel.endswith("/")]
-    recorded = dict(manifest["skipped"], **manifest["files"])
-    return {rel: [e["size"], e["mtime_ns"]] for rel, e in recorded.items()
-            if any(rel.startswith(folder) for folder in folders)}
 
 
 class _Scene:
@@ -330,7 +279,7 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
         manifest = open_index(out, images, identity, tile, stride)
         problems = {}
         stats = file_stats(images, problems)
-        stats.update(_unseen(manifest, problems))
+        stats.update(unseen(manifest, problems))
         sources = reusable_rows(out, manifest, stats)  # every stored file's rows checked
         _check_losses(manifest, stats, images, out, prune)
         skipped = {rel: e for rel, e in manifest["skipped"].items()
