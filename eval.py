@@ -17,8 +17,8 @@ from typing import Dict, List, Optional
 import torch
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
-from mrs_adapter import clip
-from mrs_adapter.atomic import atomic_write, check_file_writable
+from mrs_adapter import atomic, clip
+from mrs_adapter.atomic import atomic_write, has_mark
 from mrs_adapter.data import CAPTIONS_PER_IMAGE, DATASETS, Split, load_splits
 from mrs_adapter.datasets import default_workers, eval_loaders, read_image
 from mrs_adapter.demo import scenes as demo
@@ -151,24 +151,12 @@ def default_json_path(args: argparse.Namespace) -> str:
 
 def written_by_us(path: str) -> bool:
     """Whether `path` is a JSON file or a PNG image this script wrote (both carry WRITTEN_BY)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("written_by") == WRITTEN_BY
-    except (ValueError, AttributeError, OSError):
-        pass
-    try:
-        with Image.open(path) as image:
-            return getattr(image, "text", {}).get("written_by") == WRITTEN_BY
-    except (OSError, SyntaxError, ValueError):
-        return False
+    return has_mark(path, WRITTEN_BY)
 
 
 def check_output(path: str, flag: str):
     """Before any evaluation: `path` can be written and, if it exists, this script wrote it."""
-    check_file_writable(path, flag)
-    if os.path.exists(path) and not written_by_us(path):
-        raise FileExistsError(f"{path} exists and was not written by eval.py; "
-                              f"choose another {flag}")
+    atomic.check_output(path, flag, written_by_us, "eval.py")
 
 
 def write_json(path: str, payload: Dict):

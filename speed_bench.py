@@ -21,6 +21,9 @@ Measures (medians of interleaved repeats):
   search_query_ms_1m, _peak_mb_1m         one top-20 query over 1,000,000 x 512 float16 embeddings
                                           memory-mapped (2 threads; peak memory beyond the mapped
                                           file's pages)
+  search_scene_peak_mb_<side>px           peak memory `index` adds for one generated PNG scene of
+                                          side x side px (--search-scene-sides), beside its tile
+                                          count: bounded by the image and a batch, not the tiles
   recipe_minutes_projected (CUDA)         the published RSITMD recipe (30 epochs x 17,160 pairs,
                                           validation every epoch, test) from a measured 1-epoch
                                           `train.py` run on synthetic data
@@ -361,11 +364,52 @@ def search_query_figures(tmp: str, model: torch.nn.Module, rng: np.random.Genera
                 search_text_encode_ms=1000 * text_s)
 
 
+def search_scene_child(folder: str, device: str) -> dict:
+    """(in a fresh process) `index` of the one scene in `folder`: its tiles, and the peak memory
+    (VmHWM) beyond what the process held with the model loaded."""
+    from mrs_adapter.search import index as search
+
+    def status(key: str) -> int:  # kB -> bytes, from /proc/self/status (Linux)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+    torch.manual_seed(0)
+    model = CLIP(**VIT_B_32).eval().to(device)
+    identity = {"backbone": "random", "backbone_sha256": "bench", "activation": "quickgelu",
+                "method": "zero_shot", "checkpoint": None, "checkpoint_sha256": None}
+    with torch.no_grad():  # the encoder's own working memory, before the baseline
+        search.encode_images(model, torch.zeros(64, 3, 224, 224), device)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS (Linux 4.0+): the warm-up's transient peak is not counted
+    before = status("VmRSS")
+    result = search.build_index(folder, folder + "_index", model, transform(224), identity,
+                                device=device, log=lambda *a: None)
+    return {"tiles": result["tiles"], "peak_extra_bytes": status("VmHWM") - before}
+
+
+def search_scene_figures(args, tmp: str, rng: np.random.Generator) -> dict:
+    """Peak memory of indexing one large scene, for each of --search-scene-sides."""
+    out = {}
+    for side in args.search_scene_sides:
+        folder = os.path.join(tmp, f"scene_{side}")
+        os.makedirs(folder)
+        low = rng.integers(0, 256, (side // 64, side // 64, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((side, side), Image.BICUBIC).save(
+            os.path.join(folder, "scene.png"))
+        child = last_json_line([sys.executable, __file__, "--_search_scene", folder,
+                                "--device", args.device])
+        out[f"search_scene_tiles_{side}px"] = child["tiles"]
+        out[f"search_scene_peak_mb_{side}px"] = child["peak_extra_bytes"] / 2 ** 20
+    return out
+
+
 def search_figures(args, tmp: str) -> dict:
-    """search.py: `index` against encoding alone, and one query over 1,000,000 embeddings."""
+    """search.py: `index` against encoding alone, one query over 1,000,000 embeddings, and the
+    memory of indexing one large scene."""
     rng = np.random.default_rng(0)  # one stream: the images first, then the stored embeddings
     out, model = search_index_figures(args, tmp, rng)
-    return dict(out, **search_query_figures(tmp, model, rng))
+    return dict(out, **search_query_figures(tmp, model, rng),
+                **search_scene_figures(args, tmp, rng))
 
 
 # ---- near copies (mrs_adapter/prepare/overlap.py): how the thresholds were chosen, its speed ----
@@ -536,6 +580,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="interleaved `search.py index` / encode-only pairs (median ratio)")
     p.add_argument("--search-images", type=int, default=48,
                    help="256 px TIFFs indexed by the search bench")
+    p.add_argument("--search-scene-sides", type=int, nargs="*", default=[2048, 4096],
+                   help="sides, px, of the generated PNG scenes whose indexing memory is measured")
     p.add_argument("--overlap-images", type=int,
                    help="images (overlap-measure: 300; overlap-time: 10921, RSICD's count)")
     p.add_argument("--overlap-threads", type=int, default=2)
@@ -545,6 +591,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="run only these sections (the overlap reports run only here)")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_search_query", help=argparse.SUPPRESS)
+    p.add_argument("--_search_scene", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -581,6 +628,9 @@ def main(argv=None) -> dict:
         return {}
     if args._search_query:
         print(json.dumps(search_query_child(args._search_query)))
+        return {}
+    if args._search_scene:
+        print(json.dumps(search_scene_child(args._search_scene, args.device)))
         return {}
     for name in REPORTS:
         if selected(args, name):

@@ -2,12 +2,15 @@
 
 `atomic_write` writes to a temporary name beside the target, syncs it and renames it
 (`os.replace` is atomic). The `check_*_writable` functions refuse a path that cannot be written
-before any work is done, naming the path and the flag that gave it.
+before any work is done, naming the path and the flag that gave it; `check_output` also refuses
+to replace a file the program did not write (its files carry a "written_by" mark).
 """
 import json
 import os
 import tempfile
 from typing import Callable
+
+from PIL import Image
 
 
 def _umask() -> int:
@@ -28,8 +31,10 @@ def atomic_write(path: str, write: Callable, mode: str = "w"):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from e  # a full disk: say which file
         raise
 
 
@@ -61,3 +66,27 @@ def check_file_writable(path: str, flag: str) -> None:
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder, not a file; choose another {flag}")
     check_folder_writable(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def has_mark(path: str, mark: str) -> bool:
+    """Whether `path` is a JSON object or a PNG image whose "written_by" is `mark`: how a program
+    of this project marks the files it may later replace."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("written_by") == mark
+    except (ValueError, AttributeError, OSError):
+        pass
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("written_by") == mark
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def check_output(path: str, flag: str, ours: Callable[[str], bool], program: str) -> None:
+    """Before any work: `path` can be written and, if it exists, `ours(path)` says that `program`
+    wrote it (a FileExistsError otherwise: nothing of the user's is replaced)."""
+    check_file_writable(path, flag)
+    if os.path.exists(path) and not ours(path):
+        raise FileExistsError(f"{path} exists and was not written by {program}; "
+                              f"choose another {flag}")

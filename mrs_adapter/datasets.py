@@ -2,7 +2,9 @@
 the decoded-image cache, and the torch Datasets and loaders of training and evaluation
 (docs/method.md §4-§6). Every reader of the package opens images through `read_image`.
 """
+import contextlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence, Tuple
@@ -19,6 +21,15 @@ from .tokenizer import token_count, tokenize
 EIGHT_BIT_MODES = {"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                    "LAB", "HSV"}
 STRETCH_PERCENTILES = (2.0, 98.0)
+# The largest image read whole. Pillow refuses images over 2 x 89.5 Mpx as possible decompression
+# bombs (a guard for pictures from strangers); here the images are the user's own scenes, and
+# orthophotos of several hundred Mpx are common. 2^30 px (a 32768 px square) of 8-bit RGB take
+# 4 GiB decoded by Pillow (4 bytes a pixel), 7 GiB for the moment search.py copies them into the
+# 3 GiB uint8 array it tiles: about what a 16 GB machine holds beside a model. Other modes
+# (16-bit, float) are stretched in float64 (to_rgb8: several arrays of 8 bytes a pixel), so they
+# get an eighth of it. A larger image is refused with its size (search.py skips and lists it);
+# cut it into smaller files to use it.
+MAX_PIXELS = 2 ** 30
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -66,16 +77,55 @@ def depth_note(image: Image.Image) -> Optional[str]:
     return None
 
 
+_PILLOW_LIMIT = threading.Lock()
+_lifted = [0, None]  # readers inside _own_size_limit, and Pillow's limit to restore after the last
+
+
+@contextlib.contextmanager
+def _own_size_limit():
+    """Pillow's decompression-bomb limit lifted while images are opened and decoded here (MAX_PIXELS
+    applies instead); restored when the last reader, of any thread, is done."""
+    with _PILLOW_LIMIT:
+        if _lifted[0] == 0:
+            _lifted[1], Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _lifted[0] += 1
+    try:
+        yield
+    finally:
+        with _PILLOW_LIMIT:
+            _lifted[0] -= 1
+            if _lifted[0] == 0:
+                Image.MAX_IMAGE_PIXELS = _lifted[1]
+
+
+@contextlib.contextmanager
+def open_image_file(path: str):
+    """`Image.open(path)` (header read, pixels not yet decoded) under MAX_PIXELS instead of
+    Pillow's limit: a ValueError giving the size of a larger image."""
+    with _own_size_limit(), Image.open(path) as image:
+        width, height = image.size
+        limit = MAX_PIXELS if image.mode in EIGHT_BIT_MODES else MAX_PIXELS // 8
+        if width * height > limit:
+            raise ValueError(f"{width} x {height} px is more than the {limit:,} px read whole "
+                             f"(datasets.MAX_PIXELS, mode {image.mode}); cut it into smaller "
+                             f"files (e.g. with gdal_retile.py)")
+        yield image
+
+
 def read_image(path: str, transform: Callable):
     """`transform(8-bit RGB PIL image)` (`to_rgb8` reads 16-bit and float images), with errors that
     name the file. Every reader of the package opens images here."""
     try:
-        with Image.open(path) as image:
+        with open_image_file(path) as image:
             image.load()
             return transform(to_rgb8(image))
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+    except MemoryError:
+        raise ValueError(f"cannot read image {path}: not enough memory to decode it") from None
+    # PIL's UnidentifiedImageError is an OSError; DecompressionBombError (a multi-frame image's
+    # frame, a TIFF's tile) is not
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 

@@ -12,8 +12,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
-from PIL import Image
-
 from ..data import (
     CAPTIONS_PER_IMAGE,
     CONTEXT_LENGTH,
@@ -24,7 +22,7 @@ from ..data import (
     locate,
     read_listings,
 )
-from ..datasets import depth_note, read_image
+from ..datasets import depth_note, open_image_file, read_image
 from ..tokenizer import token_count
 from .overlap import copy_pairs, default_cache, hash_images
 
@@ -43,7 +41,7 @@ def _check_images(listings: Dict[str, Listing], image_dir: str, threads: int) ->
         path = os.path.join(image_dir, name)
         try:
             read_image(path, lambda image: None)
-            with Image.open(path) as image:
+            with open_image_file(path) as image:  # not Image.open: Pillow's size limit is not ours
                 return None, depth_note(image)
         except (FileNotFoundError, ValueError, OSError) as e:
             return str(e), None

@@ -1,2 +1,3 @@
 """Searching your own imagery with a trained model (beyond the paper): building an index
-(index.py), its files on disk (store.py), and queries (query.py); `search.py` is the command."""
+(index.py) of an image folder (scan.py), its files on disk (store.py), and queries (query.py);
+`search.py` is the command."""

@@ -1,6 +1,7 @@
 """Querying a search index: the top-k rows of a memory-mapped embedding matrix, a text or image
 embedded as a query, and the export of the embeddings with one entry per row.
 """
+import json
 import os
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -9,11 +10,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import write_json
+from ..atomic import has_mark, write_json
 from ..datasets import read_image
 from ..tokenizer import tokenize
 from .index import encode_images
-from .store import read_manifest, write_npy
+from .store import open_rows, read_manifest, write_npy
+
+HIT = ("rank", "score", "path", "box")  # one hit of a query, as --json writes it
+EXPORT_WRITTEN_BY = "mrs-adapter search.py export"
 
 
 def top_k(embeddings: np.ndarray, query: np.ndarray, k: int,
@@ -48,14 +52,23 @@ class SearchIndex:
     """An index folder opened for queries: embeddings memory-mapped, rows mapped to (path, box)."""
 
     def __init__(self, folder: str):
-        manifest = read_manifest(folder)
-        if manifest is None:
-            raise FileNotFoundError(f"no search index in {folder} (expected {folder}/index.json; "
-                                    f"make one with `python search.py index`)")
-        if not manifest["rows"]:
-            raise ValueError(f"index {folder} holds no images")
+        for attempt in range(2):
+            manifest = read_manifest(folder)
+            if manifest is None:
+                raise FileNotFoundError(f"no search index in {folder} (expected "
+                                        f"{folder}/index.json; make one with `python search.py "
+                                        f"index`)")
+            if not manifest["rows"]:
+                raise ValueError(f"index {folder} holds no images")
+            try:
+                self.embeddings = open_rows(os.path.join(folder, manifest["embeddings"]),
+                                            manifest["rows"], manifest["dim"],
+                                            os.path.join(folder, "index.json"))
+                break
+            except FileNotFoundError:  # an index run may have committed a newer one just now
+                if attempt:
+                    raise
         self.folder, self.manifest = folder, manifest
-        self.embeddings = np.load(os.path.join(folder, manifest["embeddings"]), mmap_mode="r")
         self.paths = sorted(manifest["files"], key=lambda r: manifest["files"][r]["first"])
         self.firsts = np.array([manifest["files"][r]["first"] for r in self.paths])
 
@@ -68,8 +81,20 @@ class SearchIndex:
 
     def search(self, query: np.ndarray, k: int = 20) -> List[Dict]:
         rows, scores = top_k(self.embeddings, query, k)
-        return [dict(rank=r + 1, score=float(s), **dict(zip(("path", "box"), self.entry(row))))
+        return [dict(zip(HIT, (r + 1, float(s), *self.entry(row))))
                 for r, (row, s) in enumerate(zip(rows, scores))]
+
+
+def is_hits_file(path: str) -> bool:
+    """Whether `path` holds what `search.py query --json` writes: a list of hits, each exactly
+    {rank, score, path, box} (a bare list, as documented, so it carries no written_by mark)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            hits = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(hits, list) and bool(hits) and all(
+        isinstance(h, dict) and sorted(h) == sorted(HIT) for h in hits)
 
 
 @torch.no_grad()
@@ -77,10 +102,37 @@ def embed_query(model, preprocess, device, text: Optional[str] = None,
                 image: Optional[str] = None) -> np.ndarray:
     """(E,) float32 L2-normalised embedding of a text or of a whole image (no tiling)."""
     if text is not None:
+        if not text.strip():
+            raise ValueError("the query text is empty; give a text, or --image PATH")
         tokens = tokenize([text], model.context_length).to(device)
         return F.normalize(model.encode_text(tokens).float(), dim=-1)[0].cpu().numpy()
     x = read_image(image, preprocess)[None]
     return encode_images(model, x, device)[0]
+
+
+def manifest_path(npy: str) -> str:
+    return os.path.splitext(npy)[0] + ".manifest.json"
+
+
+def is_export_manifest(path: str) -> bool:
+    """Whether `path` is a manifest `export` wrote (marked; before the mark: {model, entries})."""
+    if has_mark(path, EXPORT_WRITTEN_BY):
+        return True
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sorted(json.load(f)) == ["entries", "model"]
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def is_export(npy: str) -> bool:
+    """Whether `npy` is embeddings `export` wrote: its manifest beside it is export's and names it
+    (an unmarked one, before the mark, names no file)."""
+    manifest = manifest_path(npy)
+    if not is_export_manifest(manifest):
+        return False
+    with open(manifest, encoding="utf-8") as f:
+        return json.load(f).get("embeddings", os.path.basename(npy)) == os.path.basename(npy)
 
 
 def export(folder: str, out: str) -> Tuple[str, str]:
@@ -90,6 +142,7 @@ def export(folder: str, out: str) -> Tuple[str, str]:
     emb = index.embeddings
     write_npy(out, (emb[i:i + 65536] for i in range(0, len(emb), 65536)), len(emb), emb.shape[1])
     entries = [dict(zip(("path", "box"), index.entry(row))) for row in range(len(emb))]
-    manifest_path = os.path.splitext(out)[0] + ".manifest.json"
-    write_json(manifest_path, {"model": index.manifest["model"], "entries": entries})
-    return out, manifest_path
+    write_json(manifest_path(out), {"written_by": EXPORT_WRITTEN_BY,
+                                    "embeddings": os.path.basename(out),
+                                    "model": index.manifest["model"], "entries": entries})
+    return out, manifest_path(out)

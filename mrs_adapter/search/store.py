@@ -4,19 +4,36 @@ index.json names the model, the image folder, the tiling and every file with its
 tile boxes; it is the commit point: `commit` writes a new embeddings-<n>.npy first and index.json
 last, so a crash leaves the previous index whole. A run in progress saves parts/part-<n>.npy and
 .json every N images (the .json last: a part without it is incomplete and ignored), so a killed
-run continues where it stopped; the commit removes the parts it absorbed.
+run continues where it stopped. A run holds index.lock; the commit removes only files the index
+wrote: the embeddings it replaced and the parts it absorbed, never anything else in the folder.
 """
+import contextlib
 import glob
 import json
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..atomic import atomic_write, write_json
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None
+
 SAME_MODEL = ("backbone_sha256", "activation", "method", "checkpoint_sha256")
 WRITTEN_BY = "mrs-adapter search"
+LOCK = "index.lock"
+# Temporary files of atomic_write (<name>.<8 random characters>.tmp) that a killed run leaves
+MINE = re.compile(r"^(index\.json|embeddings-\d{6}\.npy|part-\d{6}\.(npy|json))(\.\w{8}\.tmp)?$")
+EMBEDDINGS = re.compile(r"^embeddings-\d{6}\.npy$")
+_NONE = type(None)
+FIELDS = {"written_by": str, "model": dict, "images": str, "tile": int, "stride": int,
+          "dim": (int, _NONE), "rows": int, "embeddings": (str, _NONE), "generation": int,
+          "next_part": int, "files": dict, "skipped": dict}
+ENTRY = {"size": int, "mtime_ns": int, "first": int, "boxes": list}
 
 
 def check_same_model(recorded: Dict, identity: Dict, where: str):
@@ -29,15 +46,79 @@ def check_same_model(recorded: Dict, identity: Dict, where: str):
                          f"Use that model, or another index folder")
 
 
+def _damaged(path: str, what: str) -> ValueError:
+    return ValueError(f"{path}: {what}; it was edited or damaged: restore it, or build the index "
+                      f"again into a new folder")
+
+
+def check_files(path: str, files, rows: int):
+    """Each entry of `files` is {size, mtime_ns, first, boxes} (a box: null or 4 integers), and
+    the entries' rows, in order of `first`, run from 0 to `rows` without gap or overlap."""
+    for rel, e in files.items():
+        if not isinstance(e, dict) or any(not isinstance(e.get(k), t) for k, t in ENTRY.items()):
+            raise _damaged(path, f"the entry of {rel!r} should be {{size, mtime_ns, first, boxes}}"
+                                 f", found {e!r:.200}")
+        if not e["boxes"] or any(b is not None and (not isinstance(b, list) or len(b) != 4)
+                                 for b in e["boxes"]):
+            raise _damaged(path, f"the boxes of {rel!r} should be null or [left, top, right, "
+                                 f"bottom] each, found {e['boxes']!r:.200}")
+    expected = 0
+    for rel, e in sorted(files.items(), key=lambda item: item[1]["first"]):
+        if e["first"] != expected:
+            raise _damaged(path, f"{rel!r} starts at row {e['first']}, expected {expected}")
+        expected += len(e["boxes"])
+    if expected != rows:
+        raise _damaged(path, f"its files hold {expected} rows, but it says rows: {rows}")
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:  # also a UnicodeDecodeError
+            raise _damaged(path, f"not valid JSON ({e})") from None
+
+
 def read_manifest(folder: str) -> Optional[Dict]:
+    """index.json of `folder`, checked key by key (None if there is none)."""
     path = os.path.join(folder, "index.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("written_by") != WRITTEN_BY:
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("written_by") != WRITTEN_BY:
         raise ValueError(f"{path} is not a search index written by search.py")
+    for key, kind in FIELDS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise _damaged(path, f"{key!r} is {manifest.get(key)!r:.100}, expected "
+                                 f"{getattr(kind, '__name__', 'a number or null')}")
+    missing = [k for k in SAME_MODEL + ("backbone", "checkpoint") if k not in manifest["model"]]
+    if missing:
+        raise _damaged(path, f"its model lacks {missing}")
+    replaced = manifest.get("replaced", [])
+    names = [manifest["embeddings"] or "embeddings-000000.npy"] + (
+        replaced if isinstance(replaced, list) else [replaced])
+    if not all(isinstance(n, str) and EMBEDDINGS.match(n) for n in names):  # files it may remove
+        raise _damaged(path, f"embeddings / replaced name other files than embeddings-<n>.npy: "
+                             f"{names!r:.200}")
+    check_files(path, manifest["files"], manifest["rows"])
     return manifest
+
+
+def open_rows(path: str, rows: int, dim: Optional[int], listed_in: str) -> np.ndarray:
+    """The (rows, dim) float16 embeddings in `path`, memory-mapped; an error naming the file if it
+    holds anything else (say, fewer rows than `listed_in` records: part of the index unsearched)."""
+    try:
+        embeddings = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing, though {listed_in} lists it; build the index "
+                                f"again into a new folder") from None
+    except (ValueError, OSError) as e:  # a truncated file: "mmap length is greater than ..."
+        raise _damaged(path, f"not a whole .npy file ({e})") from None
+    if (embeddings.ndim != 2 or embeddings.shape[0] != rows or embeddings.dtype != np.float16
+            or dim is not None and embeddings.shape[1] != dim):
+        raise _damaged(path, f"it holds {embeddings.shape} {embeddings.dtype}, but {listed_in} "
+                             f"records {rows} rows of {dim} float16")
+    return embeddings
 
 
 def write_npy(path: str, chunks, n_rows: int, dim: int):
@@ -50,11 +131,63 @@ def write_npy(path: str, chunks, n_rows: int, dim: int):
     atomic_write(path, write, mode="wb")
 
 
+def check_index_folder(out: str, images: str):
+    """Refuse an index folder inside the image folder, or an existing folder that is neither empty
+    nor an index (its files are the user's): before anything is written there."""
+    real_out, real_images = os.path.realpath(out), os.path.realpath(images)
+    if os.path.commonpath([real_out, real_images]) == real_images:
+        raise ValueError(f"--out {out} is inside the image folder {images}; choose a folder "
+                         f"outside it")
+    if os.path.isdir(out) and not os.path.isfile(os.path.join(out, "index.json")):
+        # what a first run leaves before its index.json exists: the lock, a temporary index.json
+        foreign = sorted(n for n in os.listdir(out)
+                         if n != LOCK and not (n.startswith("index.json.") and MINE.match(n)))
+        if foreign:
+            raise ValueError(f"--out {out} holds {len(foreign)} file(s) or folder(s) not written "
+                             f"by search.py (e.g. {foreign[0]}) and no index.json; choose a new "
+                             f"or empty folder")
+
+
+@contextlib.contextmanager
+def index_lock(out: str, log=print):
+    """Hold <out>/index.lock for one run, so that a second run into the same index at once is
+    refused (naming the holder's pid). The operating system's lock (flock) goes with the process
+    however it ends, so a killed run leaves no lock; the pid it leaves in the file is reported."""
+    if fcntl is None:
+        log(f"note: no file lock on this platform; run one `index` into {out} at a time")
+        yield
+        return
+    path = os.path.join(out, LOCK)
+    os.makedirs(out, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FileExistsError(f"index {out} is being written by another run (process "
+                                  f"{f.read().strip() or 'unknown'}, lock {path}); wait for it to "
+                                  f"end, or use another --out") from None
+        f.seek(0)
+        if f.read().strip():
+            log(f"index {out}: the last run into it ended without finishing (killed?); its "
+                f"lock is recovered and its saved parts are used")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)  # a clean end; the lock itself ends with the file's closing
+            f.flush()
+
+
 def part_numbers(folder: str) -> List[int]:
     """Numbers of the complete saved parts (each part's json is written after its .npy, so a part
     without json is incomplete and ignored), ascending."""
     paths = glob.glob(os.path.join(folder, "parts", "part-*.json"))
-    return sorted(int(os.path.basename(path)[5:-5]) for path in paths)
+    names = (os.path.basename(path) for path in paths)
+    return sorted(int(name[5:-5]) for name in names if MINE.match(name) and name[5:-5].isdigit())
 
 
 def next_part_number(folder: str, manifest: Dict) -> int:
@@ -67,8 +200,13 @@ def saved_parts(folder: str, after: int) -> List[Tuple[int, Dict]]:
     parts = []
     for number in part_numbers(folder):
         if number >= after:
-            with open(part_path(folder, number, "json")) as f:
-                parts.append((number, json.load(f)))
+            path = part_path(folder, number, "json")
+            part = read_json(path)
+            if not isinstance(part, dict) or not isinstance(part.get("files"), dict) \
+                    or not isinstance(part.get("rows"), int):
+                raise _damaged(path, "expected {files, rows}")
+            check_files(path, part["files"], part["rows"])
+            parts.append((number, part))
     return parts
 
 
@@ -96,12 +234,17 @@ def open_index(out: str, images: str, identity: Dict, tile: int, stride: int) ->
 
 def reusable_rows(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple[str, int, list]]:
     """Files already embedded whose size and mtime are unchanged: path -> (npy file, first row,
-    boxes); from the committed index, then from the parts of an interrupted run (newer wins)."""
-    sources = {}
-    stored = [(os.path.join(out, manifest["embeddings"] or ""), manifest["files"])]
-    stored += [(part_path(out, n, "npy"), part["files"])
+    boxes); from the committed index, then from the parts of an interrupted run (newer wins).
+    Every embeddings file must hold the rows its json records."""
+    stored = []
+    if manifest["embeddings"]:
+        stored.append((os.path.join(out, manifest["embeddings"]), manifest["rows"],
+                       manifest["files"], os.path.join(out, "index.json")))
+    stored += [(part_path(out, n, "npy"), part["rows"], part["files"], part_path(out, n, "json"))
                for n, part in saved_parts(out, manifest["next_part"])]
-    for npy, files in stored:
+    sources = {}
+    for npy, rows, files, listed_in in stored:
+        open_rows(npy, rows, manifest["dim"], listed_in)
         for rel, e in files.items():
             if stats.get(rel) == [e["size"], e["mtime_ns"]]:
                 sources[rel] = (npy, e["first"], e["boxes"])
@@ -149,13 +292,31 @@ def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) 
         chunks = (maps[npy][start:start + len(boxes)]
                   for npy, start, boxes in (sources[rel] for rel in order))
         write_npy(os.path.join(out, name), chunks, first, dim)
+    replaced = [n for n in [manifest["embeddings"]] + manifest.get("replaced", [])
+                if n and n != name and os.path.exists(os.path.join(out, n))]
     manifest = dict(manifest, dim=dim, rows=first, embeddings=name, generation=generation,
-                    files=files, skipped=skipped, next_part=next_part_number(out, manifest))
+                    files=files, skipped=skipped, next_part=next_part_number(out, manifest),
+                    replaced=replaced)  # removed next; if this run is killed first, by the next
     write_json(os.path.join(out, "index.json"), manifest)
     del maps
-    replaced = glob.glob(os.path.join(out, "embeddings-*.npy"))
-    for path in replaced + glob.glob(os.path.join(out, "parts", "*")):
-        if os.path.basename(path) != name:
-            os.remove(path)
+    _remove_replaced(out, manifest)
     return manifest
 
+
+def _remove_replaced(out: str, manifest: Dict):
+    """Remove what the committed index no longer needs, and only files this index wrote: the
+    embeddings files it replaced (named in index.json), the parts it absorbed (numbered below
+    next_part), and the temporary files of writes a killed run left (the lock is held: no write
+    of another run is under way)."""
+    for name in manifest["replaced"]:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".tmp") and MINE.match(name):
+            os.remove(os.path.join(out, name))
+    parts = os.path.join(out, "parts")
+    # .json first: a part whose .json is gone is incomplete, never read again
+    for name in sorted(os.listdir(parts) if os.path.isdir(parts) else [], key=lambda n: "npy" in n):
+        if MINE.match(name) and name.startswith("part-") and (
+                name.endswith(".tmp") or int(name[5:11]) < manifest["next_part"]):
+            os.remove(os.path.join(parts, name))
