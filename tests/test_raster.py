@@ -348,6 +348,12 @@ def test_gsd_twice_native_gives_about_a_quarter_of_the_tiles(files):
     assert finer.output_size == (2 * W, 2 * H) and "upsampled 2x" in finer.notes[0]
 
 
+def test_gsd_of_a_crs_in_feet_is_in_metres(files):
+    path = write(files["root"] / "feet.tif", files["data"][:3], crs="EPSG:2263",  # US survey ft
+                 transform=Affine(2.0, 0.0, 980000.0, 0.0, -2.0, 200000.0))
+    assert open_scene(path).native_gsd == pytest.approx((2 * 1200 / 3937,) * 2)
+
+
 def test_gsd_of_a_geographic_crs_uses_metres_on_the_ground(files):
     step = 1e-4  # degrees, at 45 N
     path = write(files["root"] / "lonlat.tif", files["data"][:3], crs="EPSG:4326",
