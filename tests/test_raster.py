@@ -326,9 +326,14 @@ def test_no_georeferencing_keeps_pixel_boxes(files):
 
 # ---- --gsd and windows ---------------------------------------------------------------------
 
-def test_grid_is_the_index_grid_at_full_resolution(files):
+def test_grid_is_the_index_grid_at_full_resolution_and_reads_in_parts(files):
     scene = open_scene(files["utm"])
-    assert [box for box, _, _ in tiles(scene, 128, 96)] == tile_boxes(W, H, 128, 96)
+    whole = tiles(scene, 128, 96)
+    assert [box for box, _, _ in whole] == tile_boxes(W, H, 128, 96)
+    parts = [t for start in range(0, len(whole), 7) for t in scene.tiles(128, 96, start, start + 7)]
+    assert [b for b, _, _ in parts] == [b for b, _, _ in whole]
+    assert all(p is None and w is None or (p == w).all()
+               for (_, p, _), (_, w, _) in zip(parts, whole))
 
 
 def test_gsd_twice_native_gives_about_a_quarter_of_the_tiles(files):

@@ -243,10 +243,13 @@ class Scene:
             return None, invalid
         return self.to_rgb(values[[unique.index(b) for b in self.bands]], valid), invalid
 
-    def tiles(self, tile: int, stride: int) -> Iterator[Tuple[Box, Optional[np.ndarray], float]]:
+    def tiles(self, tile: int, stride: int, start: int = 0, stop: Optional[int] = None
+              ) -> Iterator[Tuple[Box, Optional[np.ndarray], float]]:
         """(box, rgb, invalid) for each tile of search/index.py's grid (tile_boxes: a scene of at
         most 1.5 tiles a side whole, else `tile` px every `stride` px, the last row and column
-        flush with the edge) laid in OUTPUT px (after --gsd), read one window at a time.
+        flush with the edge) laid in OUTPUT px (after --gsd), read one window at a time; only
+        tiles start..stop-1 of the grid (len(tile_boxes(*output_size, tile, stride)) in all),
+        so that a caller can read a large scene in parts.
 
         box: (left, top, right, bottom) in full-resolution px of the file ((0, 0, width, height)
         for a scene tile_boxes keeps whole, where it says None). rgb: uint8 (h, w, 3)
@@ -260,7 +263,7 @@ class Scene:
         from .index import tile_boxes  # here, not above: index.py imports this module
         out_w, out_h = self.output_size
         with _opened(self.path) as src:
-            for out_box in tile_boxes(out_w, out_h, tile, stride):
+            for out_box in tile_boxes(out_w, out_h, tile, stride)[start:stop]:
                 left, top, right, bottom = out_box or (0, 0, out_w, out_h)
                 box = (round(left * self.width / out_w), round(top * self.height / out_h),
                        round(right * self.width / out_w), round(bottom * self.height / out_h))
