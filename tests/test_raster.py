@@ -467,6 +467,7 @@ def test_choose_reader(files, plain_images):
 
 def test_without_rasterio_a_four_band_file_is_a_one_line_error(files, plain_images,
                                                                 monkeypatch):
+    scene = open_scene(files["plain"])  # made with rasterio; read after it is gone
     monkeypatch.setitem(sys.modules, "rasterio", None)  # `import rasterio` raises ImportError
     fresh = importlib.reload(raster)  # the module imports without rasterio
     assert not readers.has_rasterio()
@@ -480,3 +481,5 @@ def test_without_rasterio_a_four_band_file_is_a_one_line_error(files, plain_imag
     for name in ("rgb.png", "rgb.jpg", "rgb8.tif", "gray16.png"):
         assert readers.choose_reader(plain_images[name]) == "pillow"
     assert readers.choose_reader(files["gray16"]) == "pillow"
+    with pytest.raises(readers.RasterioMissing, match=r"plain\.tif: reading .* needs rasterio"):
+        next(scene.tiles(256, 192))

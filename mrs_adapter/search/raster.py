@@ -257,10 +257,10 @@ class Scene:
         to `fill`, for the caller to resize and crop as it does a Pillow image; None when more
         than max_nodata of the tile is invalid: the caller counts it and skips it. invalid: the
         tile's invalid fraction (nodata, alpha, mask or non-finite)."""
-        from rasterio import Env
+        rasterio = _rasterio(self.path)  # RasterioMissing, not a bare ImportError
         from rasterio.windows import Window
 
-        from .index import tile_boxes  # here, not above: index.py imports this module
+        from .index import tile_boxes  # here, not above: index.py is to import this module
         out_w, out_h = self.output_size
         with _opened(self.path) as src:
             for out_box in tile_boxes(out_w, out_h, tile, stride)[start:stop]:
@@ -268,7 +268,7 @@ class Scene:
                 box = (round(left * self.width / out_w), round(top * self.height / out_h),
                        round(right * self.width / out_w), round(bottom * self.height / out_h))
                 window = Window(box[0], box[1], max(1, box[2] - box[0]), max(1, box[3] - box[1]))
-                with Env(GDAL_CACHEMAX=CACHE_BYTES):
+                with rasterio.Env(GDAL_CACHEMAX=CACHE_BYTES):
                     rgb, invalid = self._read_shown(src, window, (bottom - top, right - left),
                                                     self.max_nodata, self._resampling())
                 yield box, rgb, invalid
