@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+GEO = ["rasterio>=1.3", "pyarrow>=14"]
+
 setup(
     name="mrs-adapter",
     version="0.1.0",
@@ -14,6 +16,10 @@ setup(
     # load_state_dict(assign=True) and torch.cuda.graph(capture_error_mode=...), 2.0 for
     # scaled_dot_product_attention and torch.compile. torchvision 0.18 is torch 2.3's release.
     install_requires=["torch>=2.3", "torchvision>=0.18", "ftfy", "regex", "numpy", "pillow"],
-    extras_require={"test": ["pytest", "open_clip_torch", "ruff"]},
+    # [geo]: search over GeoTIFF / COG (mrs_adapter/search/raster.py, docs/geotiff.md; rasterio's
+    # wheels bundle GDAL; tested with rasterio 1.4.4, GDAL 3.10) and GeoParquet export (pyarrow).
+    # The paper's path and plain-image search need neither. [test] includes [geo], so CI runs
+    # every geo test; pyproj is the tests' reprojection, independent of rasterio's.
+    extras_require={"geo": GEO, "test": ["pytest", "open_clip_torch", "ruff", "pyproj"] + GEO},
     license="MIT",
 )
