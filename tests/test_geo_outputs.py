@@ -1,0 +1,138 @@
+"""Search outputs: the GeoJSON is RFC 7946, hits read back for --like / --unlike, and --within
+keeps exactly the footprints that meet a box."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mrs_adapter.search import hits as H
+from mrs_adapter.search.outputs import WRITTEN_BY
+
+
+def square(lon, lat, side=0.01, clockwise=False, closed=True):
+    ring = [[lon, lat], [lon + side, lat], [lon + side, lat + side], [lon, lat + side]]
+    ring = ring[::-1] if clockwise else ring
+    return ring + [ring[0]] if closed else ring
+
+
+def twice_area(ring) -> float:
+    """The shoelace sum: > 0 for a counter-clockwise ring (x east, y north)."""
+    return sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
+
+
+def sample_hits():
+    """Four hits: counter-clockwise, clockwise (near the antimeridian), without georeferencing,
+    and unclosed (southern hemisphere); numpy scalars as query.py's scores and boxes are."""
+    return [
+        dict(rank=1, score=np.float32(0.61), path="/data/utm.tif", box=np.array([0, 0, 256, 256]),
+             crs="EPSG:32633", bounds=[500000.0, 4980000.0, 500256.0, 4980256.0],
+             footprint=square(12.0, 45.0)),
+        dict(rank=2, score=np.float32(0.55), path="/data/east.tif", box=[0, 192, 256, 448],
+             crs="EPSG:32660", bounds=[1.0, 2.0, 3.0, 4.0],
+             footprint=square(179.98, -16.5, clockwise=True)),
+        dict(rank=3, score=0.5, path="/data/plain.png", box=[256, 0, 512, 256], crs=None,
+             bounds=None, footprint=None),
+        dict(rank=4, score=0.25, path="/data/south.tif", box=None, crs="EPSG:32733",
+             bounds=[0.0, 0.0, 1.0, 1.0], footprint=square(-70.5, -33.4, closed=False)),
+    ]
+
+
+def test_geojson_is_rfc7946_and_keeps_every_hit(tmp_path):
+    path = str(tmp_path / "hits.geojson")
+    assert H.write_geojson(path, sample_hits(), 'text "a harbour"') == 1  # one has no footprint
+    with open(path) as f:
+        collection = json.load(f)
+    assert collection["type"] == "FeatureCollection" and "crs" not in collection
+    assert collection["written_by"] == WRITTEN_BY and collection["query"] == 'text "a harbour"'
+    features = collection["features"]
+    assert [f["properties"]["rank"] for f in features] == [1, 2, 3, 4]
+    assert features[2]["geometry"] is None  # the hit without georeferencing: a table row
+    for feature, hit in zip(features, sample_hits()):
+        assert feature["type"] == "Feature"
+        props = feature["properties"]
+        assert props["path"] == hit["path"] and props["crs"] == hit["crs"]
+        assert props["score"] == pytest.approx(float(hit["score"]))
+        assert props["box"] == (None if hit["box"] is None else [int(v) for v in hit["box"]])
+        if hit["footprint"] is None:
+            continue
+        assert feature["geometry"]["type"] == "Polygon"
+        (ring,) = feature["geometry"]["coordinates"]
+        assert ring[0] == ring[-1] and len(ring) == 5
+        assert all(-180 <= lon <= 180 and -90 <= lat <= 90 for lon, lat in ring)
+        assert twice_area(ring) > 0  # exterior ring counter-clockwise
+        assert set(map(tuple, ring)) == set(map(tuple, hit["footprint"]))  # the same corners
+    lons = [p[0] for f in features if f["geometry"] for p in f["geometry"]["coordinates"][0]]
+    assert collection["bbox"][0] == min(lons) and collection["bbox"][2] == max(lons)
+    assert twice_area(sample_hits()[1]["footprint"]) < 0  # hit 2 was given clockwise: reversed
+
+
+def test_a_footprint_outside_lonlat_is_refused(tmp_path):
+    hit = dict(sample_hits()[0], footprint=square(500000.0, 4980000.0, 256.0))  # metres, not deg
+    with pytest.raises(ValueError, match="hit 1: footprint point .* is not a WGS84 lon/lat"):
+        H.write_geojson(str(tmp_path / "x.geojson"), [hit], "q")
+    assert not os.path.exists(tmp_path / "x.geojson")
+
+
+def test_read_hits_round_trips_json_and_geojson(tmp_path):
+    hits = sample_hits()
+    H.write_hits_json(str(tmp_path / "h.json"), hits, "q")
+    H.write_geojson(str(tmp_path / "h.geojson"), hits, "q")
+    expected = [H.hit_record(h) for h in hits]
+    assert H.read_hits(str(tmp_path / "h.json")) == expected
+    assert H.read_hits(str(tmp_path / "h.geojson")) == expected
+    assert expected[3]["footprint"][0] == expected[3]["footprint"][-1]  # closed when read back
+    for name in ("h.json", "h.geojson"):
+        chosen = H.hits_by_rank(f"{tmp_path / name}:4,1,4", "--like")
+        assert [h["rank"] for h in chosen] == [4, 1] and chosen[1]["path"] == "/data/utm.tif"
+
+
+def test_hit_references_are_checked(tmp_path):
+    assert H.parse_ref("C:\\runs\\hits.json:2,7", "--like") == ("C:\\runs\\hits.json", [2, 7])
+    for bad in ("hits.json", "hits.json:", "hits.json:0", "hits.json:a", "hits.json:1,,2", ":1"):
+        with pytest.raises(ValueError, match=r"--unlike .*expected FILE:RANK\[,RANK...\]"):
+            H.parse_ref(bad, "--unlike")
+    path = str(tmp_path / "h.json")
+    H.write_hits_json(path, sample_hits(), "q")
+    with pytest.raises(ValueError, match=r"has no hit of rank 9 \(it holds ranks 1-4\)"):
+        H.hits_by_rank(f"{path}:1,9", "--like")
+    foreign = {"index.json": {"written_by": "mrs-adapter search", "files": {}},
+               "plain.json": [{"rank": 1, "score": 0.5, "path": "a.png", "box": None}]}
+    for name, payload in foreign.items():
+        (tmp_path / name).write_text(json.dumps(payload))
+        with pytest.raises(ValueError, match="was not written by search.py query"):
+            H.read_hits(str(tmp_path / name))
+    (tmp_path / "notes.txt").write_text("rank 1")
+    with pytest.raises(ValueError, match="not JSON"):
+        H.read_hits(str(tmp_path / "notes.txt"))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        H.hits_by_rank(f"{tmp_path / 'missing.json'}:1", "--like")
+
+
+def test_within_keeps_exactly_the_footprints_that_meet_the_box():
+    box = (10.0, 40.0, 11.0, 41.0)
+    diamond = [[12.4, 41.6], [11.6, 42.4], [10.8, 41.6], [11.6, 40.8], [12.4, 41.6]]
+    strip = [[9.0, 40.5], [12.0, 40.52], [12.0, 40.53], [9.0, 40.51], [9.0, 40.5]]  # crosses it
+    footprints = {1: square(10.4, 40.4, 0.1), 2: square(9.95, 40.5, 0.1),  # inside; overlaps
+                  3: square(11.0, 40.5, 0.1),  # touches the east edge: meets
+                  4: square(11.01, 40.5, 0.1),  # just east of it
+                  5: square(9.0, 39.0, 3.0),  # holds the whole box, no corner inside it
+                  6: diamond,  # its bounding box overlaps the box, the diamond does not
+                  7: None, 8: strip}
+    hits = [dict(rank=r, score=0.0, path="p", footprint=f) for r, f in footprints.items()]
+    kept = [h["rank"] for h in H.within(hits, *box)]
+    assert kept == [1, 2, 3, 5, 8]
+    lons, lats = zip(*diamond)  # negative control: a bounding-box test would keep the diamond
+    assert min(lons) <= box[2] and min(lats) <= box[3]
+    assert [h["rank"] for h in H.within(hits, -180, -90, 180, 90)] == [1, 2, 3, 4, 5, 6, 8]
+
+
+@pytest.mark.parametrize("box, message", [
+    ((11, 40, 10, 41), "WEST > EAST; a box across the antimeridian is not supported"),
+    ((-181, 40, 10, 41), "WEST -181 is outside -180..180"),
+    ((10, 41, 11, 40), "SOUTH > NORTH"),
+    ((10, 40, 11, float("nan")), "NORTH nan is outside -90..90")])
+def test_within_refuses_a_bad_box(box, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        H.within([], *box)
+
