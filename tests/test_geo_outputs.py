@@ -1,5 +1,6 @@
-"""Search outputs: the GeoJSON is RFC 7946, hits read back for --like / --unlike, and --within
-keeps exactly the footprints that meet a box."""
+"""Search outputs: the GeoJSON is RFC 7946, hits read back for --like / --unlike, --within keeps
+exactly the footprints that meet a box, and a refined query is the stated formula and ranks as a
+brute-force ranking of it."""
 import json
 import os
 
@@ -8,6 +9,8 @@ import pytest
 
 from mrs_adapter.search import hits as H
 from mrs_adapter.search.outputs import WRITTEN_BY
+from mrs_adapter.search.query import top_k
+from mrs_adapter.search.refine import combine_query, describe_query
 
 
 def square(lon, lat, side=0.01, clockwise=False, closed=True):
@@ -135,4 +138,47 @@ def test_within_keeps_exactly_the_footprints_that_meet_the_box():
 def test_within_refuses_a_bad_box(box, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
         H.within([], *box)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_combine_query_is_the_formula_and_ranks_as_brute_force():
+    rng = np.random.default_rng(0)
+    positives, negatives = rng.normal(size=(3, 16)), rng.normal(size=(2, 16))
+    q = combine_query(list(positives * 3.0), list(negatives))  # inputs normalised first
+    p, n = unit(positives).mean(0), unit(negatives).mean(0)
+    expected = unit(2 * p - n)  # the formula, in float64
+    assert q.dtype == np.float32 and np.allclose(q, expected, atol=1e-6)
+    assert np.allclose(combine_query(positives), unit(p), atol=1e-6)  # without negatives
+    embeddings = unit(rng.normal(size=(400, 16))).astype(np.float16)  # the index's storage
+    exact = embeddings.astype(np.float64) @ expected
+    brute = np.argsort(-exact)[:10]
+    assert np.diff(-exact[np.argsort(-exact)[:11]]).min() > 1e-4  # no near-tie to blur the order
+    rows, _ = top_k(embeddings, q, 10)
+    assert rows.tolist() == brute.tolist()
+    equal_weights = np.argsort(-(embeddings.astype(np.float64) @ unit(p - n)))[:10]
+    assert equal_weights.tolist() != brute.tolist()  # negative control: the weight 2 matters
+
+
+def test_combine_query_refuses_what_has_no_answer():
+    v = np.ones(8) / np.sqrt(8)
+    with pytest.raises(ValueError, match="at least one positive"):
+        combine_query([], [v])
+    with pytest.raises(ValueError, match="cancel out"):
+        combine_query([v, -v])
+    with pytest.raises(ValueError, match="negative 2 has no direction"):
+        combine_query([v], [v, np.zeros(8)])
+    with pytest.raises(ValueError, match="different models"):
+        combine_query([v, np.ones(4)])
+    with pytest.raises(ValueError, match="different models"):
+        combine_query([v], [np.ones(4)])
+
+
+def test_describe_query_names_every_input():
+    assert describe_query(['text "a port"'], []) == 'query: text "a port"'
+    lines = describe_query(['text "a port"', "hits.json:1"], ["hits.json:7"]).splitlines()
+    assert lines[0] == "query = normalise(2 x mean of 2 positives - mean of 1 negatives)"
+    assert lines[1:] == ['  + text "a port"', "  + hits.json:1", "  - hits.json:7"]
 
