@@ -1,14 +1,20 @@
 """Search outputs: the GeoJSON is RFC 7946, hits read back for --like / --unlike, --within keeps
-exactly the footprints that meet a box, and a refined query is the stated formula and ranks as a
-brute-force ranking of it."""
+exactly the footprints that meet a box, a refined query is the stated formula and ranks as a
+brute-force ranking of it, the GeoParquet read back with pyarrow holds the "geo" metadata and the
+given rows, the --map outlines land on the tiles' pixels, and only our own files are replaced."""
 import json
 import os
+import struct
+import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mrs_adapter.search import hits as H
-from mrs_adapter.search.outputs import WRITTEN_BY
+from mrs_adapter.search.geoparquet import write_geoparquet
+from mrs_adapter.search.hit_map import LABEL_BACK, OUTLINE, draw_map, render_map
+from mrs_adapter.search.outputs import WRITTEN_BY, check_output, written_by_us
 from mrs_adapter.search.query import top_k
 from mrs_adapter.search.refine import combine_query, describe_query
 
@@ -182,3 +188,144 @@ def test_describe_query_names_every_input():
     assert lines[0] == "query = normalise(2 x mean of 2 positives - mean of 1 negatives)"
     assert lines[1:] == ['  + text "a port"', "  + hits.json:1", "  - hits.json:7"]
 
+
+def decode_wkb_polygon(blob: bytes):
+    """A tiny WKB reader for one-ring polygons, independent of the writer."""
+    order, kind, n_rings, n_points = struct.unpack("<BIII", blob[:13])
+    assert (order, kind, n_rings) == (1, 3, 1) and len(blob) == 13 + 16 * n_points
+    values = struct.unpack(f"<{2 * n_points}d", blob[13:])
+    return [[values[2 * i], values[2 * i + 1]] for i in range(n_points)]
+
+
+def parquet_batches(rng, dim=8):
+    footprints = [square(12.0, 45.0), None, square(12.01, 45.0, clockwise=True),
+                  square(-70.5, -33.4), square(12.0, 45.01, closed=False)]
+    embeddings = unit(rng.normal(size=(5, dim))).astype(np.float16)
+    paths = ["a.tif", "plain.png", "a.tif", "b.tif", "a.tif"]
+    boxes = [[0, 0, 256, 256], None, [192, 0, 448, 256], [0, 0, 256, 256], [0, 192, 256, 448]]
+    cuts = [(0, 3), (3, 3), (3, 5)]  # the middle batch is empty
+    batches = [{"path": paths[a:b], "box": boxes[a:b], "footprint": footprints[a:b],
+                "embedding": embeddings[a:b]} for a, b in cuts]
+    return batches, footprints, embeddings, paths, boxes
+
+
+MODEL = {"backbone_sha256": "ab" * 32, "method": "mrs_adapter", "checkpoint_sha256": None}
+
+
+def test_geoparquet_carries_geo_metadata_and_the_rows(tmp_path):
+    import pyarrow.parquet as pq
+    batches, footprints, embeddings, paths, boxes = parquet_batches(np.random.default_rng(1))
+    path = str(tmp_path / "emb.parquet")
+    assert write_geoparquet(path, iter(batches), MODEL, 8, 256, 192) == 5
+    table = pq.read_table(path)
+    assert table.column("id").to_pylist() == [0, 1, 2, 3, 4]
+    assert table.column("path").to_pylist() == paths
+    assert table.column("box").to_pylist() == boxes
+    stored = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    assert np.array_equal(stored, embeddings.astype(np.float32))  # float16 values, exactly
+    rings = [None if g is None else decode_wkb_polygon(g)
+             for g in table.column("geometry").to_pylist()]
+    assert rings[1] is None
+    for ring, given in zip(rings, footprints):
+        if given is not None:
+            assert ring == H.lonlat_ring(given, "test") and twice_area(ring) > 0
+    assert rings[2] == footprints[2][::-1]  # given clockwise, stored counter-clockwise
+    metadata = pq.read_metadata(path).metadata
+    assert table.schema.metadata[b"geo"] == metadata[b"geo"]  # where GeoPandas looks for it
+    geo = json.loads(metadata[b"geo"])
+    assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
+    column = geo["columns"]["geometry"]
+    assert column["encoding"] == "WKB" and column["geometry_types"] == ["Polygon"]
+    assert "crs" not in column  # absent = OGC:CRS84
+    corners = np.array([p for r in rings if r for p in r])
+    assert column["bbox"] == [*corners.min(0).tolist(), *corners.max(0).tolist()]
+    assert json.loads(metadata[b"mrs_adapter:model"]) == MODEL
+    assert metadata[b"emb:type"] == b"chip" and metadata[b"emb:dimensions"] == b"8"
+    assert json.loads(metadata[b"emb:chip_layout"]) == {
+        "layout_type": "regular_grid", "chip_size": [256, 256], "stride": [192, 192]}
+    assert json.loads(metadata[b"emb:quantization"])["quantized_dtype"] == "float16"
+    assert pq.ParquetFile(path).metadata.num_row_groups == 2  # one per non-empty batch
+    assert written_by_us(path)
+
+
+def test_geoparquet_failure_leaves_the_old_file(tmp_path):
+    batches, *_ = parquet_batches(np.random.default_rng(2))
+    path = str(tmp_path / "emb.parquet")
+    write_geoparquet(path, iter(batches), MODEL, 8, 256, 192)
+    before = open(path, "rb").read()
+
+    def failing():
+        yield batches[0]
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_geoparquet(path, failing(), MODEL, 8, 256, 192)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["emb.parquet"]
+    with pytest.raises(ValueError, match=r"a batch of 3 paths .* not \(3, 4\)"):
+        write_geoparquet(path, iter(batches), MODEL, 4, 256, 192)  # embeddings have 8 values
+    assert open(path, "rb").read() == before
+
+
+def test_geoparquet_without_pyarrow_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if the [geo] extra were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = str(tmp_path / "emb.parquet")
+    with pytest.raises(ValueError) as error:
+        write_geoparquet(path, iter([]), MODEL, 8, 256, 192)
+    message = str(error.value)
+    assert message == f'{path}: writing GeoParquet needs pyarrow: pip install -e ".[geo]"'
+    assert not os.path.exists(path)
+
+
+def gray(width, height, value):
+    return np.full((height, width, 3), value, dtype=np.uint8)
+
+
+def test_map_outlines_land_on_the_tiles_pixels(tmp_path):
+    box = [200, 100, 600, 500]  # full-resolution pixels [left, top, right, bottom)
+    scenes = [{"path": "/data/scene_a.tif", "overview": gray(400, 300, 120), "scale": 0.5,
+               "hits": [{"rank": 1, "box": box}]},
+              # 2048 px wide at scale 1: fitted to 1024 px (scale 0.5), the box lands as above
+              {"path": "/data/scene_b.tif", "overview": Image.fromarray(gray(2048, 1536, 60)),
+               "scale": 1.0, "hits": [{"rank": 2, "box": box}]}]
+    canvas, placements = render_map(scenes)
+    assert canvas.height < 1024 and canvas.width < 2 * 1024 + 3 * 16  # thumbnails <= 1024 px
+    for (x, y, sx, sy), background in zip(placements, (120, 60)):
+        def at(px, py):
+            return canvas.getpixel((x + px, y + py))
+        assert at(100, 150) == at(299, 150) == at(250, 50) == at(250, 249) == OUTLINE
+        for outside in ((99, 150), (300, 150), (250, 49), (250, 250), (200, 150)):
+            assert at(*outside) == (background,) * 3, outside  # just beyond the edges; inside
+        assert at(103, 53) == LABEL_BACK  # the rank label's margin, inside the top-left corner
+    assert placements[1][2] == pytest.approx(0.5)
+    whole, [(x, y, _, _)] = render_map([{"path": "p.png", "overview": gray(64, 48, 90),
+                                         "scale": 1.0, "hits": [{"rank": 1, "box": None}]}])
+    assert whole.getpixel((x + 63, y + 30)) == whole.getpixel((x + 30, y + 47)) == OUTLINE
+    path = str(tmp_path / "map.png")
+    draw_map(path, scenes)
+    assert written_by_us(path) and Image.open(path).size == canvas.size
+
+
+def test_only_our_own_files_are_replaced(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    ours = {"h.json": lambda p: H.write_hits_json(p, sample_hits(), "q"),
+            "h.geojson": lambda p: H.write_geojson(p, sample_hits(), "q"),
+            "map.png": lambda p: draw_map(p, [{"path": "a", "overview": gray(8, 8, 0),
+                                               "scale": 1, "hits": []}]),
+            "emb.parquet": lambda p: write_geoparquet(p, iter([]), MODEL, 8, 256, 192)}
+    for name, write in ours.items():
+        write(str(tmp_path / name))
+        assert written_by_us(str(tmp_path / name)), name
+        check_output(str(tmp_path / name), "--out")  # may be replaced
+    Image.new("RGB", (4, 4)).save(tmp_path / "photo.png")
+    (tmp_path / "index.json").write_text(json.dumps({"written_by": "mrs-adapter search"}))
+    (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "other.parquet")
+    for name in ("photo.png", "index.json", "list.json", "notes.txt", "broken.parquet",
+                 "other.parquet", "missing.json"):
+        assert not written_by_us(str(tmp_path / name)), name
+    with pytest.raises(FileExistsError, match="index.json exists and was not written by search"):
+        check_output(str(tmp_path / "index.json"), "--geojson")
+    check_output(str(tmp_path / "new.geojson"), "--geojson")
