@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-GEO = ["rasterio>=1.3", "pyarrow>=14"]
+GEO = ["rasterio>=1.3", "pyarrow>=17"]  # pyarrow 17: ParquetWriter.add_key_value_metadata
 
 setup(
     name="mrs-adapter",

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_clip
 from PIL import Image
 
 from mrs_adapter import datasets
@@ -34,7 +33,7 @@ SIZES = {"a.png": (40, 30), "b.jpg": (64, 64), "sub/c.png": (150, 100), "d.tif":
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def weights(tmp_path_factory, make_tiny_clip):
     path = tmp_path_factory.mktemp("clip") / "tiny.pt"
     torch.save(make_tiny_clip(0).state_dict(), path)
     return str(path)
@@ -425,7 +424,7 @@ def test_a_second_run_at_once_is_refused(tmp_path, weights, capsys, monkeypatch)
 
 
 # 17: a large scene's tiles go to the encoder a batch at a time
-def test_tiles_in_flight_stay_bounded(tmp_path, weights, monkeypatch):
+def test_tiles_in_flight_stay_bounded(tmp_path, weights, monkeypatch, make_tiny_clip):
     images = make_images(tmp_path / "images", {"scene.png": (320, 240)})  # 7 x 5 = 35 tiles
     decoded, encoded, in_flight = [0], [0], []
     split, encode = search.split_at_to_tensor, search.encode_images
