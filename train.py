@@ -46,19 +46,14 @@ def get_parser():
 class Views(nn.Module):
     """One training forward (docs/method.md §3): v, t and, for HMMC, the dropout views v', t'."""
 
-    def __init__(self, model: nn.Module, feature_dropout: float, both_views: bool,
-                 separate: bool = False):
+    def __init__(self, model: nn.Module, feature_dropout: float, both_views: bool):
         super().__init__()
-        self.model, self.p = model, feature_dropout
-        self.both_views, self.separate = both_views, separate
+        self.model, self.p, self.both_views = model, feature_dropout, both_views
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         m = self.model
         if not self.both_views:
             return m.encode_image(images), m.encode_text(tokens, trim=False)
-        if self.separate:
-            return (m.encode_image(images), m.encode_text(tokens, trim=False),
-                    m.encode_image(images, self.p), m.encode_text(tokens, self.p, trim=False))
         # one pass per tower encodes both views; the loader trimmed the tokens (collate_trimmed)
         v, v_aug = m.encode_image_views(images, self.p)
         t, t_aug = m.encode_text_views(tokens, self.p, trim=False)
@@ -142,7 +137,7 @@ def training_parts(args, seed: int, model: nn.Module, train_split, preprocess):
     optimizer = torch.optim.Adam(trained, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0,
                                  capturable=args.cuda_graphs)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp_dtype == torch.float16)  # fp16 only
-    views = Views(model, args.feature_dropout, args.objective == "hmmc", args.separate_views)
+    views = Views(model, args.feature_dropout, args.objective == "hmmc")
     if world > 1:
         device_ids = [args.local_rank] if args.device.startswith("cuda") else None
         views = DistributedDataParallel(views, device_ids=device_ids)

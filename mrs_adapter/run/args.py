@@ -96,9 +96,6 @@ def _run_flags(a) -> None:
     a("--no-cache-images", dest="cache_images", action="store_false",
       help="decode images every epoch instead of once into memory (the recipe has no image "
            "augmentation)")
-    a("--separate-views", action="store_true",
-      help="encode clean and dropout views in separate passes (same distribution as the default "
-           "single batched pass)")
     a("--compile", action="store_true",
       help="torch.compile the training forward (an option; see README 'Speed')")
     a("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
