@@ -130,9 +130,8 @@ def train_step_child(method: str, device: str, steps: int) -> dict:
     from mrs_adapter.methods import apply_method
     torch.manual_seed(0)
     model = apply_method(CLIP(**VIT_B_32), method, verbose=False).to(device)
-    amp_dtype = torch.bfloat16 if device.startswith("cuda") else None
-    args = argparse.Namespace(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0),
-                              amp_dtype=amp_dtype)
+    loss = dict(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0),
+                amp_dtype=torch.bfloat16 if device.startswith("cuda") else None)
     views = train.Views(model, 0.2, both_views=True).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-6)
@@ -143,7 +142,7 @@ def train_step_child(method: str, device: str, steps: int) -> dict:
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        train.forward_backward(args, views, model, images, tokens, scaler)
+        train.forward_backward(views, model, images, tokens, scaler, **loss)
         optimizer.step()
 
     # two warm-up steps (Adam state, allocator)
