@@ -88,8 +88,9 @@ class AdaptedBlock(nn.Module):
     trainable tensors, so CLIP's names in the OpenAI archives are never affected.
     """
 
-    # Every step but block.attn(block.ln_1(x)) acts on each token alone, so a host may run this
-    # block on the one token its head reads (model.py's Transformer.pooled, a speed-only option).
+    # block.attn(block.ln_1(x)) reads the input as it came and every other step acts on each
+    # token alone, so a host may run this block on the one token its head reads (model.py's
+    # Transformer.pooled, a speed-only option).
     per_token_but_attention = True
 
     def __init__(self, block: nn.Module, adapter: MRSAdapter, modality: str):

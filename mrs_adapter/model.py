@@ -84,11 +84,15 @@ class Attention(nn.Module):
 
     def attend_held(self, x: torch.Tensor, keys: torch.Tensor,
                     query_index: torch.Tensor) -> torch.Tensor:
-        """Speed only (Transformer.pooled): one query per row x (B, 1, D), at position query_index
-        (B,) of `keys` (B, L, D), which give the keys and values -> (B, 1, D)."""
+        """Speed only (Transformer.pooled): the output of one query per row, (B, 1, D): the token
+        at query_index (B,) of `keys` (B, L, D), which also give the keys and values.
+
+        x (B, 1, D) is the block's ln_1 of that same token; the query is read from `keys`, equal
+        values, so that the backward sums the gradients in the order it always has (a change of
+        order moves the demo's pre-training, and with it the demo's figures, in the last bits)."""
         B, L, D = keys.shape
         w, b = self.in_proj_weight, self.in_proj_bias
-        q = F.linear(x, w[:D], b[:D])  # (B, 1, D)
+        q = F.linear(pick(keys, query_index), w[:D], b[:D])  # (B, 1, D)
         kv = F.linear(keys, w[D:], b[D:]).view(B, L, 2, self.heads, D // self.heads)
         kv = kv.permute(2, 0, 3, 1, 4)  # (2, B, H, L, D/H)
         mask = None
@@ -148,9 +152,10 @@ class Transformer(nn.Module):
         need compute no other (exact; about 1/12 of a ViT-B forward; docs/method.md §1). In that
         block only `attn(ln_1(x))` mixes tokens: the block runs on the pooled token alone, and its
         attention takes keys and values from every token's ln_1(x), held for that one call.
-        A block opts in with `per_token_but_attention = True`; a wrapper must hold CLIP's block
-        as `self.block` (adapter.py's `AdaptedBlock`). Other blocks (e.g. prompt wrappers) run
-        in full, then we pick.
+        A block opts in with `per_token_but_attention = True`: it calls `attn(ln_1(x))` on its
+        input as it came, and every other step acts on each token alone; a wrapper holds CLIP's
+        block as `self.block` (adapter.py's `AdaptedBlock`). Other blocks (e.g. prompt wrappers)
+        run in full, then we pick.
         """
         *body, last = self.resblocks
         for block in body:
