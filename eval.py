@@ -91,6 +91,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--precision {args.precision} needs a CUDA --device (autocast runs on CUDA only "
                 f"here); --device {args.device} evaluates in fp32")
     args.dataset = "+".join(args.datasets)  # one name as before; several: rsitmd+rsicd
+    if args.workers is None:
+        args.workers = default_workers(args.device)
     return args
 
 
@@ -100,28 +102,29 @@ def eval_precision(args: argparse.Namespace, trained: str) -> str:
 
 
 def build_model_for_eval(args: argparse.Namespace):
-    """(model in eval mode on args.device, its preprocess) for --zero-shot or --checkpoint."""
-    if args.clip is None and args.dataset == "demo" and args.checkpoint is None:
+    """(model in eval mode on args.device, its preprocess, what was evaluated: {"clip": the name or
+    file, "backbone": clip.load's record of it, "precision"}) for --zero-shot or --checkpoint."""
+    clip_flag = args.clip
+    if clip_flag is None and args.dataset == "demo" and args.checkpoint is None:
         # offline: the demo's tiny CLIP, pretrained here once
         from mrs_adapter.demo.backbone import default_path, load_or_pretrain
-        args.clip = load_or_pretrain(default_path(args.data_root))
+        clip_flag = load_or_pretrain(default_path(args.data_root))
     if args.zero_shot:
-        args.clip = args.clip or "ViT-B/32"
-        args.precision = eval_precision(args, "bf16")
-        model, preprocess = clip.load(args.clip, args.device, activation=args.clip_activation,
-                                      sha256=args.clip_sha256)
+        precision = eval_precision(args, "bf16")
+        model, preprocess = clip.load(clip_flag or "ViT-B/32", args.device,
+                                      activation=args.clip_activation, sha256=args.clip_sha256)
     else:
         ckpt, config = read_train_checkpoint(args.checkpoint)  # before loading a backbone for it
-        args.precision = eval_precision(args, config.get("precision") or "bf16")
+        precision = eval_precision(args, config.get("precision") or "bf16")
         # the CLIP it was trained on; --clip where the weights moved, --clip-sha256 other weights
-        model, preprocess = load_backbone(config, args.clip, args.clip_activation,
+        model, preprocess = load_backbone(config, clip_flag, args.clip_activation,
                                           args.clip_sha256, where=args.checkpoint)
-        args.clip = model.backbone["clip"]
-    args.backbone = model.backbone
-    print(clip.describe(model.backbone))
+    backbone = model.backbone
+    print(clip.describe(backbone))
     if not args.zero_shot:
         model = apply_checkpoint(model, ckpt, args.method).to(args.device).eval()
-    return model, preprocess
+    return model, preprocess, {"clip": backbone["clip"], "backbone": backbone,
+                               "precision": precision}
 
 
 def published_check(args: argparse.Namespace, backbone: Optional[Dict], metrics: Dict[str, float],
@@ -139,11 +142,11 @@ def published_check(args: argparse.Namespace, backbone: Optional[Dict], metrics:
     return published
 
 
-def default_json_path(args: argparse.Namespace) -> str:
+def default_json_path(args: argparse.Namespace, clip_name: str) -> str:
+    """Beside the checkpoint, or results/zeroshot_<CLIP>_<dataset>_<split>.json."""
     if args.checkpoint:
         folder = os.path.dirname(os.path.abspath(args.checkpoint))
         return os.path.join(folder, f"eval_{args.dataset}_{args.split}.json")
-    clip_name = args.clip or "ViT-B/32"
     name = (os.path.splitext(os.path.basename(clip_name))[0] if os.path.isfile(clip_name)
             else clip_name.replace("/", "-").replace("@", "-"))
     return os.path.join("results", f"zeroshot_{name}_{args.dataset}_{args.split}.json")
@@ -191,10 +194,11 @@ def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k
     atomic_write(path, lambda f: canvas.save(f, format="PNG", pnginfo=info), mode="wb")
 
 
-def evaluate_splits(args: argparse.Namespace, model, preprocess, splits: Dict[str, Split]):
+def evaluate_splits(args: argparse.Namespace, model, preprocess, splits: Dict[str, Split],
+                    used: Dict):
     """({dataset: the paper's metrics}, the last split's (N_img, N_cap) similarities); each
-    image and each caption of a split is embedded once."""
-    amp = AMP_DTYPES[args.precision]
+    image and each caption of a split is embedded once. `used`: build_model_for_eval's."""
+    amp = AMP_DTYPES[used["precision"]]
     results, what = {}, "zero-shot" if args.zero_shot else args.checkpoint
     for name, split in splits.items():
         loaders = eval_loaders(split, preprocess, model.context_length, args.batch_size,
@@ -202,18 +206,18 @@ def evaluate_splits(args: argparse.Namespace, model, preprocess, splits: Dict[st
         img, txt = encode_dataset(model, *loaders, args.device, amp)  # each image / caption once
         sims = (img @ txt.t()).cpu()  # (N_img, N_cap) cosine similarities
         results[name] = recall_at_k(sims, torch.tensor(split.txt2img))
-        print(f"{name} {split} | CLIP {args.clip} {what} ({args.precision})")
+        print(f"{name} {split} | CLIP {used['clip']} {what} ({used['precision']})")
     return results, sims
 
 
 def report(args: argparse.Namespace, path: str, splits: Dict[str, Split],
-           results: Dict[str, Dict[str, float]]) -> Dict:
+           results: Dict[str, Dict[str, float]], used: Dict) -> Dict:
     """Print the table (and published zero-shot figures), write the JSON; returns its metrics:
-    one dataset's dict, or {dataset: dict} for several."""
+    one dataset's dict, or {dataset: dict} for several. `used`: build_model_for_eval's."""
     several = len(splits) > 1
     print(format_table([(f"{name} {args.split}" if several else args.split, m)
                         for name, m in results.items()]))
-    published = {name: published_check(args, args.backbone, m, name)
+    published = {name: published_check(args, used["backbone"], m, name)
                  for name, m in results.items()}
     split = next(iter(splits.values()))
     counts = ({"n_images": {n: len(s.image_paths) for n, s in splits.items()},
@@ -222,9 +226,9 @@ def report(args: argparse.Namespace, path: str, splits: Dict[str, Split],
     metrics = results if several else results[args.datasets[0]]
     write_json(path, {"written_by": WRITTEN_BY, "metrics": metrics,
                       "dataset": args.datasets if several else args.dataset, "split": args.split,
-                      **counts, "clip": args.clip, "checkpoint": args.checkpoint,
-                      "zero_shot": args.zero_shot, "precision": args.precision,
-                      "backbone": args.backbone,
+                      **counts, "clip": used["clip"], "checkpoint": args.checkpoint,
+                      "zero_shot": args.zero_shot, "precision": used["precision"],
+                      "backbone": used["backbone"],
                       "published_zero_shot_mR": published if several else published[args.dataset]})
     print(f"wrote {path}")
     return metrics
@@ -232,8 +236,6 @@ def report(args: argparse.Namespace, path: str, splits: Dict[str, Split],
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
-    if args.workers is None:
-        args.workers = default_workers(args.device)
     if len(args.datasets) > 1 and (args.layout or args.image_dir or args.visualize):
         raise ValueError("--layout, --image-dir and --visualize describe one dataset; "
                          f"{args.dataset.replace('+', ', ')} were named")
@@ -242,13 +244,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     splits = {name: load_splits(name, args.data_root, args.layout, args.image_dir,
                                 captions_per_image=args.captions_per_image)[args.split]
               for name in args.datasets}  # data errors before the model is built
-    model, preprocess = build_model_for_eval(args)
-    path = args.json or default_json_path(args)  # the default path needs the resolved --clip
+    model, preprocess, used = build_model_for_eval(args)
+    path = args.json or default_json_path(args, used["clip"])  # the CLIP actually used
     check_output(path, "--json")  # before the evaluation, not after it
     if args.visualize:
         check_output(args.visualize, "--visualize")
-    results, sims = evaluate_splits(args, model, preprocess, splits)
-    metrics = report(args, path, splits, results)
+    results, sims = evaluate_splits(args, model, preprocess, splits, used)
+    metrics = report(args, path, splits, results, used)
     if args.visualize:  # one dataset only (refused above for several)
         visualize(sims, next(iter(splits.values())), args.visualize)
         print(f"wrote {args.visualize}")

@@ -126,19 +126,16 @@ def encode_ratios(args) -> dict:
     return out
 
 
-def train_step_child(variant: str, device: str, steps: int) -> dict:
-    """(in a fresh process) median step time and peak memory of the training step of `variant`:
-    a method name, or "mrs_adapter_separate_views" (clean and dropout views in separate passes)."""
+def train_step_child(method: str, device: str, steps: int) -> dict:
+    """(in a fresh process) median step time and peak memory of the training step of `method`."""
     sys.argv = [sys.argv[0]]
     import train
     from mrs_adapter.methods import apply_method
     torch.manual_seed(0)
-    method, separate = variant.replace("_separate_views", ""), variant.endswith("_separate_views")
     model = apply_method(CLIP(**VIT_B_32), method, verbose=False).to(device)
-    amp_dtype = torch.bfloat16 if device.startswith("cuda") else None
-    args = argparse.Namespace(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0),
-                              amp_dtype=amp_dtype)
-    views = train.Views(model, 0.2, both_views=True, separate=separate).train()
+    loss = dict(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0),
+                amp_dtype=torch.bfloat16 if device.startswith("cuda") else None)
+    views = train.Views(model, 0.2, both_views=True).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-6)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -148,7 +145,7 @@ def train_step_child(variant: str, device: str, steps: int) -> dict:
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        train.forward_backward(args, views, model, images, tokens, scaler)
+        train.forward_backward(views, model, images, tokens, scaler, **loss)
         optimizer.step()
 
     # two warm-up steps (Adam state, allocator)
@@ -161,7 +158,7 @@ def train_step_child(variant: str, device: str, steps: int) -> dict:
 def train_ratios(args) -> dict:
     """MRS-Adapter vs full fine-tuning, each in its own process (peak memory is per process),
     A B A B."""
-    runs = {"mrs_adapter": [], "full": [], "mrs_adapter_separate_views": []}
+    runs = {"mrs_adapter": [], "full": []}
     for _ in range(args.rounds):
         for method in runs:
             runs[method].append(last_json_line([sys.executable, __file__, "--_child", method,
@@ -171,8 +168,6 @@ def train_ratios(args) -> dict:
            for m, rs in runs.items()}
     ours, full = med["mrs_adapter"], med["full"]
     return {"train_step_s_mrs_adapter": ours["step_s"], "train_step_s_full": full["step_s"],
-            "train_step_s_mrs_adapter_separate_views":
-                med["mrs_adapter_separate_views"]["step_s"],
             "train_peak_bytes_mrs_adapter": ours["peak_bytes"],
             "train_peak_bytes_full": full["peak_bytes"],
             "train_step_time_ratio_vs_full": ours["step_s"] / full["step_s"],

@@ -12,6 +12,7 @@ last.pt (resumable), best.pt and results.json, each written atomically.
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ from mrs_adapter.methods import apply_method, freeze_unread
 from mrs_adapter.metrics import evaluate
 from mrs_adapter.run import args as train_args
 from mrs_adapter.run import distributed, resume
-from mrs_adapter.run.args import resolve_method_options
+from mrs_adapter.run.args import Settings, resolve_method_options
 from mrs_adapter.run.cuda_graph import GraphedOrEager
 from mrs_adapter.run.distributed import counted_once, gather_with_grad, world_size
 from mrs_adapter.run.files import RUN_FILES, environment, prepare_run_dir
@@ -46,75 +47,71 @@ def get_parser():
 class Views(nn.Module):
     """One training forward (docs/method.md §3): v, t and, for HMMC, the dropout views v', t'."""
 
-    def __init__(self, model: nn.Module, feature_dropout: float, both_views: bool,
-                 separate: bool = False):
+    def __init__(self, model: nn.Module, feature_dropout: float, both_views: bool):
         super().__init__()
-        self.model, self.p = model, feature_dropout
-        self.both_views, self.separate = both_views, separate
+        self.model, self.p, self.both_views = model, feature_dropout, both_views
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         m = self.model
         if not self.both_views:
             return m.encode_image(images), m.encode_text(tokens, trim=False)
-        if self.separate:
-            return (m.encode_image(images), m.encode_text(tokens, trim=False),
-                    m.encode_image(images, self.p), m.encode_text(tokens, self.p, trim=False))
         # one pass per tower encodes both views; the loader trimmed the tokens (collate_trimmed)
         v, v_aug = m.encode_image_views(images, self.p)
         t, t_aug = m.encode_text_views(tokens, self.p, trim=False)
         return v, t, v_aug, t_aug
 
 
-def compute_loss(args, model: nn.Module, embeddings):
+def compute_loss(model: nn.Module, embeddings, objective: str, margin: float, loss_weights):
     """(loss, {term: value}) on the global batch: with several processes the embeddings are
     gathered first, so the hardest negatives are searched in the whole batch."""
     if dist.is_initialized():
         embeddings = [gather_with_grad(e) for e in embeddings]
     embeddings = [e.float() for e in embeddings]
-    if args.objective == "info_nce":
+    if objective == "info_nce":
         loss = info_nce(*embeddings, counted_once(model.logit_scale))
         return loss, {"info_nce": loss}
-    return hmmc_loss(*embeddings, margin=args.margin, weights=args.loss_weights, return_terms=True)
+    return hmmc_loss(*embeddings, margin=margin, weights=loss_weights, return_terms=True)
 
 
-def forward_backward(args, views: nn.Module, model: nn.Module, images, tokens, scaler):
-    """One step's loss on the global batch (and its terms), and its backward."""
-    amp = args.amp_dtype
+def forward_backward(views: nn.Module, model: nn.Module, images, tokens, scaler, objective: str,
+                     margin: float, loss_weights, amp_dtype):
+    """One step's loss on the global batch (and its terms), and its backward; amp_dtype None: no
+    autocast."""
     # no autocast weight cache: it cannot live in a CUDA graph; each weight is cast once a step
-    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None,
+    with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
                         cache_enabled=False):
-        loss, terms = compute_loss(args, model, views(images, tokens))
+        loss, terms = compute_loss(model, views(images, tokens), objective, margin, loss_weights)
     # DDP averages gradients over ranks; each rank's loss is the global-batch loss whose gradient
     # flows through its own rows only, so x world makes that average the global-batch gradient.
     scaler.scale(loss * world_size()).backward()
     return loss, terms
 
 
-def lr_at(epoch: int, args) -> float:
-    """Step decay (docs/method.md §4): x lr_decay at the start of epoch lr_decay_start and every
-    lr_decay_every epochs after."""
-    if epoch < args.lr_decay_start:
-        return args.lr
-    return args.lr * args.lr_decay ** ((epoch - args.lr_decay_start) // args.lr_decay_every + 1)
+def lr_at(epoch: int, lr: float, decay: float, start: int, every: int) -> float:
+    """Step decay (docs/method.md §4): x `decay` at the start of epoch `start` and every `every`
+    epochs after."""
+    if epoch < start:
+        return lr
+    return lr * decay ** ((epoch - start) // every + 1)
 
 
-def build_model(args, verbose: bool = True, device=None):
-    """(CLIP with the method composed in, on `device` (default args.device); preprocess; all the
-    method's options)."""
-    model, preprocess = clip.load(args.clip, device="cpu", activation=args.clip_activation,
-                                  sha256=args.clip_sha256)
-    args.backbone = model.backbone  # absolute path, sha256, activation: in config.json and best.pt
+def build_model(run: Settings, verbose: bool = True, device=None):
+    """(CLIP with the method composed in, on `device` (default run.device); preprocess; the
+    backbone record of clip.load: absolute path, sha256, activation, for config.json)."""
+    model, preprocess = clip.load(run.clip, device="cpu", activation=run.clip_activation,
+                                  sha256=run.clip_sha256)
+    backbone = model.backbone
     if verbose:
-        print(clip.describe(model.backbone))
-    options = resolve_method_options(args)
-    model = freeze_unread(apply_method(model, args.method, options, verbose=False), args.objective)
+        print(clip.describe(backbone))
+    model = apply_method(model, run.method, run.method_options, verbose=False)
+    model = freeze_unread(model, run.objective)
     if verbose:
-        print(f"method {args.method}: ", end="")
+        print(f"method {run.method}: ", end="")
         print_trainable_parameters(model)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"method {args.method} trains nothing; evaluate it with "
+        raise ValueError(f"method {run.method} trains nothing; evaluate it with "
                          f"`python eval.py --zero-shot`")
-    return model.to(device or args.device), preprocess, options
+    return model.to(device or run.device), preprocess, backbone
 
 
 def collate_trimmed(batch):
@@ -124,29 +121,29 @@ def collate_trimmed(batch):
     return images, clip.CLIP.trim(tokens), index
 
 
-def training_parts(args, seed: int, model: nn.Module, train_split, preprocess):
+def training_parts(run: Settings, seed: int, model: nn.Module, train_split, preprocess):
     """(loader, optimizer, scaler, views) of one seed: the recipe's Adam and shuffled batches."""
-    world = args.world_size
-    train_set = TrainDataset(train_split, preprocess, model.context_length, cache=args.cache_images)
+    world = run.world_size
+    train_set = TrainDataset(train_split, preprocess, model.context_length, cache=run.cache_images)
     # the shuffle order depends on (seed, epoch) alone, so a resumed run sees the same batches
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=args.rank, shuffle=True,
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=run.rank, shuffle=True,
                                  seed=seed + 2)
     # a recorded step needs fixed shapes, so with CUDA graphs the text keeps its 77 columns
-    collate = default_collate if args.cuda_graphs else collate_trimmed
-    loader = DataLoader(train_set, args.batch_size // world, sampler=sampler,
-                        num_workers=args.workers, collate_fn=collate,
-                        pin_memory=args.device.startswith("cuda"),
-                        persistent_workers=args.workers > 0)
+    collate = default_collate if run.cuda_graphs else collate_trimmed
+    loader = DataLoader(train_set, run.batch_size // world, sampler=sampler,
+                        num_workers=run.workers, collate_fn=collate,
+                        pin_memory=run.device.startswith("cuda"),
+                        persistent_workers=run.workers > 0)
     trained = [p for p in model.parameters() if p.requires_grad]
     # capturable: Adam keeps its step count on the device, where a recorded step can update it
-    optimizer = torch.optim.Adam(trained, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0,
-                                 capturable=args.cuda_graphs)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp_dtype == torch.float16)  # fp16 only
-    views = Views(model, args.feature_dropout, args.objective == "hmmc", args.separate_views)
+    optimizer = torch.optim.Adam(trained, lr=run.lr, betas=(0.9, 0.999), weight_decay=0.0,
+                                 capturable=run.cuda_graphs)
+    scaler = torch.amp.GradScaler("cuda", enabled=run.amp_dtype == torch.float16)  # fp16 only
+    views = Views(model, run.feature_dropout, run.objective == "hmmc")
     if world > 1:
-        device_ids = [args.local_rank] if args.device.startswith("cuda") else None
+        device_ids = [run.local_rank] if run.device.startswith("cuda") else None
         views = DistributedDataParallel(views, device_ids=device_ids)
-    if args.compile:
+    if run.compile:
         views = torch.compile(views, dynamic=True)  # text length varies per batch (collate_trimmed)
     return loader, optimizer, scaler, views
 
@@ -167,33 +164,35 @@ def check_finite(window: list, epoch: int):
     window.clear()
 
 
-def train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, step, steps):
+def train_one_epoch(run: Settings, epoch, views, model, loader, optimizer, scaler, log, step,
+                    steps):
     """One pass over the training pairs; returns (global step, mean loss, pairs/s).
 
     steps: a GraphedOrEager, which replays the step from a CUDA graph (--cuda-graphs) or runs it."""
     views.train()
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(epoch, args)
+        g["lr"] = lr_at(epoch, run.lr, run.lr_decay, run.lr_decay_start, run.lr_decay_every)
     world, n = world_size(), len(loader)
     start, seen, loss_sum, window = time.time(), 0, 0.0, []
 
     def eager_step(images, tokens):  # forward both views, loss, backward, Adam
-        loss, terms = forward_backward(args, views, model, images, tokens, scaler)
+        loss, terms = forward_backward(views, model, images, tokens, scaler, run.objective,
+                                       run.margin, run.loss_weights, run.amp_dtype)
         scaler.step(optimizer)
         scaler.update()
         return loss, terms
 
     for i, (images, tokens, _) in enumerate(loader):
-        images = images.to(args.device, non_blocking=True)
-        tokens = tokens.to(args.device, non_blocking=True)
+        images = images.to(run.device, non_blocking=True)
+        tokens = tokens.to(run.device, non_blocking=True)
         step += 1
         loss, terms = steps(eager_step, optimizer, images, tokens)
         seen += images.shape[0] * world
         loss_sum = loss_sum + loss.detach()  # on the device: no wait for the GPU (check_finite)
         window.append((step, loss.detach(), {k: v.detach() for k, v in terms.items()}))
-        if (i + 1) % args.print_freq == 0 or i + 1 == n:
+        if (i + 1) % run.print_freq == 0 or i + 1 == n:
             check_finite(window, epoch)
-            if (i + 1) % args.print_freq == 0 and args.rank == 0:
+            if (i + 1) % run.print_freq == 0 and run.rank == 0:
                 rate = seen / (time.time() - start)
                 eta = (n - i - 1) * images.shape[0] * world / rate
                 lr, parts = optimizer.param_groups[0]["lr"], " ".join(
@@ -205,30 +204,30 @@ def train_one_epoch(args, epoch, views, model, loader, optimizer, scaler, log, s
     return step, float(loss_sum) / max(n, 1), seen / max(time.time() - start, 1e-9)
 
 
-def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
+def run_seed(run: Settings, seed: int, splits: dict, dropped: Optional[dict],
+             run_dir: str) -> dict:
     """Train one seed in `run_dir`, select on validation, test the selected checkpoint; rank 0's
-    results."""
-    main_rank = args.rank == 0
+    results. `dropped`: load_data's count of copies of test images dropped, for config.json."""
+    main_rank = run.rank == 0
     paths = {name: os.path.join(run_dir, name) for name in RUN_FILES}
     resume.seed_everything(seed)
-    model, preprocess, options = build_model(args, verbose=main_rank)
-    train_split = splits["train"]
-    loader, optimizer, scaler, views = training_parts(args, seed, model, train_split, preprocess)
-    steps = GraphedOrEager(args.cuda_graphs, args.batch_size)
-    evals = {s: eval_loaders(splits[s], preprocess, model.context_length, args.eval_batch_size,
-                             args.workers, args.cache_images)
+    model, preprocess, backbone = build_model(run, verbose=main_rank)
+    loader, optimizer, scaler, views = training_parts(run, seed, model, splits["train"], preprocess)
+    steps = GraphedOrEager(run.cuda_graphs, run.batch_size)
+    evals = {s: eval_loaders(splits[s], preprocess, model.context_length, run.eval_batch_size,
+                             run.workers, run.cache_images)
              for s in ["val"] + test_keys(splits)} if main_rank else {}
 
     def score(split):
-        return evaluate(model, *evals[split], splits[split].txt2img, args.device, args.amp_dtype)
+        return evaluate(model, *evals[split], splits[split].txt2img, run.device, run.amp_dtype)
 
-    config = {**run_config(args, seed, options), "environment": environment()}
-    start, step, best, initial, log = resume.start_or_resume(args, model, optimizer, paths, config,
+    config = {**run_config(run, seed, backbone, dropped), "environment": environment()}
+    start, step, best, initial, log = resume.start_or_resume(run, model, optimizer, paths, config,
                                                              score, test_keys(splits))
-    for epoch in range(start, args.epochs):
+    for epoch in range(start, run.epochs):
         loader.sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank
         t0 = time.time()
-        step, mean_loss, rate = train_one_epoch(args, epoch, views, model, loader, optimizer,
+        step, mean_loss, rate = train_one_epoch(run, epoch, views, model, loader, optimizer,
                                                 scaler, log, step, steps)
         train_seconds = time.time() - t0
         if main_rank:  # select on validation (the first best on ties); last.pt for --resume
@@ -238,60 +237,60 @@ def run_seed(args, seed: int, splits: dict, run_dir: str) -> dict:
                 best = {"mR": val["mR"], "epoch": epoch}
                 save_trainable(model, paths["best.pt"], config=config, epoch=epoch, val=val)
             log.write(kind="val", epoch=epoch, step=step, mean_loss=mean_loss, pairs_per_s=rate,
-                      lr=lr_at(epoch, args), train_seconds=train_seconds,
+                      lr=optimizer.param_groups[0]["lr"], train_seconds=train_seconds,
                       val_seconds=val_seconds, **val)
             resume.save_last(paths["last.pt"], model, optimizer, epoch, step, best, initial, config)
             print(f"epoch {epoch}: loss {mean_loss:.4f}, {rate:.0f} pairs/s, val mR "
                   f"{val['mR']:.2f} (best {best['mR']:.2f} at epoch {best['epoch']}), "
                   f"{time.time() - t0:.0f}s", flush=True)
-        if args.world_size > 1:
+        if run.world_size > 1:
             dist.barrier()
     return score_selected(seed, model, run_dir, score, initial, splits) if main_rank else {}
 
 
-def setup(args):
-    """Start the process group under torchrun; fill in the defaults that depend on other flags."""
+def setup(args) -> Settings:
+    """The run's settings, resolved once from the parsed flags; under torchrun the process group is
+    started here."""
     if args.method == "zero_shot":  # before any process group: under torchrun all ranks stop alike
         raise ValueError("--method zero_shot trains nothing; "
                          "evaluate it with `python eval.py --zero-shot`")
-    resolve_method_options(args)  # a flag the method lacks fails before any file is written
-    distributed.start(args)
-    train_args.fill_defaults(args)
+    options = resolve_method_options(args)  # a flag the method lacks fails before anything starts
+    return train_args.resolve(args, options, distributed.start(args.device, args.batch_size))
 
 
-def preflight(args, splits: dict) -> None:
+def preflight(run: Settings, splits: dict, dropped: Optional[dict]) -> None:
     """Everything that can fail before the run folder is made or emptied (--overwrite): every image
     opens, the backbone loads and the method trains something, --resume keeps the settings."""
-    check_images(args, splits)
-    _, _, options = build_model(args, verbose=False, device="cpu")  # checked, then dropped
-    for seed in args.seeds if args.resume else ():
-        run_dir = os.path.join(args.output, f"seed{seed}")
+    check_images(run, splits)
+    _, _, backbone = build_model(run, verbose=False, device="cpu")  # checked, then dropped
+    for seed in run.seeds if run.resume else ():
+        run_dir = os.path.join(run.output, f"seed{seed}")
         old = recorded_config(run_dir)  # None: no run to resume, this seed starts afresh
         if old is not None:
-            new = run_config(args, seed, options)
+            new = run_config(run, seed, backbone, dropped)
             check_resume_config(old, new, os.path.join(run_dir, "config.json"))
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
-    setup(args)
-    train_args.check_arguments(args)
-    splits = load_data(args)
-    args.clip = train_args.resolve_clip(args)
-    if args.rank == 0:
-        preflight(args, splits)  # nothing of an old run is removed before this passes
-        prepare_run_dir(args.output, args.resume, args.overwrite)
-    if args.world_size > 1:
+    run = setup(get_parser().parse_args(argv))  # every setting, resolved once
+    train_args.check_arguments(run)
+    splits, dropped = load_data(run)
+    train_args.make_demo_clip(run)  # where run.clip is the demo's default: pre-trained once
+    if run.rank == 0:
+        preflight(run, splits, dropped)  # nothing of an old run is removed before this passes
+        prepare_run_dir(run.output, run.resume, run.overwrite)
+    if run.world_size > 1:
         dist.barrier()
     results = []
-    for seed in args.seeds:
-        if args.rank == 0:
+    for seed in run.seeds:
+        if run.rank == 0:
             print(f"\n=== seed {seed} (python {seed}, numpy {seed + 1}, torch {seed + 2}) -> "
-                  f"{args.output}/seed{seed}")
-        results.append(run_seed(args, seed, splits, os.path.join(args.output, f"seed{seed}")))
-    summary = summarize(args, results, splits) if args.rank == 0 else {}
-    if args.rank == 0:
-        write_json(os.path.join(args.output, "results.json"), summary)
+                  f"{run.output}/seed{seed}")
+        results.append(run_seed(run, seed, splits, dropped,
+                                os.path.join(run.output, f"seed{seed}")))
+    summary = summarize(run, results, splits, dropped) if run.rank == 0 else {}
+    if run.rank == 0:
+        write_json(os.path.join(run.output, "results.json"), summary)
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary

@@ -74,11 +74,6 @@ class MRSAdapter(nn.Module):
         return f"text_width={w['text']}, vision_width={w['vision']}, shared_dim={self.shared_dim}"
 
 
-def pooled_token(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Row b's token index[b]: (B, L, D), (B,) -> (B, 1, D)."""
-    return x[torch.arange(x.shape[0], device=x.device), index][:, None]
-
-
 class AdaptedBlock(nn.Module):
     """A frozen pre-LN transformer block (`self.block`) with the adapter in parallel with its MLP,
     the paper's two residual equations (docs/method.md §2):
@@ -91,16 +86,12 @@ class AdaptedBlock(nn.Module):
     Holding the block renames its tensors in `model.state_dict()` (`transformer.resblocks.0.attn.*`
     becomes `transformer.resblocks.0.block.attn.*`); checkpoints (checkpoint.py) hold only the
     trainable tensors, so CLIP's names in the OpenAI archives are never affected.
-
-    Pooled-token shortcut, a speed-only option of the host (model.py, `Transformer.forward`): the
-    heads read one token per row, so the host may pass `query_index` (B,) to its LAST block, asking
-    for that token's output only, (B, 1, D). The host's `attn(h, query_index)` must then return
-    that one query's attention over all keys (model.py's `Attention` does); every other step is
-    per token, so the result is exactly the full block's output at that token. A host without the
-    shortcut never passes `query_index`, and the block is the two equations above.
     """
 
-    accepts_query_index = True  # tells model.py's Transformer the shortcut above is supported
+    # block.attn(block.ln_1(x)) reads the input as it came and every other step acts on each
+    # token alone, so a host may run this block on the one token its head reads (model.py's
+    # Transformer.pooled, a speed-only option).
+    per_token_but_attention = True
 
     def __init__(self, block: nn.Module, adapter: MRSAdapter, modality: str):
         super().__init__()
@@ -108,10 +99,9 @@ class AdaptedBlock(nn.Module):
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         self.block, self.adapter, self.modality = block, adapter, modality
 
-    def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         block = self.block
-        residual = x if query_index is None else pooled_token(x, query_index)  # or (B, 1, D)
-        x = residual + block.attn(block.ln_1(x), query_index)
+        x = x + block.attn(block.ln_1(x))
         return x + block.mlp(block.ln_2(x)) + self.adapter(x, self.modality)
 
     def extra_repr(self) -> str:

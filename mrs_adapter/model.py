@@ -66,12 +66,12 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.held = None  # (keys, query_index) while Transformer.pooled runs; else None
 
-    def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D); with query_index (B,), only that token's output per row:
-        (B, 1, D)."""
-        if query_index is not None:
-            return self.attend_one(x, query_index)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D)."""
+        if self.held is not None:
+            return self.attend_held(x, *self.held)
         B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
         qkv = qkv.view(B, L, 3, self.heads, D // self.heads)
@@ -80,13 +80,20 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, L, D)  # (B, H, L, D/H) -> (B, L, D)
         return self.out_proj(x)
 
-    def attend_one(self, x: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
-        """Attention output of one query token per row (the token a head pools), keys from all
-        tokens."""
-        B, L, D = x.shape
+    # ---- speed only; skip on a first reading (Transformer.pooled sets self.held) ----
+
+    def attend_held(self, x: torch.Tensor, keys: torch.Tensor,
+                    query_index: torch.Tensor) -> torch.Tensor:
+        """Speed only (Transformer.pooled): the output of one query per row, (B, 1, D): the token
+        at query_index (B,) of `keys` (B, L, D), which also give the keys and values.
+
+        x (B, 1, D) is the block's ln_1 of that same token; the query is read from `keys`, equal
+        values, so that the backward sums the gradients in the order it always has (a change of
+        order moves the demo's pre-training, and with it the demo's figures, in the last bits)."""
+        B, L, D = keys.shape
         w, b = self.in_proj_weight, self.in_proj_bias
-        q = F.linear(pick(x, query_index), w[:D], b[:D])  # (B, 1, D)
-        kv = F.linear(x, w[D:], b[D:]).view(B, L, 2, self.heads, D // self.heads)
+        q = F.linear(pick(keys, query_index), w[:D], b[:D])  # (B, 1, D)
+        kv = F.linear(keys, w[D:], b[D:]).view(B, L, 2, self.heads, D // self.heads)
         kv = kv.permute(2, 0, 3, 1, 4)  # (2, B, H, L, D/H)
         mask = None
         if self.causal:  # the query at position p sees positions <= p
@@ -106,7 +113,7 @@ def mlp_activation(name: str) -> nn.Module:
 
 
 class ResidualAttentionBlock(nn.Module):
-    accepts_query_index = True  # see Transformer.forward
+    per_token_but_attention = True  # see Transformer.pooled
 
     def __init__(self, width: int, heads: int, causal: bool = False, activation: str = "quickgelu"):
         super().__init__()
@@ -119,10 +126,8 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
-        # with query_index, x on the left is the residual stream of the pooled token only: (B, 1, D)
-        x_out = x if query_index is None else pick(x, query_index)
-        x = x_out + self.attn(self.ln_1(x), query_index)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -135,23 +140,35 @@ class Transformer(nn.Module):
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, activation)
                                          for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor, query_index: torch.Tensor = None) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D), or with query_index (B,) the pooled token of each row only:
-        (B, 1, D).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resblocks(x)
 
-        The heads read one token per row ([CLS], or the end-of-text token), so the last block need
-        not compute the others: blocks that declare `accepts_query_index` skip them (exact; about
-        1/12 of a ViT-B forward; docs/method.md §1). Other blocks (e.g. prompt wrappers) run in
-        full, then we pick. adapter.py's `AdaptedBlock` states what such a block must provide.
+    # ---- speed only; skip on a first reading: pooled() equals pick(forward(x), query_index) ----
+
+    def pooled(self, x: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+        """(B, L, D), (B,) -> the output at token query_index[b] of each row b: (B, 1, D).
+
+        The heads read one token per row ([CLS], or the end-of-text token), so the last block
+        need compute no other (exact; about 1/12 of a ViT-B forward; docs/method.md §1). In that
+        block only `attn(ln_1(x))` mixes tokens: the block runs on the pooled token alone, and its
+        attention takes keys and values from every token's ln_1(x), held for that one call.
+        A block opts in with `per_token_but_attention = True`: it calls `attn(ln_1(x))` on its
+        input as it came, and every other step acts on each token alone; a wrapper holds CLIP's
+        block as `self.block` (adapter.py's `AdaptedBlock`). Other blocks (e.g. prompt wrappers)
+        run in full, then we pick.
         """
-        if query_index is None:
-            return self.resblocks(x)
         *body, last = self.resblocks
         for block in body:
             x = block(x)
-        if getattr(last, "accepts_query_index", False):
-            return last(x, query_index)
-        return pick(last(x), query_index)
+        if not getattr(last, "per_token_but_attention", False):
+            return pick(last(x), query_index)
+        clip_block = getattr(last, "block", last)  # what a wrapper wraps, or CLIP's block itself
+        attn = clip_block.attn
+        attn.held = (clip_block.ln_1(x), query_index)  # keys and values: all tokens (B, L, D)
+        try:
+            return last(pick(x, query_index))  # (B, 1, D) in, (B, 1, D) out
+        finally:
+            attn.held = None
 
 
 class VisionTransformer(nn.Module):
@@ -181,7 +198,7 @@ class VisionTransformer(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Embedded tokens (B, L, width) -> image embedding (B, output_dim) from the [CLS] token."""
         cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # [CLS] is token 0
-        x = self.transformer(x, query_index=cls)
+        x = self.transformer.pooled(x, cls)  # = self.transformer(x)[:, :1]
         return self.ln_post(x[:, 0, :]) @ self.proj  # (B, 1, width) -> (B, output_dim)
 
     def forward(self, x: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
@@ -251,7 +268,7 @@ class CLIP(nn.Module):
     def text_head(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Embedded tokens (B, L, width) -> (B, embed_dim) at the end-of-text token (the largest
         id)."""
-        x = self.transformer(x, query_index=text.argmax(dim=-1))  # (B, 1, width)
+        x = self.transformer.pooled(x, text.argmax(dim=-1))  # (B, 1, width) at the end token
         return self.ln_final(x[:, 0]) @ self.text_projection
 
     def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0,

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import warnings
-from argparse import Namespace
 
 import pytest
 import torch
@@ -148,7 +147,7 @@ def metric_keys():
 
 # ---- one training step of train.py on a fixed batch ----
 
-_LOSS_ARGS = Namespace(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0), amp_dtype=None)
+_LOSS_ARGS = dict(objective="hmmc", margin=0.2, loss_weights=(1.0, 1.0, 1.0), amp_dtype=None)
 
 
 def _fixed_problem():
@@ -175,7 +174,7 @@ def _adam_step(model, **adam):
     scaler = torch.amp.GradScaler("cuda", enabled=False)
 
     def step(images, tokens):
-        loss = train.forward_backward(_LOSS_ARGS, views, model, images, tokens, scaler)
+        loss = train.forward_backward(views, model, images, tokens, scaler, **_LOSS_ARGS)
         optimizer.step()
         return loss
 
@@ -184,7 +183,7 @@ def _adam_step(model, **adam):
 
 @pytest.fixture(scope="session")
 def loss_args():
-    """The HMMC loss settings of the fixed step (train.forward_backward's first argument)."""
+    """The HMMC loss settings of the fixed step (train.forward_backward's keywords)."""
     return _LOSS_ARGS
 
 

@@ -260,6 +260,30 @@ def test_causal_mask_passes_through_adapted_text_blocks(adapted_tiny_clip):
     assert not torch.allclose(hidden(tokens)[:, :6], hidden(changed)[:, :6], atol=1e-3)
 
 
+def test_pooled_last_block_equals_the_full_adapted_block_at_that_token(adapted_tiny_clip):
+    """model.py's speed-only `Transformer.pooled` runs the last AdaptedBlock on the pooled token
+    alone; its attention must read keys and values from every token's ln_1 and mask by the
+    query's own position, so the result is the full computation at that token."""
+    model = randomize_adapters(adapted_tiny_clip()).eval()
+    g = torch.Generator().manual_seed(3)
+    index = torch.tensor([0, 4, 10])  # pooled tokens at the start, the middle and the end
+    for tower in (model.transformer, model.visual.transformer):  # causal, then not
+        x = torch.randn(3, 11, tower.width, generator=g)
+        rows = torch.arange(3)
+        with torch.no_grad():
+            pooled = tower.pooled(x, index)[:, 0]
+            assert torch.allclose(pooled, tower(x)[rows, index], atol=1e-5)
+            # negative controls, each an error the shortcut could make in its last block
+            *body, last = tower.resblocks
+            h = nn.Sequential(*body)(x)
+            alone = last(h[rows, index][:, None])[:, 0]  # keys from the pooled token only
+            assert not torch.allclose(pooled, alone, atol=1e-3)
+            causal = last.block.attn.causal
+            last.block.attn.causal = not causal  # the other mask
+            assert not torch.allclose(pooled, last(h)[rows, index], atol=1e-3)
+            last.block.attn.causal = causal
+
+
 def test_one_adam_step_changes_only_adapter_tensors(adapted_tiny_clip):
     model = randomize_adapters(adapted_tiny_clip()).train()
     before = copy.deepcopy(model.state_dict())

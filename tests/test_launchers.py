@@ -1,7 +1,6 @@
 """Every method under two gloo processes (torchrun's setting) equals one process on the global
 batch; train.py's launch-time checks (zero_shot refused, cuda:N made current, capture mode)."""
 import os
-from argparse import Namespace
 
 import pytest
 import torch
@@ -23,9 +22,9 @@ def problem(weights: str, method: str, objective: str):
     differs between processes; images; tokens): the same in every process."""
     argv = ["--dataset", "demo", "--clip", weights, "--method", method, "--objective", objective,
             "--device", "cpu"]
-    args = train.get_parser().parse_args(argv)
+    run = train.setup(train.get_parser().parse_args(argv))
     torch.manual_seed(0)  # the methods' new modules draw their initial values
-    model = train.build_model(args, verbose=False)[0].eval()
+    model = train.build_model(run, verbose=False)[0].eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # zero-initialised up layers would give their down layers no gradient
         for p in model.parameters():
@@ -40,8 +39,7 @@ def problem(weights: str, method: str, objective: str):
 
 def two_steps(model, images, tokens, objective: str, distributed: bool) -> dict:
     """Losses and trainable gradients of two Adam steps (DDP used to stop at the second)."""
-    loss_args = Namespace(objective=objective, margin=0.2, loss_weights=(1.0, 1.0, 1.0),
-                          amp_dtype=None)
+    loss = dict(objective=objective, margin=0.2, loss_weights=(1.0, 1.0, 1.0), amp_dtype=None)
     views = train.Views(model, 0.0, both_views=objective == "hmmc")
     views = DistributedDataParallel(views) if distributed else views
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -50,7 +48,7 @@ def two_steps(model, images, tokens, objective: str, distributed: bool) -> dict:
     out = {"losses": [], "grads": []}
     for _ in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = train.forward_backward(loss_args, views, model, images, tokens, scaler)
+        loss, _ = train.forward_backward(views, model, images, tokens, scaler, **loss)
         out["losses"].append(loss.detach())
         out["grads"].append({n: p.grad.clone() for n, p in trainable.items()})
         optimizer.step()

@@ -212,7 +212,7 @@ def test_apply_is_silent_and_starts_at_zero_shot_where_the_design_allows(name, t
     assert capsys.readouterr().out == ""
     img, txt = images(3), tokens(3, 9)
     ours, plain = encode(model, img, txt), encode(tiny, img, txt)
-    # Plain CLIP's last block computes only the pooled token (clip.Transformer.forward); a wrapper
+    # Plain CLIP's last block computes only the pooled token (model.Transformer.pooled); a wrapper
     # block without that shortcut computes every token, so equal means equal up to summation order.
     same = [torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(ours, plain)]
     if name in NOT_AT_ZERO_SHOT:

@@ -84,7 +84,9 @@ def test_full_checkpoints_hold_logit_scale_only_where_the_objective_reads_it(obj
     args = train.get_parser().parse_args(["--dataset", "demo", "--clip", str(tmp_path / "tiny.pt"),
                                           "--method", "full", "--objective", objective,
                                           "--device", "cpu"])
-    model, _, options = train.build_model(args, verbose=False)
+    run = train.setup(args)
+    model, _, _ = train.build_model(run, verbose=False)
+    options = run.method_options
     config = {"method": "full", "method_options": options, "objective": objective}
     save_trainable(model, tmp_path / "best.pt", config=config)
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)

@@ -198,6 +198,15 @@ def test_check_resume_config_lists_every_difference():
         )
 
 
+def test_a_run_recorded_with_a_retired_setting_resumes_at_the_behaviour_that_stayed():
+    """--separate-views is gone; a config.json that recorded it false (the one pass that stayed)
+    still resumes, one that recorded it true does not."""
+    new = {"lr": 1e-3, "epochs": 3}
+    train.check_resume_config({**new, "separate_views": False}, new, "c.json")
+    with pytest.raises(ValueError, match=r"differ from c.json: separate-views True -> False\."):
+        train.check_resume_config({**new, "separate_views": True}, new, "c.json")
+
+
 # 5: 16-bit and float images are read with the documented stretch, and check reports them
 def stretched(values):
     low, high = np.percentile(values.astype(np.float64), (2, 98))

@@ -65,7 +65,7 @@ class Attention(nn.Module):
     def __init__(self, d):
         super().__init__()
         self.proj = nn.Linear(d, d)
-    def forward(self, x, query_index=None):
+    def forward(self, x):
         return self.proj(x)
 class Block(nn.Module):
     def __init__(self, d):

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from argparse import Namespace
 
 import pytest
 import torch
@@ -121,8 +120,7 @@ def test_missing_data_fails_fast_naming_layout_and_source(tmp_path):
 
 
 def test_lr_schedule_is_the_published_step_decay():
-    args = Namespace(lr=2e-4, lr_decay=0.7, lr_decay_start=19, lr_decay_every=20)
-    lrs = [train.lr_at(e, args) for e in range(45)]
+    lrs = [train.lr_at(e, lr=2e-4, decay=0.7, start=19, every=20) for e in range(45)]
     assert lrs[:19] == [2e-4] * 19 and lrs[19:39] == [pytest.approx(1.4e-4)] * 20
     assert lrs[39:] == [pytest.approx(0.98e-4)] * 6
 
@@ -134,8 +132,8 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, fixed_proble
     model, images, tokens = fixed_problem()
     views = DistributedDataParallel(train.Views(model, 0.0, both_views=True))
     rows = slice(rank * 8 // world, (rank + 1) * 8 // world)  # this rank's share of the batch
-    loss, _ = train.forward_backward(loss_args, views, model, images[rows], tokens[rows],
-                                     torch.amp.GradScaler("cuda", enabled=False))
+    loss, _ = train.forward_backward(views, model, images[rows], tokens[rows],
+                                     torch.amp.GradScaler("cuda", enabled=False), **loss_args)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -147,8 +145,8 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(fixed_pro
              nprocs=2, join=True)
     model, images, tokens = fixed_problem()
     views = train.Views(model, 0.0, True)
-    loss, _ = train.forward_backward(loss_args, views, model, images, tokens,
-                                     torch.amp.GradScaler("cuda", enabled=False))
+    loss, _ = train.forward_backward(views, model, images, tokens,
+                                     torch.amp.GradScaler("cuda", enabled=False), **loss_args)
     expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert any(g.abs().max() > 0 for g in expected.values())
     for rank in range(2):
@@ -186,23 +184,22 @@ def test_union_drops_exactly_the_copies_and_tests_each_dataset(demo, two_dataset
     shutil.copytree(source, root)
 
     def loaded(*argv):
-        args = train.get_parser().parse_args(["--data-root", root, *argv])
-        train.setup(args)
-        splits = train.load_data(args)
+        run = train.setup(train.get_parser().parse_args(["--data-root", root, *argv]))
+        splits, dropped = train.load_data(run)
         kept = {os.path.basename(p) for s in ("train", "val") for p in splits[s].image_paths}
-        return args, splits, kept
-    args, splits, kept = loaded("--dataset", "rsitmd", "rsicd")
+        return run, splits, kept, dropped
+    run, splits, kept, dropped = loaded("--dataset", "rsitmd", "rsicd")
     assert sorted(splits) == ["test:rsicd", "test:rsitmd", "train", "val"]
     assert kept.isdisjoint(copies) and len(kept) == 40  # every original of both pools stays
-    assert args.dropped_overlap["train"] + args.dropped_overlap["val"] == 7
-    assert args.output == os.path.join("runs", "rsitmd+rsicd-mrs_adapter")
+    assert dropped["train"] + dropped["val"] == 7
+    assert run.output == os.path.join("runs", "rsitmd+rsicd-mrs_adapter")
     assert "dropped" in capsys.readouterr().out
-    _, _, kept = loaded("--dataset", "rsitmd", "rsicd", "--keep-overlap")
+    _, _, kept, _ = loaded("--dataset", "rsitmd", "rsicd", "--keep-overlap")
     assert set(copies) <= kept and len(kept) == 47
-    args, splits, kept = loaded("--dataset", "rsicd", "--test-dataset", "rsitmd")  # transfer
+    run, splits, kept, _ = loaded("--dataset", "rsicd", "--test-dataset", "rsitmd")  # transfer
     assert sorted(splits) == ["test:rsitmd", "train", "val"]
     assert kept == {f"rsicd_train_{i}.png" for i in range(20)}
-    assert args.output.endswith("rsicd-to-rsitmd-mrs_adapter")
+    assert run.output.endswith("rsicd-to-rsitmd-mrs_adapter")
     with pytest.raises(ValueError, match="--layout / --image-dir describe one dataset"):
         loaded("--dataset", "rsitmd", "rsicd", "--layout", "precomp")
     # one epoch on the union: one test row per dataset, in the table and in results.json

@@ -1,5 +1,5 @@
-"""train.py's command line: every flag with the paper's default and its source, the defaults that
-depend on other flags, and the checks that need no data, model or disk access.
+"""train.py's command line: every flag with the paper's default and its source, the run's settings
+resolved once from them (`resolve`), and the checks that need no data, model or disk access.
 
 The recipe's defaults are those of docs/method.md §4 (Sec. IV-B of the paper).
 """
@@ -15,6 +15,7 @@ from ..data import CAPTIONS_PER_IMAGE, DATASETS
 from ..datasets import default_workers
 from ..methods import METHODS, default_lr, method_options
 from ..metrics import AMP_DTYPES
+from .distributed import Processes
 
 DATASET_NAMES = list(DATASETS)  # the registry of data.py
 
@@ -96,9 +97,6 @@ def _run_flags(a) -> None:
     a("--no-cache-images", dest="cache_images", action="store_false",
       help="decode images every epoch instead of once into memory (the recipe has no image "
            "augmentation)")
-    a("--separate-views", action="store_true",
-      help="encode clean and dropout views in separate passes (same distribution as the default "
-           "single batched pass)")
     a("--compile", action="store_true",
       help="torch.compile the training forward (an option; see README 'Speed')")
     a("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -136,42 +134,68 @@ def resolve_method_options(args) -> dict:
     return method_options(args.method, given)
 
 
-def fill_defaults(args) -> None:
-    """The defaults that depend on the device, the processes or other flags."""
-    on_cuda = args.device.startswith("cuda")
-    args.precision = args.precision or ("bf16" if on_cuda else "fp32")
-    args.cuda_graphs = (args.cuda_graphs and on_cuda and args.world_size == 1
-                        and args.precision != "fp16" and not args.compile)
-    args.eval_batch_size = args.eval_batch_size or (512 if on_cuda else 64)
-    if args.workers is None:
-        args.workers = default_workers(args.device)
-    args.amp_dtype = AMP_DTYPES[args.precision] if on_cuda else None
-    args.lr = args.lr if args.lr is not None else default_lr(args.method)
-    args.dataset = "+".join(args.datasets)  # one name as before; several: rsitmd+rsicd
+class Settings(argparse.Namespace):
+    """Every setting of a run, resolved once (`resolve`) and read-only after: the flags, their
+    defaults that depend on the device, the processes or other flags, and the method's options.
+    config.json records them all but `amp_dtype`, the torch dtype of `precision`."""
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"a run's settings are resolved once (run/args.py, resolve); "
+                             f"{name} cannot change after")
+
+
+def resolve(args: argparse.Namespace, options: dict, processes: Processes) -> Settings:
+    """The run's settings: `args` as parsed (left unchanged), with the method's `options`, the
+    `processes` (distributed.start) and every default that depends on them or on other flags."""
+    world_size, device = processes.world_size, processes.device
+    on_cuda = device.startswith("cuda")
+    precision = args.precision or ("bf16" if on_cuda else "fp32")
+    dataset = "+".join(args.datasets)  # one name as before; several: rsitmd+rsicd
     transfer = f"-to-{'+'.join(args.test_dataset)}" if args.test_dataset else ""
-    args.output = args.output or os.path.join("runs", f"{args.dataset}{transfer}-{args.method}")
+    return Settings(**{
+        **vars(args), "method_options": options, "dataset": dataset,
+        **processes._asdict(),
+        "precision": precision, "amp_dtype": AMP_DTYPES[precision] if on_cuda else None,
+        "cuda_graphs": (args.cuda_graphs and on_cuda and world_size == 1
+                        and precision != "fp16" and not args.compile),
+        "eval_batch_size": args.eval_batch_size or (512 if on_cuda else 64),
+        "workers": default_workers(device) if args.workers is None else args.workers,
+        "lr": args.lr if args.lr is not None else default_lr(args.method),
+        "output": args.output or os.path.join("runs", f"{dataset}{transfer}-{args.method}"),
+        "clip": default_clip(args.clip, dataset, args.data_root)})
 
 
-def check_arguments(args) -> None:
+def default_clip(clip_flag: str, dataset: str, data_root: str) -> str:
+    """--clip, else ViT-B/32; the demo's default is a tiny CLIP pre-trained offline and cached in
+    <data-root> (make_demo_clip makes it)."""
+    if clip_flag is not None:
+        return clip_flag
+    if dataset != "demo":
+        return "ViT-B/32"
+    from ..demo.backbone import default_path
+    return default_path(data_root)
+
+
+def make_demo_clip(run: Settings) -> None:
+    """Where run.clip is the demo's default (default_clip), pre-train that tiny CLIP once on rank 0
+    and cache it; the other ranks wait for it."""
+    from ..demo.backbone import default_path, load_or_pretrain
+    if run.clip != default_path(run.data_root):
+        return
+    if run.rank == 0:
+        load_or_pretrain(run.clip)
+    if run.world_size > 1:
+        dist.barrier()
+
+
+def check_arguments(run: Settings) -> None:
     """Errors that need no data, model or disk access, before anything slow starts."""
     for flag in ("epochs", "batch_size", "print_freq", "captions_per_image"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: "
+        if getattr(run, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(run, flag)}: "
                              f"expected a positive number")
-    check_folder_writable(args.output)
-
-
-def resolve_clip(args) -> str:
-    """--clip, else ViT-B/32; the demo's default is a tiny CLIP pre-trained offline once and
-    cached."""
-    if args.clip is not None:
-        return args.clip
-    if args.dataset != "demo":
-        return "ViT-B/32"
-    from ..demo.backbone import default_path, load_or_pretrain
-    path = default_path(args.data_root)
-    if args.rank == 0:
-        load_or_pretrain(path)
-    if args.world_size > 1:
-        dist.barrier()
-    return path
+    check_folder_writable(run.output)

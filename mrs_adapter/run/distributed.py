@@ -5,30 +5,39 @@ share of the batch; the embeddings of all processes are gathered before the loss
 hardest negatives are searched in the global batch, as on one device (docs/method.md §4).
 """
 import os
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 
-def start(args) -> None:
-    """Read torchrun's environment into args (world_size, rank, local_rank), make the device
-    current, and start the process group when there are several processes."""
-    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
-    args.rank = int(os.environ.get("RANK", 0))
-    args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(args.device)
-    if args.world_size == 1 and device.type == "cuda" and device.index is not None:
+class Processes(NamedTuple):
+    """This process among torchrun's: how many, its rank, its rank on this machine, its device."""
+    world_size: int
+    rank: int
+    local_rank: int
+    device: str
+
+
+def start(device: str, batch_size: int) -> Processes:
+    """Read torchrun's environment, make the device current, and start the process group when
+    there are several processes (each then on cuda:<local rank> on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    named = torch.device(device)
+    if world == 1 and named.type == "cuda" and named.index is not None:
         # cuda:N: current before anything is allocated there (the pin-memory thread, GradScaler,
         # the CUDA-graph pool and autocast all use the current device, cuda:0 until told otherwise)
-        torch.cuda.set_device(args.device)
-    if args.world_size > 1:
-        if args.device.startswith("cuda"):
-            torch.cuda.set_device(args.local_rank)
-            args.device = f"cuda:{args.local_rank}"
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        if args.batch_size % args.world_size:
-            raise ValueError(f"--batch-size {args.batch_size} is the global batch; it must divide "
-                             f"by the {args.world_size} processes")
+        torch.cuda.set_device(device)
+    if world > 1:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if batch_size % world:
+            raise ValueError(f"--batch-size {batch_size} is the global batch; it must divide by "
+                             f"the {world} processes")
+    return Processes(world, rank, local_rank, device)
 
 
 def world_size() -> int:

@@ -53,16 +53,25 @@ RESUMABLE = ("epochs", "workers", "print_freq", "eval_batch_size", "cache_images
              "resume", "overwrite", "output", "rank", "local_rank")
 
 
-def run_config(args, seed: int, options: dict) -> dict:
-    """config.json of one seed (less the environment): every setting, resolved."""
-    return {**{k: v for k, v in vars(args).items() if k not in ("amp_dtype",)}, "seed": seed,
-            "method_options": options}
+def run_config(run, seed: int, backbone: dict, dropped: Optional[dict]) -> dict:
+    """config.json of one seed (less the environment): every setting as resolved (run/args.py)
+    and what the run found: the `backbone` it loaded (clip.load's record: the name or file given,
+    its path, sha256 and MLP activation; eval.py and search.py rebuild the model from it) and the
+    training and validation images it `dropped` as copies of test images (load_data)."""
+    settings = {k: v for k, v in vars(run).items() if k != "amp_dtype"}  # precision records it
+    return {**settings, "seed": seed, "backbone": backbone, "dropped_overlap": dropped}
+
+
+# settings of earlier versions that are gone, with the behaviour that stayed: a run recorded
+# with that value resumes
+RETIRED = {"separate_views": False}
 
 
 def check_resume_config(old: dict, new: dict, path: str) -> None:
     """A ValueError listing every setting that differs from the run's config.json (`path`),
     except those in RESUMABLE: a resumed run must continue the run it resumes."""
-    new = json.loads(json.dumps(new))  # as stored: tuples become lists
+    new = json.loads(json.dumps({**RETIRED, **new}))  # as stored: tuples become lists
+    old = {**RETIRED, **old}
     absent = "(not set)"
     changed = [f"{k.replace('_', '-')} {old.get(k, absent)!r} -> {new.get(k, absent)!r}"
                for k in sorted((set(old) | set(new)) - set(RESUMABLE) - {"environment"})
@@ -101,13 +110,13 @@ def save_last(path: str, model, optimizer, epoch: int, step: int, best: dict, in
                    rng=rng_state(), best=best, initial=initial, config=config)
 
 
-def start_or_resume(args, model, optimizer, paths: dict, config: dict, score: Callable,
+def start_or_resume(run, model, optimizer, paths: dict, config: dict, score: Callable,
                     tests: List[str]):
     """(first epoch, global step, best val so far, scores before training, log): from last.pt
     with --resume, else from scratch, scoring the model before training on "val" and `tests`
     (rank 0). Writes config.json either way (rank 0)."""
-    main_rank = args.rank == 0
-    if args.resume and os.path.isfile(paths["last.pt"]):
+    main_rank = run.rank == 0
+    if run.resume and os.path.isfile(paths["last.pt"]):
         state = load_trainable(model, paths["last.pt"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])  # last: building the model drew from the RNGs

@@ -36,35 +36,36 @@ def mean_std(values: list) -> tuple:
     return mean, std
 
 
-def summarize_several(args, results: list, splits: dict) -> dict:
+def summarize_several(run, results: list, splits: dict, dropped: dict) -> dict:
     """One row per test dataset: mean +- std over seeds of every metric."""
     names, several = [k.split(":", 1)[1] for k in test_keys(splits)], len(results) > 1
     stats = {n: mean_std([r["test"][n] for r in results]) for n in names}
     chance = {n: chance_recall(torch.as_tensor(splits[f"test:{n}"].txt2img)) for n in names}
-    print(f"\ntrained on {args.dataset}, {len(results)} seed(s), model selected on validation mR "
+    print(f"\ntrained on {run.dataset}, {len(results)} seed(s), model selected on validation mR "
           f"(union of the validation splits); one row per test split:")
     # rows (name, mean) for one seed, (name, mean, std) for several
-    print(format_table([(f"{n} {args.method}", *stats[n][:1 + several]) for n in names]))
+    print(format_table([(f"{n} {run.method}", *stats[n][:1 + several]) for n in names]))
     print(format_table([(f"{n} before training", results[0]["initial"][f"test:{n}"]) for n in names]
                        + [(f"{n} chance", chance[n]) for n in names]))
-    return {"dataset": args.datasets, "test_datasets": names, "method": args.method,
-            "seeds": args.seeds, "mean": {n: stats[n][0] for n in names},
+    return {"dataset": run.datasets, "test_datasets": names, "method": run.method,
+            "seeds": run.seeds, "mean": {n: stats[n][0] for n in names},
             "std": {n: stats[n][1] for n in names}, "chance": chance,
-            "dropped_overlap": args.dropped_overlap, "per_seed": results}
+            "dropped_overlap": dropped, "per_seed": results}
 
 
-def summarize(args, results: list, splits: dict) -> dict:
+def summarize(run, results: list, splits: dict, dropped: dict) -> dict:
     """mean +- std (sample std over seeds; 0 for one seed) of every test metric, printed as a
-    table; the summary train.py writes to <output>/results.json."""
+    table; the summary train.py writes to <output>/results.json. `dropped`: load_data's count of
+    training and validation images dropped as copies of test images."""
     if "test" not in splits:
-        return summarize_several(args, results, splits)
+        return summarize_several(run, results, splits, dropped)
     mean, std = mean_std([r["test"] for r in results])
     chance = chance_recall(torch.as_tensor(splits["test"].txt2img))
-    print(f"\n{args.dataset} test split, {len(results)} seed(s), model selected on validation mR:")
+    print(f"\n{run.dataset} test split, {len(results)} seed(s), model selected on validation mR:")
     several = len(results) > 1
-    name = f"{args.method}" + (" (mean +- std)" if several else "")
+    name = f"{run.method}" + (" (mean +- std)" if several else "")
     print(format_table([("before training", results[0]["initial"]["test"]),
                         (name, mean, std if several else None),
                         ("chance", chance)]))
-    return {"dataset": args.dataset, "method": args.method, "seeds": args.seeds, "mean": mean,
+    return {"dataset": run.dataset, "method": run.method, "seeds": run.seeds, "mean": mean,
             "std": std, "chance": chance, "per_seed": results}

@@ -6,10 +6,13 @@ Training and validation images that are exact or near copies of a test image are
 (overlap.py; selecting on a validation image that is also a test image leaks too) unless
 --keep-overlap asks for the published, leaky setting.
 """
+from typing import Optional, Tuple
+
 from ..data import DATASETS, check_command, load_splits, union_splits
 from ..demo import scenes as demo
 from ..prepare.check import verify_images
 from ..prepare.overlap import default_cache, drop_copies
+from .args import Settings
 
 
 def test_keys(splits: dict) -> list:
@@ -17,44 +20,43 @@ def test_keys(splits: dict) -> list:
     return [k for k in splits if k == "test" or k.startswith("test:")]
 
 
-def load_data(args) -> dict:
-    """{train, val, test} of one dataset, or {train, val, test:<name>...} of several; sets
-    args.dropped_overlap (None, or the count of dropped images per split)."""
-    names, tests = args.datasets, args.test_dataset or args.datasets
+def load_data(run: Settings) -> Tuple[dict, Optional[dict]]:
+    """({train, val, test} of one dataset, or {train, val, test:<name>...} of several; the count of
+    training and validation images dropped as copies of test images, {"train": n, "val": m}, or
+    None where nothing was looked for)."""
+    names, tests = run.datasets, run.test_dataset or run.datasets
     every = list(dict.fromkeys(names + tests))
-    if len(every) > 1 and (args.layout or args.image_dir):
+    if len(every) > 1 and (run.layout or run.image_dir):
         raise ValueError(f"--layout / --image-dir describe one dataset; {', '.join(every)} were "
                          f"named (lay each out under --data-root as README 'Data' says)")
     if "demo" in every:
-        demo.prepare(args.data_root, args.layout, args.image_dir, verbose=args.rank == 0)
-    loaded = {n: load_splits(n, args.data_root, args.layout, args.image_dir, verbose=args.rank == 0,
-                             captions_per_image=args.captions_per_image) for n in every}
-    args.dropped_overlap = None
-    if len(names) == 1 and not args.test_dataset:
-        return loaded[names[0]]
-    splits = {s: union_splits(s, [loaded[n][s] for n in names]) for s in ("train", "val")}
+        demo.prepare(run.data_root, run.layout, run.image_dir, verbose=run.rank == 0)
+    loaded = {n: load_splits(n, run.data_root, run.layout, run.image_dir, verbose=run.rank == 0,
+                             captions_per_image=run.captions_per_image) for n in every}
+    if len(names) == 1 and not run.test_dataset:
+        return loaded[names[0]], None
+    splits = {k: union_splits(k, [loaded[n][k] for n in names]) for k in ("train", "val")}
     test = {f"test:{n}": loaded[n]["test"] for n in tests}
-    if not args.keep_overlap:
+    dropped = None
+    if not run.keep_overlap:
         references = [p for split in test.values() for p in split.image_paths]
-        before = {s: len(splits[s].image_paths) for s in splits}
-        cache = default_cache(args.data_root)
-        splits, args.dropped_overlap = drop_copies(splits, references, cache)
-        if args.rank == 0:
-            dropped = args.dropped_overlap
+        before = {k: len(splits[k].image_paths) for k in splits}
+        splits, dropped = drop_copies(splits, references, default_cache(run.data_root))
+        if run.rank == 0:
             print(f"dropped {dropped['train']} of {before['train']} training and "
                   f"{dropped['val']} of {before['val']} validation images: exact or near copies "
                   f"of images in the test splits of {', '.join(tests)} (--keep-overlap keeps them)")
-    if args.rank == 0:
-        print(f"{args.dataset}: {splits['train']}; {splits['val']}; "
+    if run.rank == 0:
+        print(f"{run.dataset}: {splits['train']}; {splits['val']}; "
               + "; ".join(f"{k}: {len(v.image_paths)} images" for k, v in test.items()))
-    return {**splits, **test}
+    return {**splits, **test}, dropped
 
 
-def check_images(args, splits: dict) -> None:
+def check_images(run: Settings, splits: dict) -> None:
     """A ValueError listing the images of `splits` that do not open, with the command that checks
-    each dataset named in args."""
-    names = list(dict.fromkeys(args.datasets + (args.test_dataset or [])))
+    each dataset the run names."""
+    names = list(dict.fromkeys(run.datasets + (run.test_dataset or [])))
     hint = "run " + ", ".join("`{}`".format(check_command(
-        n, args.data_root, args.layout or DATASETS[n][0], args.image_dir, args.captions_per_image))
+        n, run.data_root, run.layout or DATASETS[n][0], run.image_dir, run.captions_per_image))
         for n in names)
     verify_images(splits, hint=hint)
