@@ -1,9 +1,10 @@
-"""Evaluate zero-shot CLIP or a trained checkpoint on remote sensing image-text retrieval
-(docs/method.md §6).
+"""Evaluate zero-shot CLIP or a trained checkpoint on remote sensing image-text retrieval.
 
-Every image of the split is embedded once and every caption once; the cosine similarity matrix
-gives the paper's row (i2t R@1/5/10 | t2i R@1/5/10 | mR, Tables II-IV), printed and written
-as JSON. --visualize draws a few text queries with their top-5 images.
+The protocol of docs/method.md §6:
+every image of the split is embedded once and every caption once;
+the cosine similarity matrix gives the paper's row
+(i2t R@1/5/10 | t2i R@1/5/10 | mR, Tables II-IV), printed and written as JSON.
+--visualize draws a few text queries with their top-5 images.
 
     python eval.py --dataset rsitmd --data-root data --zero-shot
     python eval.py --dataset rsitmd --data-root data --checkpoint runs/rsitmd/best.pt
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """The options, with the combinations that cannot work refused before anything loads."""
+    """argv -> the options, with the combinations that cannot work refused before anything loads."""
     p = _parser()
     args = p.parse_args(argv)
     if args.method == "zero_shot" and args.checkpoint:
@@ -97,13 +98,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def eval_precision(args: argparse.Namespace, trained: str) -> str:
-    """--precision, else the training run's (train.py's default: bf16 on CUDA); fp32 on the CPU."""
+    """(options, training precision) -> --precision, else the training run's; fp32 on the CPU.
+
+    train.py's default: bf16 on CUDA.
+    """
     return args.precision or (trained if args.device.startswith("cuda") else "fp32")
 
 
 def build_model_for_eval(args: argparse.Namespace):
-    """(model in eval mode on args.device, its preprocess, what was evaluated: {"clip": the name or
-    file, "backbone": clip.load's record of it, "precision"}) for --zero-shot or --checkpoint."""
+    """Options -> (model in eval mode on args.device, its preprocess, what was evaluated).
+
+    For --zero-shot or --checkpoint. What was evaluated:
+    {"clip": the name or file, "backbone": clip.load's record of it, "precision"}.
+    """
     clip_flag = args.clip
     if clip_flag is None and args.dataset == "demo" and args.checkpoint is None:
         # offline: the demo's tiny CLIP, pretrained here once
@@ -129,8 +136,12 @@ def build_model_for_eval(args: argparse.Namespace):
 
 def published_check(args: argparse.Namespace, backbone: Optional[Dict], metrics: Dict[str, float],
                     dataset: str):
-    """With --zero-shot, print the backbone's published zero-shot mR on this dataset beside ours,
-    where one is published: a wrong file or MLP activation shows as a gap of points. Returns it."""
+    """(options, backbone, metrics, dataset) -> the published zero-shot mR, printed; or None.
+
+    With --zero-shot on test, where one is published,
+    the backbone's published mR on `dataset` is printed beside ours:
+    a wrong file or MLP activation shows as a gap of points.
+    """
     if not args.zero_shot or not backbone or args.split != "test":
         return None
     published = clip.published_mr(backbone.get("name") or backbone["clip"]).get(dataset)
@@ -170,8 +181,11 @@ def write_json(path: str, payload: Dict):
 
 def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k: int = 5,
               thumb: int = 96):
-    """A PNG: for evenly spaced text queries, the caption and its top-k images; the correct image
-    is framed green, the others grey."""
+    """sims (N_img, N_cap), split -> a PNG at `path`: evenly spaced text queries, top-k images.
+
+    Each row: the caption, then its top-k images;
+    the correct image is framed green, the others grey.
+    """
     n_cap = sims.shape[1]
     spacing = (n_cap - 1) / max(1, n_queries - 1)
     queries = sorted({round(q * spacing) for q in range(min(n_queries, n_cap))})
@@ -196,8 +210,11 @@ def visualize(sims: torch.Tensor, split: Split, path: str, n_queries: int = 4, k
 
 def evaluate_splits(args: argparse.Namespace, model, preprocess, splits: Dict[str, Split],
                     used: Dict):
-    """({dataset: the paper's metrics}, the last split's (N_img, N_cap) similarities); each
-    image and each caption of a split is embedded once. `used`: build_model_for_eval's."""
+    """Splits -> ({dataset: the paper's metrics}, the last split's similarities (N_img, N_cap)).
+
+    Each image and each caption of a split is embedded once.
+    `used`: build_model_for_eval's.
+    """
     amp = AMP_DTYPES[used["precision"]]
     results, what = {}, "zero-shot" if args.zero_shot else args.checkpoint
     for name, split in splits.items():
@@ -212,8 +229,11 @@ def evaluate_splits(args: argparse.Namespace, model, preprocess, splits: Dict[st
 
 def report(args: argparse.Namespace, path: str, splits: Dict[str, Split],
            results: Dict[str, Dict[str, float]], used: Dict) -> Dict:
-    """Print the table (and published zero-shot figures), write the JSON; returns its metrics:
-    one dataset's dict, or {dataset: dict} for several. `used`: build_model_for_eval's."""
+    """Results -> the JSON's metrics: one dataset's dict, or {dataset: dict} for several.
+
+    Prints the table (and published zero-shot figures) and writes the JSON.
+    `used`: build_model_for_eval's.
+    """
     several = len(splits) > 1
     print(format_table([(f"{name} {args.split}" if several else args.split, m)
                         for name, m in results.items()]))

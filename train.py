@@ -4,10 +4,11 @@
     python train.py --dataset rsitmd --data-root data --seeds 2 3 4
     torchrun --nproc_per_node=4 train.py --dataset rsicd --data-root data
 
-Each epoch trains on the training split, validates on the validation split (never the test
-split), and keeps the checkpoint of best validation mR; the end of the run reports that
-checkpoint on test. Several seeds give mean +- std. A run folder holds config.json, log.jsonl,
-last.pt (resumable), best.pt and results.json, each written atomically.
+Each epoch trains on the training split and validates on the validation split (never test).
+The checkpoint of best validation mR is kept; the end of the run reports it on test.
+Several seeds give mean +- std.
+A run folder holds config.json, log.jsonl, last.pt (resumable), best.pt and results.json,
+each written atomically.
 """
 import os
 import sys
@@ -45,7 +46,10 @@ def get_parser():
 
 
 class Views(nn.Module):
-    """One training forward (docs/method.md §3): v, t and, for HMMC, the dropout views v', t'."""
+    """Images, token ids -> v, t (B, E) and, for HMMC, the dropout views v', t' (B, E).
+
+    One training forward (docs/method.md §3).
+    """
 
     def __init__(self, model: nn.Module, feature_dropout: float, both_views: bool):
         super().__init__()
@@ -62,8 +66,11 @@ class Views(nn.Module):
 
 
 def compute_loss(model: nn.Module, embeddings, objective: str, margin: float, loss_weights):
-    """(loss, {term: value}) on the global batch: with several processes the embeddings are
-    gathered first, so the hardest negatives are searched in the whole batch."""
+    """Embeddings (B, E) each -> (loss, {term: value}) on the global batch.
+
+    With several processes the embeddings are gathered first,
+    so the hardest negatives are searched in the whole batch.
+    """
     if dist.is_initialized():
         embeddings = [gather_with_grad(e) for e in embeddings]
     embeddings = [e.float() for e in embeddings]
@@ -75,8 +82,10 @@ def compute_loss(model: nn.Module, embeddings, objective: str, margin: float, lo
 
 def forward_backward(views: nn.Module, model: nn.Module, images, tokens, scaler, objective: str,
                      margin: float, loss_weights, amp_dtype):
-    """One step's loss on the global batch (and its terms), and its backward; amp_dtype None: no
-    autocast."""
+    """Images, token ids -> (loss, terms) of one step on the global batch, after its backward.
+
+    amp_dtype None: no autocast.
+    """
     # no autocast weight cache: it cannot live in a CUDA graph; each weight is cast once a step
     with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
                         cache_enabled=False):
@@ -88,16 +97,21 @@ def forward_backward(views: nn.Module, model: nn.Module, images, tokens, scaler,
 
 
 def lr_at(epoch: int, lr: float, decay: float, start: int, every: int) -> float:
-    """Step decay (docs/method.md §4): x `decay` at the start of epoch `start` and every `every`
-    epochs after."""
+    """Epoch -> its learning rate, by step decay (docs/method.md §4).
+
+    x `decay` at the start of epoch `start` and every `every` epochs after.
+    """
     if epoch < start:
         return lr
     return lr * decay ** ((epoch - start) // every + 1)
 
 
 def build_model(run: Settings, verbose: bool = True, device=None):
-    """(CLIP with the method composed in, on `device` (default run.device); preprocess; the
-    backbone record of clip.load: absolute path, sha256, activation, for config.json)."""
+    """Settings -> (CLIP with the method composed in, preprocess, backbone record).
+
+    - The model is on `device` (default run.device).
+    - The backbone record is clip.load's: absolute path, sha256, activation, for config.json.
+    """
     model, preprocess = clip.load(run.clip, device="cpu", activation=run.clip_activation,
                                   sha256=run.clip_sha256)
     backbone = model.backbone
@@ -115,8 +129,11 @@ def build_model(run: Settings, verbose: bool = True, device=None):
 
 
 def collate_trimmed(batch):
-    """Default collation, then the token columns after the batch's last end token are dropped
-    (on the CPU, in the loader, so the model need not read the ids on the device)."""
+    """Items -> (images, token ids (B, L'), image indices): default collation, then CLIP.trim.
+
+    The token columns after the batch's last end token are dropped on the CPU, in the loader,
+    so the model need not read the ids on the device.
+    """
     images, tokens, index = default_collate(batch)
     return images, clip.CLIP.trim(tokens), index
 
@@ -151,8 +168,9 @@ def training_parts(run: Settings, seed: int, model: nn.Module, train_split, prep
 def check_finite(window: list, epoch: int):
     """Raise at the first non-finite loss of `window` [(step, loss, terms)], naming step and terms.
 
-    Losses stay on the device between checks (every --print-freq steps and at the end of an
-    epoch): reading one per step would make the CPU wait for the GPU at every step."""
+    Losses stay on the device between checks (every --print-freq steps and at an epoch's end):
+    reading one per step would make the CPU wait for the GPU at every step.
+    """
     finite = torch.isfinite(torch.stack([loss for _, loss, _ in window])).tolist()
     if not all(finite):
         step, loss, terms = window[finite.index(False)]
@@ -168,7 +186,8 @@ def train_one_epoch(run: Settings, epoch, views, model, loader, optimizer, scale
                     steps):
     """One pass over the training pairs; returns (global step, mean loss, pairs/s).
 
-    steps: a GraphedOrEager, which replays the step from a CUDA graph (--cuda-graphs) or runs it."""
+    steps: a GraphedOrEager, which replays the step from a CUDA graph (--cuda-graphs) or runs it.
+    """
     views.train()
     for g in optimizer.param_groups:
         g["lr"] = lr_at(epoch, run.lr, run.lr_decay, run.lr_decay_start, run.lr_decay_every)
@@ -206,8 +225,11 @@ def train_one_epoch(run: Settings, epoch, views, model, loader, optimizer, scale
 
 def run_seed(run: Settings, seed: int, splits: dict, dropped: Optional[dict],
              run_dir: str) -> dict:
-    """Train one seed in `run_dir`, select on validation, test the selected checkpoint; rank 0's
-    results. `dropped`: load_data's count of copies of test images dropped, for config.json."""
+    """Train one seed in `run_dir` -> rank 0's results.
+
+    Selects on validation, then tests the selected checkpoint.
+    `dropped`: load_data's count of copies of test images dropped, for config.json.
+    """
     main_rank = run.rank == 0
     paths = {name: os.path.join(run_dir, name) for name in RUN_FILES}
     resume.seed_everything(seed)
@@ -249,8 +271,10 @@ def run_seed(run: Settings, seed: int, splits: dict, dropped: Optional[dict],
 
 
 def setup(args) -> Settings:
-    """The run's settings, resolved once from the parsed flags; under torchrun the process group is
-    started here."""
+    """Parsed flags -> the run's Settings, resolved once.
+
+    Under torchrun the process group is started here.
+    """
     if args.method == "zero_shot":  # before any process group: under torchrun all ranks stop alike
         raise ValueError("--method zero_shot trains nothing; "
                          "evaluate it with `python eval.py --zero-shot`")
@@ -259,8 +283,12 @@ def setup(args) -> Settings:
 
 
 def preflight(run: Settings, splits: dict, dropped: Optional[dict]) -> None:
-    """Everything that can fail before the run folder is made or emptied (--overwrite): every image
-    opens, the backbone loads and the method trains something, --resume keeps the settings."""
+    """Check everything that can fail before the run folder is made or emptied (--overwrite).
+
+    - every image opens;
+    - the backbone loads and the method trains something;
+    - --resume keeps the settings.
+    """
     check_images(run, splits)
     _, _, backbone = build_model(run, verbose=False, device="cpu")  # checked, then dropped
     for seed in run.seeds if run.resume else ():

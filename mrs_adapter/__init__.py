@@ -1,5 +1,6 @@
-"""mrs-adapter: CLIP + MRS-Adapter + HMMC for remote sensing image-text retrieval
-(Yuan, Zhan, Xiong, IEEE TGRS 2023; docs/method.md).
+"""mrs-adapter: CLIP + MRS-Adapter + HMMC (Yuan, Zhan, Xiong, IEEE TGRS 2023; docs/method.md).
+
+Parameter-efficient transfer of CLIP to remote sensing image-text retrieval.
 
 The paper, at the top of the package:
     model.py       CLIP's ViT and text transformer (Sec. III-A)
@@ -16,8 +17,8 @@ The paper, at the top of the package:
     atomic.py      files written whole or not at all
 
 The wings, each a sub-package:
-    run/       a training run: flags, resume, torchrun, CUDA graphs, dataset union, summary,
-               rebuilding a checkpoint's model
+    run/       a training run: flags, resume, torchrun, CUDA graphs, dataset union,
+               summary, rebuilding a checkpoint's model
     weights/   verified downloads; remote-sensing CLIP backbones
     prepare/   dataset checks and copies between datasets (python -m mrs_adapter.prepare)
     search/    searching your own imagery with a trained model

@@ -1,13 +1,16 @@
-"""MRS-Adapter: the multimodal remote sensing adapter (Yuan et al., TGRS 2023, Sec. III;
-docs/method.md §2).
+"""MRS-Adapter: the multimodal remote sensing adapter (Sec. III-B; docs/method.md §2).
 
-One bottleneck module, reused by every block of BOTH CLIP towers, adds
-`A_m(x) = concat(up_m(h), up_shared(h))` with `h = dropout(relu(down_m(x)))` to the residual
-stream, in parallel with the MLP: `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) + A_m(x)`.
-CLIP is frozen first, then `AdaptedBlock`s wrapping the frozen blocks are composed in; the up
-layers start at zero, so step 0 is zero-shot CLIP. Saving and loading the trainable tensors is
-checkpoint.py's. Imports only torch and the standard library, so this file can be copied into
-another project on its own.
+Yuan et al., TGRS 2023. One bottleneck module, reused by every block of BOTH CLIP towers,
+is added to the residual stream in parallel with the MLP:
+
+    h = dropout(relu(down_m(x))),  A_m(x) = concat(up_m(h), up_shared(h))
+    x = x + attn(ln_1(x));  x = x + mlp(ln_2(x)) + A_m(x)
+
+CLIP is frozen first, then `AdaptedBlock`s wrapping the frozen blocks are composed in.
+The up layers start at zero, so step 0 is zero-shot CLIP.
+Saving and loading the trainable tensors is checkpoint.py's.
+Imports only torch and the standard library, so this file can be copied into another project
+on its own.
 """
 from typing import Optional
 
@@ -18,11 +21,11 @@ MODALITIES = ("text", "vision")
 
 
 class MRSAdapter(nn.Module):
-    """Per-modality down and up projections; the up projections' last `shared_dim` channels share
-    one layer across the modalities.
+    """(B, L, D_m), modality m -> (B, L, D_m): a down and an up projection per modality.
 
-    A width of None leaves that modality's branch out (used by the per-block ablation, so that no
-    parameter sits unused and inflates the trainable count).
+    The up projections' last `shared_dim` channels come from one layer shared by the modalities.
+    A width of None leaves that modality's branch out: the per-block ablation uses it,
+    so that no parameter sits unused and inflates the trainable count.
     """
 
     def __init__(self, text_width: Optional[int], vision_width: Optional[int],
@@ -45,7 +48,9 @@ class MRSAdapter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Down: PyTorch's default Linear weights, zero bias. Up: all zero, so A_m(x) = 0 at step 0.
+        """Down: PyTorch's default Linear weights, zero bias. Up: all zero.
+
+        So A_m(x) = 0 at step 0: the adapted model starts as zero-shot CLIP.
         """
         for down in (self.text_down, self.vision_down):
             if down is not None:
@@ -75,22 +80,25 @@ class MRSAdapter(nn.Module):
 
 
 class AdaptedBlock(nn.Module):
-    """A frozen pre-LN transformer block (`self.block`) with the adapter in parallel with its MLP,
-    the paper's two residual equations (docs/method.md §2):
+    """(B, L, D_m) -> (B, L, D_m): a frozen pre-LN block (`self.block`), the adapter beside its MLP.
+
+    The paper's two residual equations (docs/method.md §2):
 
         x = x + attn(ln_1(x))
         x = x + mlp(ln_2(x)) + A_m(x)        the adapter reads the stream after attention
 
-    The wrapped block provides `ln_1`, `attn`, `ln_2`, `mlp` (CLIP's `ResidualAttentionBlock`);
-    `block.attn` carries its own causal flag, so the text tower's causal mask passes through.
-    Holding the block renames its tensors in `model.state_dict()` (`transformer.resblocks.0.attn.*`
-    becomes `transformer.resblocks.0.block.attn.*`); checkpoints (checkpoint.py) hold only the
-    trainable tensors, so CLIP's names in the OpenAI archives are never affected.
+    - The wrapped block provides `ln_1`, `attn`, `ln_2`, `mlp` (CLIP's `ResidualAttentionBlock`).
+    - `block.attn` carries its own causal flag, so the text tower's causal mask passes through.
+    - Holding the block renames its tensors in `model.state_dict()`:
+      `transformer.resblocks.0.attn.*` becomes `transformer.resblocks.0.block.attn.*`.
+      Checkpoints (checkpoint.py) hold only the trainable tensors,
+      so CLIP's names in the OpenAI archives are never affected.
     """
 
-    # block.attn(block.ln_1(x)) reads the input as it came and every other step acts on each
-    # token alone, so a host may run this block on the one token its head reads (model.py's
-    # Transformer.pooled, a speed-only option).
+    # block.attn(block.ln_1(x)) reads the input as it came,
+    # and every other step acts on each token alone,
+    # so a host may run this block on the one token its head reads
+    # (model.py's Transformer.pooled, a speed-only option).
     per_token_but_attention = True
 
     def __init__(self, block: nn.Module, adapter: MRSAdapter, modality: str):
@@ -100,6 +108,7 @@ class AdaptedBlock(nn.Module):
         self.block, self.adapter, self.modality = block, adapter, modality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D_m) -> (B, L, D_m): the two residual equations above."""
         block = self.block
         x = x + block.attn(block.ln_1(x))
         return x + block.mlp(block.ln_2(x)) + self.adapter(x, self.modality)
@@ -111,11 +120,12 @@ class AdaptedBlock(nn.Module):
 
 def add_adapters(model: nn.Module, bottleneck: int = 64, shared_dim: int = 64,
                  dropout: float = 0.5, shared: bool = True, verbose: bool = True) -> nn.Module:
-    """Freeze every CLIP parameter, then wrap every block of both towers in an `AdaptedBlock`.
+    """CLIP -> the same CLIP, every parameter frozen, then every block wrapped in an `AdaptedBlock`.
 
-    shared=True (published, 161,088 parameters on ViT-B/32): ONE `MRSAdapter` instance serves all
-    blocks of both towers. shared=False is an ablation (not in the paper's tables): each block gets
-    its own adapter holding only its tower's branch, so nothing is shared across blocks or towers.
+    - shared=True (published; 161,088 parameters on ViT-B/32):
+      ONE `MRSAdapter` instance serves all blocks of both towers.
+    - shared=False, an ablation (not in the paper's tables): each block gets its own adapter
+      holding only its tower's branch, so nothing is shared across blocks or towers.
     Widths come from the model (`transformer.width`, `visual.transformer.width`).
     Modifies `model` in place and returns it.
     """

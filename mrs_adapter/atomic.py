@@ -1,9 +1,11 @@
 """Files written so that nothing is lost: a crash leaves the old file or the new one, never half.
 
-`atomic_write` writes to a temporary name beside the target, syncs it and renames it
-(`os.replace` is atomic). The `check_*_writable` functions refuse a path that cannot be written
-before any work is done, naming the path and the flag that gave it; `check_output` also refuses
-to replace a file the program did not write (its files carry a "written_by" mark).
+- `atomic_write` writes to a temporary name beside the target, syncs it and renames it
+  (`os.replace` is atomic).
+- The `check_*_writable` functions refuse a path that cannot be written before any work is
+  done, naming the path and the flag that gave it.
+- `check_output` also refuses to replace a file the program did not write
+  (its files carry a "written_by" mark).
 """
 import json
 import os
@@ -39,6 +41,7 @@ def atomic_write(path: str, write: Callable, mode: str = "w"):
 
 
 def write_json(path: str, obj) -> None:
+    """(path, JSON-able object) -> None: written atomically, indented by 2."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
@@ -69,8 +72,10 @@ def check_file_writable(path: str, flag: str) -> None:
 
 
 def has_mark(path: str, mark: str) -> bool:
-    """Whether `path` is a JSON object or a PNG image whose "written_by" is `mark`: how a program
-    of this project marks the files it may later replace."""
+    """(path, mark) -> whether `path` is a JSON object or PNG image whose "written_by" is `mark`.
+
+    That is how a program of this project marks the files it may later replace.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f).get("written_by") == mark
@@ -84,8 +89,10 @@ def has_mark(path: str, mark: str) -> bool:
 
 
 def check_output(path: str, flag: str, ours: Callable[[str], bool], program: str) -> None:
-    """Before any work: `path` can be written and, if it exists, `ours(path)` says that `program`
-    wrote it (a FileExistsError otherwise: nothing of the user's is replaced)."""
+    """Before any work: `path` can be written and, if it exists, `program` wrote it (`ours`).
+
+    A FileExistsError otherwise: nothing of the user's is replaced.
+    """
     check_file_writable(path, flag)
     if os.path.exists(path) and not ours(path):
         raise FileExistsError(f"{path} exists and was not written by {program}; "

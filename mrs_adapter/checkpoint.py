@@ -1,8 +1,9 @@
 """Counting, saving and strictly loading the trainable tensors of a PETL model (docs/method.md §4).
 
-Written for any method (nothing MRS-specific): a checkpoint holds only the parameters with
-requires_grad, under their names in `model.named_parameters()`, plus plain Python extras (the
-run's config). Loading is strict: names and shapes must match exactly, or nothing is copied.
+Written for any method (nothing MRS-specific).
+- A checkpoint holds only the parameters with requires_grad, under their names in
+  `model.named_parameters()`, plus plain Python extras (the run's config).
+- Loading is strict: names and shapes must match exactly, or nothing is copied.
 """
 import os
 from typing import Dict, Tuple
@@ -14,12 +15,16 @@ from .atomic import atomic_write
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
-    """(trainable, total) parameter counts; a module shared by several blocks counts once."""
+    """Model -> (trainable, total) parameter counts; a module shared by blocks counts once."""
     params = list(model.parameters())  # parameters() yields each shared tensor once
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """Model -> (trainable, total), printed on one line as peft prints it.
+
+    `trainable params: N || all params: M || trainable%: P`
+    """
     trainable, total = count_parameters(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
           f"trainable%: {100 * trainable / max(total, 1):.4f}")
@@ -27,8 +32,10 @@ def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
 
 
 def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """{name: CPU copy} of every parameter with requires_grad (a shared adapter is stored once,
-    under the first name `named_parameters()` gives it)."""
+    """Model -> {name: CPU copy} of every parameter with requires_grad.
+
+    A shared adapter is stored once, under the first name `named_parameters()` gives it.
+    """
     params = model.named_parameters()
     return {n: p.detach().to("cpu", copy=True) for n, p in params if p.requires_grad}
 
@@ -40,10 +47,11 @@ def _names(names, limit: int = 20) -> str:
 
 
 def load_trainable_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
-    """Copy `state_dict` into the model's trainable parameters, strictly.
+    """(model, {name: tensor}) -> None: copied into the model's trainable parameters, strictly.
 
-    The names and shapes must equal those of `trainable_state_dict(model)`; otherwise a ValueError
-    lists the missing names, the unexpected names and the shape mismatches, and nothing is copied.
+    The names and shapes must equal those of `trainable_state_dict(model)`.
+    Otherwise a ValueError lists the missing names, the unexpected names and the shape
+    mismatches, and nothing is copied.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = params.keys() - state_dict.keys()
@@ -66,12 +74,13 @@ def load_trainable_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tens
 
 
 def save_trainable(model: nn.Module, path: str, **extra) -> None:
-    """Write `{"trainable": trainable_state_dict(model), **extra}` atomically.
+    """(model, path, **extra) -> None: `{"trainable": ..., **extra}` written atomically.
 
+    "trainable" is `trainable_state_dict(model)`.
     The file is written under a temporary name in the same folder and renamed
-    (runfiles.atomic_write), so `path` is always either the previous file or the complete new
-    one. Keep `extra` to plain Python values (dicts, lists, numbers, strings) so
-    `load_trainable` reads it with weights_only.
+    (atomic.atomic_write), so `path` is always either the previous file or the complete new one.
+    Keep `extra` to plain Python values (dicts, lists, numbers, strings),
+    so `load_trainable` reads it with weights_only.
     """
     if "trainable" in extra:
         raise ValueError("'trainable' is the key of the tensors; name the extra entry otherwise")
@@ -80,7 +89,7 @@ def save_trainable(model: nn.Module, path: str, **extra) -> None:
 
 
 def read_checkpoint(path: str):
-    """torch.load(path) of tensors and plain values only, with errors that name the file."""
+    """Path -> torch.load(path) of tensors and plain values only, with errors that name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -91,8 +100,7 @@ def read_checkpoint(path: str):
 
 
 def load_trainable(model: nn.Module, path: str) -> dict:
-    """Load a `save_trainable` file strictly into `model`; returns its extra entries (the config).
-    """
+    """(model, `save_trainable` file) -> its extra entries (the config); tensors loaded strictly."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "trainable" not in checkpoint:
         is_dict = isinstance(checkpoint, dict)

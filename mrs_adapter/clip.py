@@ -1,12 +1,13 @@
 """Loading CLIP: named weights, downloads, archives and state-dict files (docs/method.md §1).
 
 The architecture is in model.py (as openai/CLIP keeps model.py apart from clip.py).
-`load` fetches the OpenAI TorchScript archives or a named remote-sensing CLIP (backbones.py;
-verified by sha256, see download.py) or reads a local file - a TorchScript archive, a plain,
-nested or `module.`-prefixed state dict, or a zip holding one (SkyCLIP) - and returns the
-model with OpenAI's preprocessing. The MLP activation (QuickGELU or GELU) cannot be read off
-the tensors: named backbones carry theirs, a file defaults to QuickGELU, and the model records
-which it got (`model.backbone`).
+`load` returns the model with OpenAI's preprocessing, from
+- OpenAI's TorchScript archives or a named remote-sensing CLIP (weights/backbones.py),
+  verified by sha256 (weights/download.py);
+- a local file: a TorchScript archive, a plain, nested or `module.`-prefixed state dict,
+  or a zip holding one (SkyCLIP).
+The MLP activation (QuickGELU or GELU) cannot be read off the tensors: named backbones carry
+theirs, a file defaults to QuickGELU, and the model records which it got (`model.backbone`).
 """
 import io
 import os
@@ -34,11 +35,12 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def available_models() -> List[str]:
-    """OpenAI's CLIPs, then the remote-sensing CLIPs of backbones.py."""
+    """[name]: OpenAI's CLIPs, then the remote-sensing CLIPs of weights/backbones.py."""
     return list(_MODELS) + list(REMOTE_SENSING)
 
 
 def model_url(name: str) -> str:
+    """Backbone name -> the URL of its weights file."""
     if name in REMOTE_SENSING:
         return REMOTE_SENSING[name].url
     sha256, filename = _MODELS[name]
@@ -46,7 +48,7 @@ def model_url(name: str) -> str:
 
 
 def published_mr(name: str) -> dict:
-    """dataset -> the retrieval mR published for backbone `name` without further training."""
+    """Backbone name -> {dataset: retrieval mR} published for it without further training."""
     if name in REMOTE_SENSING:
         return dict(REMOTE_SENSING[name].published)
     return dict(OPENAI_PUBLISHED.get(name, {}))
@@ -57,7 +59,10 @@ def _to_rgb(image):
 
 
 def transform(n_px: int) -> Callable:
-    """OpenAI's preprocessing: bicubic resize of the short side, center crop, RGB, normalise."""
+    """n_px -> PIL image to (3, n_px, n_px) tensor: OpenAI's preprocessing.
+
+    Bicubic resize of the short side, center crop, RGB, normalise (MEAN, STD).
+    """
     return T.Compose([
         T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(n_px),
@@ -68,8 +73,11 @@ def transform(n_px: int) -> Callable:
 
 
 def _zip_kind(path: str):
-    """("torchscript" | "archive" | None, the archive's .pt members). torch.save files are zips
-    too (holding data.pkl); a zip of checkpoints, as SkyCLIP ships, holds .pt/.pth files."""
+    """Path -> ("torchscript" | "archive" | None, the archive's .pt members).
+
+    torch.save files are zips too (holding data.pkl);
+    a zip of checkpoints, as SkyCLIP ships, holds .pt/.pth files.
+    """
     if not zipfile.is_zipfile(path):
         return None, []
     with zipfile.ZipFile(path) as z:
@@ -87,8 +95,11 @@ def _load_from_archive(path: str, members: List[str]):
 
 
 def read_state_dict(path: str) -> dict:
-    """Tensors of an OpenAI TorchScript archive, of a `torch.save`d plain, nested or
-    `module.`-prefixed state dict, or of a zip archive holding one such file."""
+    """Weights file -> {name: tensor}.
+
+    Reads an OpenAI TorchScript archive, a `torch.save`d plain, nested or `module.`-prefixed
+    state dict, or a zip archive holding one such file.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights not found: {path}")
     kind, members = _zip_kind(path)
@@ -114,10 +125,11 @@ def read_state_dict(path: str) -> dict:
 
 def fetch_weights(name_or_path: str, download_root: str = None,
                   sha256: str = None) -> Tuple[str, str]:
-    """(absolute path, sha256) of a named backbone's file (downloaded, verified) or of a local file.
+    """Name or path -> (absolute path, sha256): a named backbone downloaded and verified, or a file.
 
-    `sha256`: the hash the file must have (a user's pin); a named backbone's published hash wins
-    over nothing, and a pin that contradicts it is an error."""
+    `sha256`: the hash the file must have (a user's pin).
+    A named backbone's published hash applies without a pin; a pin contradicting it is an error.
+    """
     if name_or_path in _MODELS or name_or_path in REMOTE_SENSING:
         entry = REMOTE_SENSING.get(name_or_path)
         pinned, filename = (entry.sha256, entry.filename) if entry else _MODELS[name_or_path]
@@ -137,14 +149,17 @@ def fetch_weights(name_or_path: str, download_root: str = None,
 
 
 def known_as(sha256: str):
-    """The name of the backbone whose published sha256 this is, or None."""
+    """sha256 -> the name of the backbone whose published sha256 it is, or None."""
     pinned = {sha: name for name, (sha, _) in _MODELS.items()}
     pinned.update({b.sha256: name for name, b in REMOTE_SENSING.items() if b.sha256})
     return pinned.get(sha256)
 
 
 def choose_activation(name_or_path: str, activation: str = None) -> Tuple[str, str]:
-    """(activation, why): the caller's, else a named backbone's own, else QuickGELU for a file."""
+    """(name or path, activation or None) -> (activation, why).
+
+    The caller's, else a named backbone's own, else QuickGELU for a file.
+    """
     own = REMOTE_SENSING[name_or_path].activation if name_or_path in REMOTE_SENSING else (
         "quickgelu" if name_or_path in _MODELS else None)
     if activation is not None:
@@ -161,12 +176,14 @@ def choose_activation(name_or_path: str, activation: str = None) -> Tuple[str, s
 
 def load(name_or_path: str, device="cpu", download_root: str = None, activation: str = None,
          sha256: str = None) -> Tuple[CLIP, Callable]:
-    """(model in eval mode, fp32, on `device`; its preprocessing transform).
+    """Name or path -> (CLIP in eval mode, fp32, on `device`; its preprocessing transform).
 
-    `name_or_path`: one of `available_models()` (downloaded to `download_root`, else
-    $MRS_ADAPTER_CACHE, else ~/.cache/clip) or a path to a TorchScript archive, a state dict
-    or a zip holding one. `activation`: "quickgelu" or "gelu" (default: see choose_activation).
-    `sha256`: the hash the file must have. `model.backbone` records what was loaded.
+    - `name_or_path`: one of `available_models()` (downloaded to `download_root`,
+      else $MRS_ADAPTER_CACHE, else ~/.cache/clip), or a path to a TorchScript archive,
+      a state dict or a zip holding one.
+    - `activation`: "quickgelu" or "gelu" (default: see choose_activation).
+    - `sha256`: the hash the file must have.
+    `model.backbone` records what was loaded.
     """
     path, file_sha = fetch_weights(name_or_path, download_root, sha256)
     # a named backbone's file passed as a path is recognised by its published sha256
@@ -179,7 +196,7 @@ def load(name_or_path: str, device="cpu", download_root: str = None, activation:
 
 
 def describe(backbone: dict) -> str:
-    """One line saying which weights and which MLP activation a run uses."""
+    """`model.backbone` -> one line saying which weights and which MLP activation a run uses."""
     named = backbone.get("name") and backbone["name"] != backbone["clip"]
     name = f" = {backbone['name']}" if named else ""
     return (f"CLIP {backbone['clip']}{name}: {backbone['path']} (sha256 {backbone['sha256']}), "

@@ -1,12 +1,13 @@
-"""Remote sensing image-caption annotations: where a dataset lies, its splits, the validation
-split (docs/method.md §4-§5).
+"""Image-caption annotations on disk, their splits and the validation split (docs/method.md §4-§5).
 
-Two layouts on disk: "precomp" (RSITMD, RSICD, UCM as released with AMFMN / GaLR: caption and
-file-name lists) and Karpathy-style JSON (Sydney-Captions; other releases of the rest). Both give
-`Split`s (image paths, captions, each caption's image). The published runs validate on 20% of
-the precomp training images (`validation_split`). Reading images and the torch Datasets are in
-datasets.py; `python -m mrs_adapter.prepare check --dataset D --data-root DIR` lists every
-problem of a dataset before training (prepare/check.py).
+Remote sensing image-caption datasets come in two layouts on disk:
+- "precomp": RSITMD, RSICD, UCM as released with AMFMN / GaLR (caption and file-name lists);
+- Karpathy-style JSON: Sydney-Captions; other releases of the rest.
+Both give `Split`s (image paths, captions, each caption's image).
+The published runs validate on 20% of the precomp training images (`validation_split`).
+Reading images and the torch Datasets are in datasets.py.
+`python -m mrs_adapter.prepare check --dataset D --data-root DIR` lists every problem
+of a dataset before training (prepare/check.py).
 """
 import json
 import os
@@ -41,7 +42,7 @@ class Split:
     txt2img: List[int]
 
     def subset(self, name: str, image_indices: Sequence[int]) -> "Split":
-        """The images `image_indices` (in that order) with their captions, re-indexed."""
+        """Indices -> a Split of those images (in that order) and their captions, re-indexed."""
         new_index = {old: new for new, old in enumerate(image_indices)}
         keep = [j for j, i in enumerate(self.txt2img) if i in new_index]
         paths = [self.image_paths[i] for i in image_indices]
@@ -53,7 +54,10 @@ class Split:
 
 
 def union_splits(name: str, splits: Sequence[Split]) -> Split:
-    """The images and captions of `splits` one after the other (training on several datasets)."""
+    """Splits -> one Split: their images and captions one after the other.
+
+    For training on several datasets.
+    """
     paths, captions, txt2img = [], [], []
     for split in splits:
         txt2img += [len(paths) + i for i in split.txt2img]
@@ -76,7 +80,8 @@ class Problem:
 
 
 @dataclass
-class Listing:  # a split as read from disk, before any image is opened (check.py reads it too)
+class Listing:
+    """A split as read from disk, before any image is opened (prepare/check.py reads it too)."""
     names: List[str]
     captions: List[str]
     txt2img: List[int]
@@ -86,9 +91,13 @@ class Listing:  # a split as read from disk, before any image is opened (check.p
 
 def validation_split(n: int, seed: int = 2,
                      train_fraction: float = 0.8) -> Tuple[List[int], List[int]]:
-    """The published rule (docs/method.md §4): shuffle range(n) as `random.seed(2);
-    random.shuffle` does, first int(0.8 n) train, the rest validate. A local Random(2) gives
-    the same permutation as the global seed without touching the global RNG."""
+    """n -> (train indices, validation indices): the published rule (docs/method.md §4).
+
+    Shuffle range(n) as `random.seed(2); random.shuffle` does;
+    the first int(0.8 n) train, the rest validate.
+    A local Random(2) gives the same permutation as the global seed
+    without touching the global RNG.
+    """
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
     cut = int(train_fraction * n)
@@ -97,8 +106,11 @@ def validation_split(n: int, seed: int = 2,
 
 def locate(dataset: str, data_root: str, layout: Optional[str] = None,
            image_dir: Optional[str] = None) -> Tuple[str, str, str]:
-    """(layout, text path, image folder). precomp: <root>/<name>_precomp/ and <root>/<name>_images/;
-    json: <root>/dataset_<name>.json (any case) and <root>/<name>_images/."""
+    """Dataset, root -> (layout, text path, image folder); a FileNotFoundError if one is missing.
+
+    - precomp: <root>/<name>_precomp/ and <root>/<name>_images/;
+    - json: <root>/dataset_<name>.json (any case) and <root>/<name>_images/.
+    """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
     default_layout, source = DATASETS[dataset]
@@ -145,9 +157,12 @@ def _read_lines(path: str) -> List[str]:
 
 def _group_captions(names: List[str], n_captions: int, caps_path: str, names_path: str,
                     captions_per_image: int) -> Tuple[List[int], List[int], Optional[Problem]]:
-    """(line of each image in the name list, each caption's image, or a fatal Problem when the
-    two lists do not fit): one name per caption (a run of equal names is one image), or one
-    name per image with `captions_per_image` consecutive captions each."""
+    """Name list, caption count -> (each image's line in the name list, each caption's image, None).
+
+    ([], [], a fatal Problem) when the two lists do not fit. They fit as
+    - one name per caption (a run of equal names is one image), or
+    - one name per image with `captions_per_image` consecutive captions each.
+    """
     if len(names) == n_captions:  # one name per caption: an image = a run of equal names
         image_lines, txt2img = [], []
         for i, name in enumerate(names):
@@ -171,11 +186,15 @@ def _group_captions(names: List[str], n_captions: int, caps_path: str, names_pat
 
 def _read_precomp(text_dir: str, split: str,
                   captions_per_image: int = CAPTIONS_PER_IMAGE) -> Tuple[Listing, List[Problem]]:
-    """`<split>_caps.txt` (one caption a line) and `<split>_filename.txt`, which may hold one
-    name per caption (test_filename.txt: each name repeated, collapsed here) or one name per
-    image with `captions_per_image` consecutive captions each (train_filename.txt). In the
-    second form the count is not written anywhere: any other ratio is an error, since reading
-    it would attach captions to the wrong images."""
+    """(text folder, split) -> (Listing, problems) of `<split>_caps.txt`, `<split>_filename.txt`.
+
+    - caps: one caption a line;
+    - filename: one name per caption (test_filename.txt: each name repeated, collapsed here),
+      or one name per image with `captions_per_image` consecutive captions each
+      (train_filename.txt).
+    In the second form the count is not written anywhere: any other ratio is an error,
+    since reading it would attach captions to the wrong images.
+    """
     caps_path, names_path = (os.path.join(text_dir, f"{split}_{f}.txt")
                              for f in ("caps", "filename"))
     captions, names = _read_lines(caps_path), [n.strip() for n in _read_lines(names_path)]
@@ -213,7 +232,7 @@ def _read_precomp(text_dir: str, split: str,
 
 
 def _json_entry(item, first: Dict[str, str]) -> Tuple[str, str, List[str]]:
-    """(filename, split, captions) of one JSON image entry, or a ValueError saying what is wrong."""
+    """JSON image entry -> (filename, split, captions), or a ValueError saying what is wrong."""
     try:
         name, split, raws = item["filename"], item["split"], [s["raw"] for s in item["sentences"]]
     except (KeyError, TypeError) as e:
@@ -230,7 +249,10 @@ def _json_entry(item, first: Dict[str, str]) -> Tuple[str, str, List[str]]:
 
 
 def _read_json(path: str) -> Tuple[Dict[str, Listing], List[Problem]]:
-    """Karpathy-style `{"images": [{"filename", "split", "sentences": [{"raw"}]}]}`."""
+    """Karpathy-style JSON file -> ({split: Listing}, problems).
+
+    The file: `{"images": [{"filename", "split", "sentences": [{"raw"}]}]}`.
+    """
     listings, problems, first = {s: Listing([], [], [], []) for s in SPLITS}, [], {}
     try:
         with open(path, encoding="utf-8") as f:
@@ -265,6 +287,7 @@ def _read_json(path: str) -> Tuple[Dict[str, Listing], List[Problem]]:
 
 def read_listings(layout: str, text: str, captions_per_image: int = CAPTIONS_PER_IMAGE
                    ) -> Tuple[Dict[str, Listing], List[Problem]]:
+    """(layout, text path) -> ({split: Listing}, problems), before any image is opened."""
     if layout == "json":
         return _read_json(text)
     (train, p_train), (test, p_test) = (_read_precomp(text, split, captions_per_image)
@@ -281,7 +304,7 @@ def _raise_fatal(problems: List[Problem], hint: str):
 
 def check_command(dataset: str, data_root: str, layout: str, image_dir: Optional[str] = None,
                   captions_per_image: int = CAPTIONS_PER_IMAGE) -> str:
-    """The `check` command line that reads the data exactly as the failing run did."""
+    """Options -> the `check` command line that reads the data exactly as the failing run did."""
     words = ["python", "-m", "mrs_adapter.prepare", "check", "--dataset", dataset,
              "--data-root", data_root, "--layout", layout]
     words += ["--image-dir", image_dir] if image_dir else []
@@ -293,9 +316,12 @@ def check_command(dataset: str, data_root: str, layout: str, image_dir: Optional
 def load_splits(dataset: str, data_root: str, layout: Optional[str] = None,
                 image_dir: Optional[str] = None, verbose: bool = True,
                 captions_per_image: int = CAPTIONS_PER_IMAGE) -> Dict[str, Split]:
-    """{'train', 'val', 'test'} Splits of `dataset` under `data_root` (see `locate` for the tree).
-    precomp: val = 20% of the training images by `validation_split`; json: the file's own splits
-    (and `validation_split` when it has no 'val' images). Missing images raise before training."""
+    """Dataset, root -> {"train", "val", "test": Split} (see `locate` for the tree).
+
+    - precomp: val = 20% of the training images, by `validation_split`;
+    - json: the file's own splits (and `validation_split` when it has no 'val' images).
+    Missing images raise before training.
+    """
     given_image_dir = image_dir
     layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
     listings, problems = read_listings(layout, text, captions_per_image)

@@ -1,6 +1,9 @@
-"""From a Split to tensors: image files read as 8-bit RGB (16-bit and float rasters included),
-the decoded-image cache, and the torch Datasets and loaders of training and evaluation
-(docs/method.md §4-§6). Every reader of the package opens images through `read_image`.
+"""From a Split to tensors: images, captions, the Datasets and loaders (docs/method.md §4-§6).
+
+- Image files are read as 8-bit RGB, 16-bit and float rasters included (`to_rgb8`).
+- Decoded images can be cached as uint8 (`cache_images`).
+- The torch Datasets and loaders of training and evaluation.
+Every reader of the package opens images through `read_image`.
 """
 import contextlib
 import os
@@ -21,30 +24,38 @@ from .tokenizer import token_count, tokenize
 EIGHT_BIT_MODES = {"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                    "LAB", "HSV"}
 STRETCH_PERCENTILES = (2.0, 98.0)
-# The largest image read whole. Pillow refuses images over 2 x 89.5 Mpx as possible decompression
-# bombs (a guard for pictures from strangers); here the images are the user's own scenes, and
-# orthophotos of several hundred Mpx are common. 2^30 px (a 32768 px square) of 8-bit RGB take
-# 4 GiB decoded by Pillow (4 bytes a pixel), 7 GiB for the moment search.py copies them into the
-# 3 GiB uint8 array it tiles: about what a 16 GB machine holds beside a model. Other modes
-# (16-bit, float) are stretched in float64 (to_rgb8: several arrays of 8 bytes a pixel), so they
-# get an eighth of it. A larger image is refused with its size (search.py skips and lists it);
+# The largest image read whole: 2^30 px (a 32768 px square).
+# Pillow refuses images over 2 x 89.5 Mpx as possible decompression bombs,
+# a guard for pictures from strangers; here the images are the user's own scenes,
+# and orthophotos of several hundred Mpx are common.
+# 2^30 px of 8-bit RGB take 4 GiB decoded by Pillow (4 bytes a pixel),
+# 7 GiB for the moment search.py copies them into the 3 GiB uint8 array it tiles:
+# about what a 16 GB machine holds beside a model.
+# Other modes (16-bit, float) are stretched in float64 (to_rgb8: several arrays of
+# 8 bytes a pixel), so they get an eighth of it.
+# A larger image is refused with its size (search.py skips and lists it);
 # cut it into smaller files to use it.
 MAX_PIXELS = 2 ** 30
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB image of `image`: 8-bit modes convert as PIL does; 16-bit, 32-bit integer and
-    float images (modes I;16*, I, F) are stretched linearly, per image, so that the 2nd percentile
-    of their values maps to 0 and the 98th to 255 (clipped; NaN becomes 0).
+    """PIL image -> 8-bit RGB PIL image; 16-bit, 32-bit integer and float images stretched.
 
-    Why a per-image percentile stretch: PIL's convert("RGB") clips every value above 255, so a
-    16-bit image becomes white; a fixed scale of the dtype's range (/ 257) leaves the 10-12 bits
-    that most sensors use almost black. The 2-98% cut is what GIS viewers show by default (QGIS's
-    cumulative count cut), so it is what an annotator would have seen. The price: two images of
-    one scene with different value ranges look alike, and absolute brightness is not kept.
-
-    Multi-band TIFFs of more than 8 bits per sample are refused (ValueError): PIL decodes them
-    to 8-bit RGB by keeping the top byte of each value, which leaves 12-bit data almost black."""
+    - 8-bit modes convert as PIL does.
+    - Modes I;16*, I, F are stretched linearly, per image: the 2nd percentile of their
+      values maps to 0 and the 98th to 255 (clipped; NaN becomes 0).
+    - Multi-band TIFFs of more than 8 bits per sample are refused (ValueError):
+      PIL decodes them to 8-bit RGB by keeping the top byte of each value,
+      which leaves 12-bit data almost black.
+    Why a per-image percentile stretch:
+    - PIL's convert("RGB") clips every value above 255, so a 16-bit image becomes white;
+    - a fixed scale of the dtype's range (/ 257) leaves the 10-12 bits that most sensors use
+      almost black;
+    - the 2-98% cut is what GIS viewers show by default (QGIS's cumulative count cut),
+      so it is what an annotator would have seen.
+    The price: two images of one scene with different value ranges look alike,
+    and absolute brightness is not kept.
+    """
     bits = _tiff_bits(image)
     if image.mode in EIGHT_BIT_MODES and bits > 8:
         raise ValueError(f"{bits} bits per sample in {len(image.getbands())} bands: PIL keeps only "
@@ -68,8 +79,10 @@ def _tiff_bits(image: Image.Image) -> int:
 
 
 def depth_note(image: Image.Image) -> Optional[str]:
-    """What the readers do with an image that is not 8-bit (None for an 8-bit one; to_rgb8
-    refuses the multi-band TIFFs of more than 8 bits, so `check` reports those as errors)."""
+    """PIL image -> what the readers do with it if it is not 8-bit; None for an 8-bit one.
+
+    to_rgb8 refuses the multi-band TIFFs of more than 8 bits, so `check` reports those as errors.
+    """
     if image.mode not in EIGHT_BIT_MODES:
         low, high = STRETCH_PERCENTILES
         return (f"not 8-bit (PIL mode {image.mode}): read as 8-bit RGB by a per-image linear "
@@ -100,8 +113,10 @@ def _own_size_limit():
 
 @contextlib.contextmanager
 def open_image_file(path: str):
-    """`Image.open(path)` (header read, pixels not yet decoded) under MAX_PIXELS instead of
-    Pillow's limit: a ValueError giving the size of a larger image."""
+    """Path -> `Image.open(path)` (header read, pixels not yet decoded), under MAX_PIXELS.
+
+    MAX_PIXELS replaces Pillow's limit: a larger image raises a ValueError giving its size.
+    """
     with _own_size_limit(), Image.open(path) as image:
         width, height = image.size
         limit = MAX_PIXELS if image.mode in EIGHT_BIT_MODES else MAX_PIXELS // 8
@@ -113,8 +128,10 @@ def open_image_file(path: str):
 
 
 def read_image(path: str, transform: Callable):
-    """`transform(8-bit RGB PIL image)` (`to_rgb8` reads 16-bit and float images), with errors that
-    name the file. Every reader of the package opens images here."""
+    """(path, transform) -> transform(8-bit RGB PIL image), with errors that name the file.
+
+    `to_rgb8` reads 16-bit and float images. Every reader of the package opens images here.
+    """
     try:
         with open_image_file(path) as image:
             image.load()
@@ -130,9 +147,12 @@ def read_image(path: str, transform: Callable):
 
 
 def split_at_to_tensor(preprocess) -> Tuple[Callable, Callable]:
-    """(steps before ToTensor: decode, resize, crop -> PIL; the rest, applied to a uint8 (C, H, W)
-    or (N, C, H, W) tensor: scaled to [0, 1] exactly as ToTensor scales, then the steps after
-    it). The cache stores the first part's output as uint8."""
+    """Compose -> (the steps before ToTensor, the rest as steps on uint8 tensors).
+
+    - first: decode, resize, crop -> PIL; the cache stores its output as uint8;
+    - rest: applied to a uint8 (C, H, W) or (N, C, H, W) tensor: scaled to [0, 1] exactly
+      as ToTensor scales, then the steps after it.
+    """
     steps = getattr(preprocess, "transforms", None) or []
     at = next((i for i, t in enumerate(steps) if isinstance(t, T.ToTensor)), None)
     if at is None:
@@ -143,11 +163,13 @@ def split_at_to_tensor(preprocess) -> Tuple[Callable, Callable]:
 
 
 def default_workers(device) -> int:
-    """DataLoader worker processes for train.py, eval.py and search.py.
+    """Device -> DataLoader worker processes for train.py, eval.py and search.py.
 
-    On CUDA, min(8, CPUs) decode the next batches while the GPU computes. On the CPU the model's
-    threads already use every core, so a decoding process only competes with them
-    (speed_bench.py measures it for search): the main process decodes between batches."""
+    - CUDA: min(8, CPUs) decode the next batches while the GPU computes.
+    - CPU: the model's threads already use every core, so a decoding process only competes
+      with them (speed_bench.py measures it for search): the main process decodes between
+      batches.
+    """
     return min(8, os.cpu_count() or 1) if str(device).startswith("cuda") else 0
 
 
@@ -161,8 +183,11 @@ def _decode_uint8(path: str, decode: Callable) -> torch.Tensor:
 
 def cache_images(paths: Sequence[str], decode: Callable, threads: int = 8,
                  name: str = "") -> torch.Tensor:
-    """(N, C, H, W) uint8: every image decoded once, in a thread pool, before any DataLoader
-    worker starts (forked workers then share the one tensor instead of each decoding again)."""
+    """N paths -> (N, C, H, W) uint8: every image decoded once, in a thread pool.
+
+    Done before any DataLoader worker starts:
+    forked workers then share the one tensor instead of each decoding again.
+    """
     start = time.time()
     first = _decode_uint8(paths[0], decode)
     cache = torch.empty((len(paths),) + tuple(first.shape), dtype=torch.uint8)
@@ -179,11 +204,12 @@ def cache_images(paths: Sequence[str], decode: Callable, threads: int = 8,
 
 
 class ImageDataset(Dataset):
-    """Each image of a split once, preprocessed (for evaluation; also the images of TrainDataset).
+    """Item i -> image i of a split, preprocessed (3, H, W): for evaluation, and TrainDataset's.
 
-    cache=True decodes every image up front (the recipe applies no image augmentation, so the
-    Resize + CenterCrop output never changes) and runs only ToTensor + Normalize per item; the
-    tensors are identical to the uncached path."""
+    cache=True decodes every image up front and runs only ToTensor + Normalize per item:
+    the recipe applies no image augmentation, so the Resize + CenterCrop output never changes.
+    The tensors are identical to the uncached path.
+    """
 
     def __init__(self, split: Split, preprocess: Callable, cache: bool = False, threads: int = 8):
         self.paths, self.preprocess, self.cache = split.image_paths, preprocess, None
@@ -201,8 +227,10 @@ class ImageDataset(Dataset):
 
 
 class CaptionDataset(Dataset):
-    """Each caption of a split once, as CLIP token ids (context_length,), tokenized once up front
-    (validation reads the same captions every epoch)."""
+    """Item j -> caption j of a split as CLIP token ids (context_length,).
+
+    Tokenized once up front: validation reads the same captions every epoch.
+    """
 
     def __init__(self, split: Split, context_length: int = 77):
         self.captions, self.context_length = split.captions, context_length
@@ -221,7 +249,10 @@ class CaptionDataset(Dataset):
 
 
 class TrainDataset(Dataset):
-    """One item per caption, with its image (docs/method.md §4): (image, token ids, image index)."""
+    """Item j -> (image (3, H, W), token ids (context_length,), image index) of caption j.
+
+    One item per caption, with its image (docs/method.md §4).
+    """
 
     def __init__(self, split: Split, preprocess: Callable, context_length: int = 77,
                  cache: bool = False, threads: int = 8):
@@ -239,8 +270,10 @@ class TrainDataset(Dataset):
 
 def eval_loaders(split: Split, preprocess: Callable, context_length: int = 77, batch_size: int = 64,
                  workers: int = 0, cache: bool = False) -> Tuple[DataLoader, DataLoader]:
-    """(image loader, caption loader) in split order, for `metrics.evaluate`; cache=True pays off
-    when the split is evaluated again and again (validation every epoch)."""
+    """Split -> (image loader, caption loader) in split order, for `metrics.evaluate`.
+
+    cache=True pays off when the split is evaluated again and again (validation every epoch).
+    """
     images = DataLoader(ImageDataset(split, preprocess, cache), batch_size=batch_size,
                         num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=torch.cuda.is_available())

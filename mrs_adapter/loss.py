@@ -1,10 +1,13 @@
-"""The hybrid multi-modal contrastive (HMMC) loss (Yuan et al., TGRS 2023, Sec. III;
-docs/method.md §3).
+"""The hybrid multi-modal contrastive (HMMC) loss (Sec. III-C; docs/method.md §3).
 
-HMMC sums three max-violation hinge losses (VSE++ style, hardest in-batch negative): between
-images and texts, between images and their feature-dropout views, and between texts and theirs:
-`L_HMMC = H(v, t) + H(v, v') + H(t, t')`. CLIP's symmetric InfoNCE is here as an alternative
-objective. Pure functions: tensors in, tensors out.
+Yuan et al., TGRS 2023. HMMC sums three max-violation hinge losses
+(VSE++ style, hardest in-batch negative): images against texts,
+images against their feature-dropout views, and texts against theirs:
+
+    L_HMMC = H(v, t) + H(v, v') + H(t, t')
+
+CLIP's symmetric InfoNCE is here as an alternative objective.
+Pure functions: tensors in, tensors out; imports only torch and the standard library.
 """
 from typing import Dict, Sequence, Tuple, Union
 
@@ -18,14 +21,14 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def max_violation_hinge(a: torch.Tensor, b: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
-    """Bidirectional hinge on the hardest in-batch negative, summed over the batch.
-    (B, D), (B, D) -> ().
+    """a (B, D), b (B, D) -> (): hinge on the hardest in-batch negative, both ways, summed.
 
         H(a, b) = sum_i max_{j != i} [margin - S(a_i, b_i) + S(a_i, b_j)]_+
                 + sum_j max_{i != j} [margin - S(a_j, b_j) + S(a_i, b_j)]_+
 
-    with S the cosine similarity. Row i of `a` and row i of `b` are the only positive pair; every
-    other row is a negative, even one with the same content (as published).
+    S is the cosine similarity.
+    Row i of `a` and row i of `b` are the only positive pair;
+    every other row is a negative, even one with the same content (as published).
     Batch size 1 has no negative: H = 0, with a zero gradient (finite, never NaN).
     """
     s = cosine_similarity_matrix(a, b)  # (B, B)
@@ -43,11 +46,14 @@ def hmmc_loss(img: torch.Tensor, txt: torch.Tensor, img_aug: torch.Tensor, txt_a
               margin: float = 0.2, weights: Sequence[float] = (1.0, 1.0, 1.0),
               return_terms: bool = False
               ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
-    """L_HMMC = w0 H(v, t) + w1 H(v, v') + w2 H(t, t'); all inputs (B, D), unnormalised embeddings.
+    """img, txt, img_aug, txt_aug (B, D), unnormalised -> (): the HMMC loss.
+
+        L_HMMC = w0 H(v, t) + w1 H(v, v') + w2 H(t, t')
 
     v = img, t = txt; v', t' = img_aug, txt_aug, the feature-dropout views of the same batch.
-    The paper uses margin 0.2 and weights 1:1:1. return_terms=True returns (total, terms) with the
-    unweighted terms {"image_text", "image_image", "text_text"}, for logging.
+    The paper uses margin 0.2 and weights 1:1:1.
+    return_terms=True returns (total, terms), the unweighted terms
+    {"image_text", "image_image", "text_text"}, for logging.
     """
     if len(weights) != 3:
         raise ValueError(f"weights must hold 3 numbers (image_text, image_image, text_text), "
@@ -63,12 +69,13 @@ def hmmc_loss(img: torch.Tensor, txt: torch.Tensor, img_aug: torch.Tensor, txt_a
 
 def info_nce(img: torch.Tensor, txt: torch.Tensor,
              logit_scale: Union[torch.Tensor, float]) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy: (B, D), (B, D), log of the temperature scale () -> ().
+    """img (B, D), txt (B, D), logit_scale () -> (): CLIP's symmetric cross-entropy.
 
         logits = exp(logit_scale) * S(v, t)     # (B, B)
         L = (CE(logits, diag) + CE(logits^T, diag)) / 2, each a mean over the batch.
 
-    `logit_scale` is CLIP's parameter (log 1/0.07 at initialisation), hence the exp.
+    `logit_scale` is CLIP's parameter, the log of the temperature scale
+    (log 1/0.07 at initialisation), hence the exp.
     """
     if not torch.is_tensor(logit_scale):  # a plain number: keep the features' precision
         logit_scale = torch.tensor(logit_scale, dtype=img.dtype, device=img.device)

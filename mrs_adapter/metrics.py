@@ -1,11 +1,12 @@
-"""Retrieval metrics of remote sensing image-text retrieval: R@1/5/10 both ways and mR
-(docs/method.md §6).
+"""Retrieval metrics: R@1/5/10 both ways and their mean mR (Tables II-IV; docs/method.md §6).
 
-Every test image is embedded once and every caption once; S[i, j] is the cosine similarity of
-image i and caption j. Image->text ranks an image by its best-placed own caption; text->image
-ranks each caption's own image; mR is the mean of the six recalls (the paper's Tables II-IV).
-Ties are resolved pessimistically (see `retrieval_ranks`). Imports only torch and the stdlib,
-so this file can be copied into another project on its own.
+Every test image is embedded once and every caption once;
+S[i, j] is the cosine similarity of image i and caption j.
+- image -> text ranks an image by its best-placed own caption;
+- text -> image ranks each caption's own image;
+- mR is the mean of the six recalls (the paper's Tables II-IV).
+Ties are resolved pessimistically (see `retrieval_ranks`).
+Imports only torch and the stdlib, so this file can be copied into another project on its own.
 """
 import math
 from typing import Dict, Iterable, Sequence, Tuple
@@ -15,15 +16,15 @@ import torch.nn.functional as F
 
 
 def retrieval_ranks(sims: torch.Tensor, txt2img: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks (i2t (N_img,), t2i (N_cap,)) of the correct items; 0 = retrieved first.
+    """sims (N_img, N_cap), txt2img (N_cap,) -> ranks i2t (N_img,), t2i (N_cap,), 0-based.
 
-    sims: (N_img, N_cap) similarities; txt2img: (N_cap,) index of each caption's image. An image
-    may own any number (>= 1) of captions.
-    Tie rule (pessimistic, deterministic, independent of the order of the items): every WRONG
-    item whose score is >= the correct score is ranked before it. So rank = the number of wrong
-    items scoring at least as high as the best correct one, and a constant similarity matrix
-    retrieves nothing at R@1 instead of everything. Ties among an image's own captions do not
-    matter (only the best own caption counts).
+    The rank of the correct item; 0 = retrieved first.
+    txt2img[j] is the index of caption j's image; an image may own any number (>= 1) of captions.
+    Tie rule (pessimistic, deterministic, independent of the order of the items):
+    every WRONG item whose score is >= the correct score is ranked before it. So
+    - rank = the number of wrong items scoring at least as high as the best correct one;
+    - a constant similarity matrix retrieves nothing at R@1 instead of everything;
+    - ties among an image's own captions do not matter (only the best own caption counts).
     """
     if sims.dim() != 2:
         raise ValueError(f"sims must be (N_img, N_cap), got shape {tuple(sims.shape)}")
@@ -60,11 +61,12 @@ def _median_rank(ranks: torch.Tensor) -> float:
 
 def recall_at_k(sims: torch.Tensor, txt2img: torch.Tensor,
                 ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """R@K in percent both ways, their mean mR, and median ranks.
+    """sims (N_img, N_cap), txt2img (N_cap,) long -> {metric: value}: R@K (%), mR, median ranks.
 
-    sims: (N_img, N_cap); txt2img: (N_cap,) long. Returns `i2t_r{k}` (fraction of IMAGES with an
-    own caption in the top k), `t2i_r{k}` (fraction of CAPTIONS whose image is in the top k),
-    `mR` (mean of all those recalls) and `i2t_medr`, `t2i_medr` (1-based median ranks).
+    - `i2t_r{k}`: the percentage of IMAGES with an own caption in the top k;
+    - `t2i_r{k}`: the percentage of CAPTIONS whose image is in the top k;
+    - `mR`: the mean of all those recalls;
+    - `i2t_medr`, `t2i_medr`: 1-based median ranks.
     """
     i2t, t2i = retrieval_ranks(sims, txt2img)
     out = {}
@@ -77,10 +79,12 @@ def recall_at_k(sims: torch.Tensor, txt2img: torch.Tensor,
 
 
 def chance_recall(txt2img: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """Expected `recall_at_k` (percent) of random, tie-free scores: the floor a model must beat.
+    """txt2img (N_cap,) -> {metric: %}: the expected `recall_at_k` of random, tie-free scores.
 
-    t2i: the own image is equally likely at any of N_img ranks, so R@K = K / N_img. i2t: an image
-    with c of the N_cap captions misses the top K with probability C(N_cap - c, K) / C(N_cap, K).
+    The floor a model must beat.
+    - t2i: the own image is equally likely at any of N_img ranks, so R@K = K / N_img.
+    - i2t: an image with c of the N_cap captions misses the top K
+      with probability C(N_cap - c, K) / C(N_cap, K).
     """
     txt2img = torch.as_tensor(txt2img, dtype=torch.long)
     counts = torch.bincount(txt2img).tolist()
@@ -97,8 +101,11 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
 
 
 def format_table(rows: Sequence[tuple]) -> str:
-    """The paper's table layout: a header, then per (name, metrics[, std]) row
-    i2t R@1 R@5 R@10 | t2i R@1 R@5 R@10 | mR, each value with +- its std when std is given."""
+    """[(name, metrics[, std])] -> the paper's table layout: a header, then one line a row.
+
+    Columns: i2t R@1 R@5 R@10 | t2i R@1 R@5 R@10 | mR,
+    each value with +- its std when std is given.
+    """
     lines = [f"{'':<28} i2t R@1, R@5, R@10 | t2i R@1, R@5, R@10 | mR"]
     for name, metrics, *std in rows:
         std = std[0] if std else None
@@ -117,7 +124,7 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --
 
 @torch.no_grad()
 def encode_batches(encode, loader: Iterable, device: torch.device, amp_dtype) -> torch.Tensor:
-    """`encode` of every batch of `loader`, L2-normalised, fp32, concatenated."""
+    """Batches -> (N, E): `encode` of every batch of `loader`, L2-normalised, fp32, concatenated."""
     chunks = []
     for batch in loader:
         x = _first(batch).to(device, non_blocking=True)
@@ -130,11 +137,12 @@ def encode_batches(encode, loader: Iterable, device: torch.device, amp_dtype) ->
 
 def encode_dataset(model: torch.nn.Module, image_loader: Iterable, caption_loader: Iterable, device,
                    amp_dtype=torch.bfloat16) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised fp32 embeddings (N_img, E) and (N_cap, E), each image and caption once.
+    """Model, image and caption loaders -> (N_img, E), (N_cap, E), L2-normalised, fp32.
 
-    `model` has `encode_image` / `encode_text` (CLIP, with or without adapters); it runs in eval
-    mode (dropout off) under no_grad and its previous train/eval mode is restored. `amp_dtype`
-    is the autocast dtype used on CUDA (None: fp32); it is ignored on CPU.
+    Each image and each caption is encoded once.
+    `model` has `encode_image` / `encode_text` (CLIP, with or without adapters).
+    It runs in eval mode (dropout off) under no_grad; its previous train/eval mode is restored.
+    `amp_dtype`: the autocast dtype used on CUDA (None: fp32); ignored on CPU.
     """
     device = torch.device(device)
     was_training = model.training
@@ -149,8 +157,10 @@ def encode_dataset(model: torch.nn.Module, image_loader: Iterable, caption_loade
 
 def evaluate(model: torch.nn.Module, image_loader: Iterable, caption_loader: Iterable, txt2img,
              device, amp_dtype=torch.bfloat16, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """`recall_at_k` of the cosine similarities of `encode_dataset`'s embeddings
-    (docs/method.md §6)."""
+    """Model, loaders, txt2img (N_cap,) -> `recall_at_k`'s metrics (docs/method.md §6).
+
+    On the cosine similarities of `encode_dataset`'s embeddings.
+    """
     img, txt = encode_dataset(model, image_loader, caption_loader, device, amp_dtype)
     txt2img = torch.as_tensor(txt2img, dtype=torch.long)
     if len(txt) != len(txt2img):

@@ -1,13 +1,14 @@
-"""CLIP's architecture: a ViT image tower and a causal text transformer (Radford et al. 2021;
-docs/method.md §1).
+"""CLIP's architecture: a ViT image tower and a causal text transformer (docs/method.md §1).
 
-Parameter names are OpenAI's checkpoint names, so the official weights load with strict=True.
-`build_model` reads the architecture off a state dict's tensor shapes. Attention is batch-first
-and runs through `F.scaled_dot_product_attention`. Both encoders take `feature_dropout`, the
-paper's feature-dropout view (docs/method.md §3): dropout on the embeddings that enter the first
-block. `encode_*_views` return the clean and the dropped view from one batched pass.
-The MLP activation (QuickGELU or GELU) cannot be read off the tensors: the caller says which.
-Imports only torch and the standard library (downloading and archive reading are in clip.py),
+Radford et al. 2021, the backbone the paper adapts.
+- Parameter names are OpenAI's checkpoint names: the official weights load with strict=True.
+- `build_model` reads the architecture off a state dict's tensor shapes.
+- The MLP activation (QuickGELU or GELU) cannot be read off the tensors: the caller says which.
+- Attention is batch-first, through `F.scaled_dot_product_attention`.
+- `feature_dropout` is the paper's feature-dropout view (docs/method.md §3):
+  dropout on the embeddings that enter the first block.
+  `encode_*_views` return the clean and the dropped view from one batched pass.
+Imports only torch and the standard library (downloads and archives are in clip.py),
 so this file can be copied into another project on its own.
 """
 from collections import OrderedDict
@@ -21,17 +22,18 @@ ACTIVATIONS = ("quickgelu", "gelu")
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype, as OpenAI's CLIP."""
+    """(*, D) -> (*, D) in the input's dtype, computed in fp32, as OpenAI's CLIP."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.float()).to(x.dtype)
 
 
 class QuickGELUFunction(torch.autograd.Function):
-    """x * sigmoid(1.702 x), keeping only x for backward and recomputing the sigmoid there.
+    """x -> x * sigmoid(1.702 x), same shape; keeps only x for backward, recomputes the sigmoid.
 
-    Written as three autograd ops it would keep x, the sigmoid and more: (B, L, 4D) tensors in
-    every block, the largest activations of a training step."""
+    Written as three autograd ops it would keep x, the sigmoid and more:
+    (B, L, 4D) tensors in every block, the largest activations of a training step.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -47,17 +49,22 @@ class QuickGELUFunction(torch.autograd.Function):
 
 
 class QuickGELU(nn.Module):
+    """x -> x * sigmoid(1.702 x), same shape: OpenAI's MLP activation."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return QuickGELUFunction.apply(x)
 
 
 def pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Row i's token index[i]: (B, L, D), (B,) -> (B, 1, D)."""
+    """(B, L, D), index (B,) -> (B, 1, D): row b's token index[b]."""
     return x[torch.arange(x.shape[0], device=x.device), index][:, None]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with nn.MultiheadAttention's parameter names, batch-first."""
+    """(B, L, D) -> (B, L, D): multi-head self-attention, batch-first.
+
+    Parameter names are nn.MultiheadAttention's, as in OpenAI's checkpoints.
+    """
 
     def __init__(self, width: int, heads: int, causal: bool = False):
         super().__init__()
@@ -84,12 +91,15 @@ class Attention(nn.Module):
 
     def attend_held(self, x: torch.Tensor, keys: torch.Tensor,
                     query_index: torch.Tensor) -> torch.Tensor:
-        """Speed only (Transformer.pooled): the output of one query per row, (B, 1, D): the token
-        at query_index (B,) of `keys` (B, L, D), which also give the keys and values.
+        """x (B, 1, D), keys (B, L, D), query_index (B,) -> (B, 1, D): one query per row.
 
-        x (B, 1, D) is the block's ln_1 of that same token; the query is read from `keys`, equal
-        values, so that the backward sums the gradients in the order it always has (a change of
-        order moves the demo's pre-training, and with it the demo's figures, in the last bits)."""
+        Speed only (Transformer.pooled). The query is the token at query_index of `keys`,
+        which also give the keys and values.
+        x is the block's ln_1 of that same token. The query is read from `keys` (equal values)
+        so that the backward sums the gradients in the order it always has:
+        a change of order moves the demo's pre-training, and with it the demo's figures,
+        in the last bits.
+        """
         B, L, D = keys.shape
         w, b = self.in_proj_weight, self.in_proj_bias
         q = F.linear(pick(keys, query_index), w[:D], b[:D])  # (B, 1, D)
@@ -105,14 +115,23 @@ class Attention(nn.Module):
 
 
 def mlp_activation(name: str) -> nn.Module:
-    """The MLP's nonlinearity: OpenAI's QuickGELU, or the exact (erf) GELU of CLIPs trained with
-    open_clip's GELU configs (e.g. from LAION weights). It cannot be read off the tensors."""
+    """"quickgelu" | "gelu" -> the MLP's nonlinearity: OpenAI's QuickGELU, or the exact (erf) GELU.
+
+    GELU: CLIPs trained with open_clip's GELU configs (e.g. from LAION weights).
+    It cannot be read off the tensors.
+    """
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown CLIP MLP activation {name!r}; expected one of {ACTIVATIONS}")
     return QuickGELU() if name == "quickgelu" else nn.GELU()
 
 
 class ResidualAttentionBlock(nn.Module):
+    """(B, L, D) -> (B, L, D): CLIP's pre-LN transformer block.
+
+        x = x + attn(ln_1(x))
+        x = x + mlp(ln_2(x))
+    """
+
     per_token_but_attention = True  # see Transformer.pooled
 
     def __init__(self, width: int, heads: int, causal: bool = False, activation: str = "quickgelu"):
@@ -133,6 +152,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    """(B, L, width) -> (B, L, width): `layers` residual attention blocks in a row."""
+
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False,
                  activation: str = "quickgelu"):
         super().__init__()
@@ -146,16 +167,18 @@ class Transformer(nn.Module):
     # ---- speed only; skip on a first reading: pooled() equals pick(forward(x), query_index) ----
 
     def pooled(self, x: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
-        """(B, L, D), (B,) -> the output at token query_index[b] of each row b: (B, 1, D).
+        """(B, L, D), query_index (B,) -> (B, 1, D): the output at token query_index[b] of row b.
 
-        The heads read one token per row ([CLS], or the end-of-text token), so the last block
-        need compute no other (exact; about 1/12 of a ViT-B forward; docs/method.md §1). In that
-        block only `attn(ln_1(x))` mixes tokens: the block runs on the pooled token alone, and its
-        attention takes keys and values from every token's ln_1(x), held for that one call.
+        Exact, and about 1/12 of a ViT-B forward saved (docs/method.md §1):
+        - the heads read one token per row ([CLS], or the end-of-text token),
+          so the last block need compute no other;
+        - in that block only `attn(ln_1(x))` mixes tokens: the block runs on the pooled token
+          alone, its attention taking keys and values from every token's ln_1(x), held for
+          that one call.
         A block opts in with `per_token_but_attention = True`: it calls `attn(ln_1(x))` on its
-        input as it came, and every other step acts on each token alone; a wrapper holds CLIP's
-        block as `self.block` (adapter.py's `AdaptedBlock`). Other blocks (e.g. prompt wrappers)
-        run in full, then we pick.
+        input as it came, and every other step acts on each token alone.
+        A wrapper holds CLIP's block as `self.block` (adapter.py's `AdaptedBlock`).
+        Other blocks (e.g. prompt wrappers) run in full, then we pick.
         """
         *body, last = self.resblocks
         for block in body:
@@ -172,6 +195,8 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    """Images (B, 3, H, W) -> embeddings (B, output_dim): CLIP's ViT, read at [CLS]."""
+
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
                  output_dim: int, activation: str = "quickgelu"):
         super().__init__()
@@ -202,10 +227,13 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x[:, 0, :]) @ self.proj  # (B, 1, width) -> (B, output_dim)
 
     def forward(self, x: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, output_dim); `feature_dropout` on the tokens entering block 0."""
         return self.encode(F.dropout(self.embed(x), feature_dropout, self.training))
 
 
 class CLIP(nn.Module):
+    """Images (B, 3, H, W), token ids (B, L) -> embeddings (B, embed_dim): OpenAI's ViT CLIP."""
+
     def __init__(self, embed_dim: int,
                  # vision
                  image_resolution: int, vision_layers: int, vision_width: int,
@@ -254,10 +282,11 @@ class CLIP(nn.Module):
 
     @staticmethod
     def trim(text: torch.Tensor) -> torch.Tensor:
-        """Drop the padding columns after the last end-of-text token of the batch (B, L) -> (B, L').
+        """Token ids (B, L) -> (B, L'): drop the columns after the batch's last end token.
 
-        Exact: attention is causal, so no position up to an end token ever sees a later one;
-        RS captions use ~20-30 of the 77 positions, so the text tower does ~3x less work."""
+        Exact: attention is causal, so no position up to an end token ever sees a later one.
+        RS captions use ~20-30 of the 77 positions, so the text tower does ~3x less work.
+        """
         return text[:, :int(text.argmax(dim=-1).max()) + 1]
 
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:
@@ -266,26 +295,32 @@ class CLIP(nn.Module):
         return self.token_embedding(text).type(self.dtype) + position.type(self.dtype)
 
     def text_head(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens (B, L, width) -> (B, embed_dim) at the end-of-text token (the largest
-        id)."""
+        """Embedded tokens (B, L, width), ids (B, L) -> (B, embed_dim) at the end-of-text token.
+
+        The end token has the largest id, hence argmax.
+        """
         x = self.transformer.pooled(x, text.argmax(dim=-1))  # (B, 1, width) at the end token
         return self.ln_final(x[:, 0]) @ self.text_projection
 
     def encode_text(self, text: torch.Tensor, feature_dropout: float = 0.0,
                     trim: bool = True) -> torch.Tensor:
-        """(B, L) token ids -> (B, embed_dim), not normalised. trim=False when `text` is trimmed
-        already (trimming reads the ids, which on a GPU waits for the device)."""
+        """Token ids (B, L) -> (B, embed_dim), not normalised.
+
+        trim=False when `text` is trimmed already:
+        trimming reads the ids, which on a GPU waits for the device.
+        """
         text = self.trim(text) if trim else text
         x = F.dropout(self.embed_text(text), feature_dropout, self.training)
         return self.text_head(x, text)
 
     def encode_image_views(self, image: torch.Tensor,
                            feature_dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The clean view and the feature-dropout view of a batch in one pass through the blocks.
+        """Images (B, 3, H, W) -> (clean (B, E), feature-dropout view (B, E)), one pass.
 
-        The patch embedding is computed once; the clean and the dropped tokens are stacked on the
-        batch axis, so every random draw inside the blocks stays independent per row: the result
-        has the same distribution as two separate `encode_image` calls.
+        The patch embedding is computed once; the clean and the dropped tokens are stacked
+        on the batch axis and go through the blocks together.
+        Every random draw inside the blocks stays independent per row,
+        so the result has the distribution of two separate `encode_image` calls.
         """
         x = self.visual.embed(image.type(self.dtype))
         x = torch.cat([x, F.dropout(x, feature_dropout, self.training)])  # (2B, L, width)
@@ -293,14 +328,17 @@ class CLIP(nn.Module):
 
     def encode_text_views(self, text: torch.Tensor, feature_dropout: float,
                           trim: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Text counterpart of `encode_image_views`: (clean (B, D), dropped (B, D))."""
+        """Token ids (B, L) -> (clean (B, E), dropped (B, E)): `encode_image_views` for text."""
         text = self.trim(text) if trim else text
         x = self.embed_text(text)
         x = torch.cat([x, F.dropout(x, feature_dropout, self.training)])  # (2B, L, width)
         return self.text_head(x, text.repeat(2, 1)).chunk(2)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Cosine logits scaled by exp(logit_scale): (B_img, B_txt) and its transpose."""
+        """(B_img, 3, H, W), (B_txt, L) -> logits (B_img, B_txt) and their transpose.
+
+        Cosine similarities scaled by exp(logit_scale).
+        """
         img = F.normalize(self.encode_image(image), dim=-1)
         txt = F.normalize(self.encode_text(text), dim=-1)
         logits = self.logit_scale.exp() * img @ txt.t()
@@ -308,8 +346,11 @@ class CLIP(nn.Module):
 
 
 def unwrap(state_dict: dict) -> dict:
-    """The tensors of a plain state dict, of a training dict {"state_dict": ..., "epoch", ...}
-    (open_clip's, SkyCLIP's), with the `module.` prefix of a DDP-wrapped model removed."""
+    """Checkpoint dict -> its plain state dict, without a DDP model's `module.` prefix.
+
+    A training dict {"state_dict": ..., "epoch", ...} (open_clip's, SkyCLIP's) gives its
+    "state_dict"; a plain state dict is itself.
+    """
     if isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -318,9 +359,10 @@ def unwrap(state_dict: dict) -> dict:
 
 
 def build_model(state_dict: dict, activation: str = "quickgelu") -> CLIP:
-    """A ViT CLIP whose architecture is read off `state_dict`'s shapes; strict load, fp32, eval.
+    """State dict -> a ViT CLIP, its architecture read off the tensor shapes; strict, fp32, eval.
 
-    `activation`: the MLPs' "quickgelu" (OpenAI's) or "gelu"; the tensors do not tell."""
+    `activation`: the MLPs' "quickgelu" (OpenAI's) or "gelu"; the tensors do not tell.
+    """
     mlp_activation(activation)  # an unknown name fails here, before any work
     state_dict = {k: v for k, v in unwrap(state_dict).items()
                   if k not in ("input_resolution", "context_length", "vocab_size")}

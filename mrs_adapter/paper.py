@@ -39,12 +39,12 @@ BENCHMARK = {
 
 
 def published_mr(method: str) -> Dict[str, float]:
-    """{dataset: mR} the paper reports for `method` ({} for a method not in the paper)."""
+    """Method -> {dataset: mR} the paper reports for it ({} for a method not in the paper)."""
     return dict(zip(DATASETS, BENCHMARK[method][1])) if method in BENCHMARK else {}
 
 
 def published_params(method: str) -> Optional[str]:
-    """The trainable count as the paper prints it ("0.16M"), or None for a method not in it."""
+    """Method -> its trainable count as the paper prints it ("0.16M"), or None if not in it."""
     return BENCHMARK[method][0] if method in BENCHMARK else None
 
 

@@ -1,9 +1,9 @@
 """CLIP's byte-level BPE tokenizer (docs/method.md §1).
 
-Text is cleaned (ftfy, HTML unescape, whitespace collapse, lower case), split into words,
-each word's UTF-8 bytes are mapped to printable characters and merged with the ranked BPE
-merges of `bpe_simple_vocab_16e6.txt.gz` (shipped with this package). `tokenize` adds the
-start (49406) and end (49407) ids and pads to the context length with zeros.
+- Text is cleaned (ftfy, HTML unescape, whitespace collapse, lower case), split into words.
+- Each word's UTF-8 bytes map to printable characters, merged with the ranked BPE merges
+  of `bpe_simple_vocab_16e6.txt.gz` (shipped with this package).
+- `tokenize` adds the start (49406) and end (49407) ids and pads with zeros to the context.
 """
 import functools
 import gzip
@@ -21,10 +21,11 @@ SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
 @functools.lru_cache()
 def byte_to_char() -> dict:
-    """A reversible map from the 256 byte values to printable unicode characters.
+    """{byte: char}: a reversible map from the 256 byte values to printable unicode characters.
 
-    Printable latin-1 bytes map to themselves; the others (control bytes, space, ...) map to
-    code points from 256 upwards, so a BPE token never contains whitespace or control chars.
+    Printable latin-1 bytes map to themselves; the others (control bytes, space, ...)
+    map to code points from 256 upwards,
+    so a BPE token never contains whitespace or control chars.
     The dict's order (printable bytes first, then the rest) is the order of the first 256
     vocabulary entries.
     """
@@ -35,12 +36,17 @@ def byte_to_char() -> dict:
 
 
 def clean(text: str) -> str:
-    """ftfy repair, HTML unescape (twice, for double-escaped text), collapse whitespace, lower."""
+    """Text -> text: ftfy repair, HTML unescape, whitespace collapsed, lower case.
+
+    Unescaped twice, for double-escaped text.
+    """
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
 
 
 class SimpleTokenizer:
+    """Text <-> BPE token ids, in CLIP's vocabulary of 49408 entries."""
+
     def __init__(self, bpe_path: str = BPE_PATH):
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -59,7 +65,7 @@ class SimpleTokenizer:
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
 
     def bpe(self, word: str) -> str:
-        """Merge the characters of one word (already byte-mapped) into BPE tokens, space-joined."""
+        """One byte-mapped word -> its BPE tokens, space-joined (cached)."""
         if word in self.cache:
             return self.cache[word]
         parts = list(word[:-1]) + [word[-1] + "</w>"]  # the last symbol carries the word end
@@ -82,6 +88,7 @@ class SimpleTokenizer:
         return out
 
     def encode(self, text: str) -> List[int]:
+        """Text -> token ids, without the start and end tokens."""
         b2c = byte_to_char()
         ids = []
         for word in self.pattern.findall(clean(text)):
@@ -90,6 +97,7 @@ class SimpleTokenizer:
         return ids
 
     def decode(self, ids: List[int]) -> str:
+        """Token ids -> text; each word end becomes a space."""
         c2b = {c: b for b, c in byte_to_char().items()}
         text = "".join(self.decoder[i] for i in ids)
         text = bytearray(c2b[c] for c in text).decode("utf-8", errors="replace")
@@ -98,16 +106,17 @@ class SimpleTokenizer:
 
 @functools.lru_cache()
 def get_tokenizer() -> SimpleTokenizer:
+    """The package's one SimpleTokenizer, built at the first call."""
     return SimpleTokenizer()
 
 
 def tokenize(texts: Union[str, List[str]], context_length: int = 77,
              truncate: bool = True) -> torch.LongTensor:
-    """Token ids, shape (N, context_length), zero padded: [SOT] + bpe(text) + [EOT].
+    """N texts -> token ids (N, context_length), zero padded: [SOT] + bpe(text) + [EOT].
 
-    A text longer than the context keeps its first context_length - 1 ids and ends with EOT
-    (so the pooled position, argmax of the ids, is always the last slot). With truncate=False
-    such a text raises a ValueError naming it instead.
+    A text longer than the context keeps its first context_length - 1 ids and ends with EOT,
+    so the pooled position (argmax of the ids) is always the last slot.
+    truncate=False: such a text raises a ValueError naming it instead.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -125,5 +134,8 @@ def tokenize(texts: Union[str, List[str]], context_length: int = 77,
 
 
 def token_count(text: str) -> int:
-    """Tokens of `text` with its start and end tokens (`tokenize` cuts more than the context)."""
+    """Text -> its token count with the start and end tokens.
+
+    `tokenize` cuts a text whose count exceeds the context.
+    """
     return len(get_tokenizer().encode(text)) + 2

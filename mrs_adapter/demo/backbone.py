@@ -1,10 +1,12 @@
 """A tiny CLIP pre-trained offline, standing in for OpenAI's weights in the demo.
 
-The paper transfers CLIP, pre-trained on natural images, to remote sensing. Offline there are
-no pre-trained weights, so the demo first trains a tiny CLIP (all weights, CLIP's contrastive
-loss) on a different synthetic domain - coloured shapes seen from the side, on plain
-backgrounds - and then adapts it to the aerial demo scenes with the published recipe. The
-two domains share words (colours, counts, positions), not pictures. The result is cached.
+The paper transfers CLIP, pre-trained on natural images, to remote sensing.
+Offline there are no pre-trained weights, so the demo first trains a tiny CLIP
+(all weights, CLIP's contrastive loss) on a different synthetic domain:
+coloured shapes seen from the side, on plain backgrounds.
+It then adapts it to the aerial demo scenes with the published recipe.
+The two domains share words (colours, counts, positions), not pictures.
+The result is cached.
 """
 import os
 import random
@@ -30,7 +32,7 @@ ARCH = dict(embed_dim=64, image_resolution=64, vision_layers=3, vision_width=128
 
 
 def shape_scene(rng: random.Random, size: int = 64):
-    """One picture of 1-4 same-coloured shapes on a plain background, and its caption."""
+    """rng -> (RGB image, caption): 1-4 same-coloured shapes on a plain background."""
     colour, shape, count = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 4)
     background = rng.choice([c for c in COLOURS if c != colour])
     image = Image.new("RGB", (size, size), COLOURS[background])
@@ -59,8 +61,10 @@ def shape_scene(rng: random.Random, size: int = 64):
 
 def pretrain(steps: int = 400, n_images: int = 4000, batch_size: int = 64, lr: float = 5e-4,
              seed: int = 0, log_every: int = 50, arch: dict = None) -> CLIP:
-    """Train `arch` (default ARCH) from scratch on shape scenes for `steps` steps (~40 s on 2
-    CPU cores)."""
+    """-> a CLIP of `arch` (default ARCH) trained from scratch on shape scenes, in eval mode.
+
+    `steps` steps: ~40 s on 2 CPU cores.
+    """
     arch = arch or ARCH
     size = arch["image_resolution"]
     rng = random.Random(seed)
@@ -93,13 +97,15 @@ def pretrain(steps: int = 400, n_images: int = 4000, batch_size: int = 64, lr: f
 
 
 def default_path(data_root: str) -> str:
-    """Where train.py / eval.py keep the demo backbone: beside the demo data."""
+    """Data root -> where train.py / eval.py keep the demo backbone: beside the demo data."""
     return os.path.join(data_root, "demo_backbone.pt")
 
 
 def load_or_pretrain(path: str, **kwargs) -> str:
-    """Path of the cached demo backbone, pre-training and saving it (atomically) first if
-    missing."""
+    """Path -> the same path, holding the demo backbone.
+
+    Pre-trained and saved (atomically) first if missing; an unreadable cache is rebuilt.
+    """
     if os.path.isfile(path):
         try:
             build_model(torch.load(path, map_location="cpu", weights_only=True))

@@ -1,11 +1,12 @@
-"""A procedurally generated aerial-scene captioning dataset, for trying the pipeline without
-downloads.
+"""A procedurally generated aerial-scene captioning dataset: the pipeline without downloads.
 
-Each scene has a ground cover (green fields, brown farmland or sandy desert), maybe a river or a
-lake, maybe roads, and zero to four buildings of one colour grouped in one part of the image.
-Five template captions describe it, so a small CLIP can learn to retrieve it. `make_demo`
-writes the "precomp" layout of docs/method.md §5 (`demo_precomp/`, `demo_images/*.tif`), so the
-readers of data.py run on it unchanged. Deterministic given the seed; no image augmentation.
+- Each scene has a ground cover (green fields, brown farmland or sandy desert),
+  maybe a river or a lake, maybe roads,
+  and zero to four buildings of one colour grouped in one part of the image.
+- Five template captions describe it, so a small CLIP can learn to retrieve it.
+- `make_demo` writes the "precomp" layout of docs/method.md §5
+  (`demo_precomp/`, `demo_images/*.tif`), so the readers of data.py run on it unchanged.
+Deterministic given the seed; no image augmentation.
 """
 import json
 import os
@@ -33,7 +34,10 @@ NUMBERS = ["no", "one", "two", "three", "four"]
 
 
 def sample_scene(rng: random.Random) -> Dict:
-    """One random scene; the draws happen in this order (the dict's), so a seed gives one set."""
+    """rng -> one random scene {ground, water, road, count, colour, place}.
+
+    The draws happen in this order (the dict's), so a seed gives one set.
+    """
     return {"ground": rng.choice(list(GROUNDS)), "water": rng.choice(list(WATERS)),
             "road": rng.choice(list(ROADS)), "count": rng.randint(0, 4),
             "colour": rng.choice(list(COLOURS)), "place": rng.choice(list(PLACES))}
@@ -57,8 +61,10 @@ def _building_boxes(scene: Dict, size: int, rng: random.Random) -> List[tuple]:
 
 
 def render(scene: Dict, size: int, rng: random.Random) -> Image.Image:
-    """An RGB size x size aerial-like image of `scene`: ground texture, water, roads, roofs on
-    top."""
+    """(scene, size, rng) -> an aerial-like RGB image, size x size.
+
+    Ground texture, then water, roads, and the roofs on top.
+    """
     base = np.array(GROUNDS[scene["ground"]][0], dtype=np.float32)
     texture = np.random.default_rng(rng.getrandbits(32))
     noise = texture.normal(0, 8, (size, size, 1))  # field texture
@@ -92,7 +98,10 @@ def render(scene: Dict, size: int, rng: random.Random) -> Image.Image:
 
 
 def captions(scene: Dict, rng: random.Random) -> List[str]:
-    """Five captions in different words; each names most of the scene, as human captions do."""
+    """(scene, rng) -> five captions in different words.
+
+    Each names most of the scene, as human captions do.
+    """
     n, colour = scene["count"], scene["colour"]
     noun = "building" if n == 1 else "buildings"
     bld = f"{NUMBERS[n]} {colour} {noun}" if n else "no buildings"
@@ -113,8 +122,12 @@ def captions(scene: Dict, rng: random.Random) -> List[str]:
 
 
 def write_precomp(folder: str, split: str, names: List[str], caps: List[str]):
-    """<split>_caps.txt (5 captions per image, in image order) and <split>_filename.txt as the
-    public releases write them: train one line per image, test one line per caption."""
+    """(folder, split, names, captions) -> <split>_caps.txt, <split>_filename.txt in `folder`.
+
+    As the public releases write them:
+    - caps: 5 captions per image, in image order;
+    - filename: train one line per image, test one line per caption.
+    """
     listed = names if split == "train" else [name for name in names for _ in range(5)]
     for kind, lines in (("caps", caps), ("filename", listed)):
         with open(os.path.join(folder, f"{split}_{kind}.txt"), "w", encoding="utf-8") as f:
@@ -147,11 +160,15 @@ def _foreign(text_dir: str, image_dir: str) -> str:
 
 def make_demo(root: str, seed: int = 0, n_train: int = 300, n_test: int = 100, size: int = 64,
               verbose: bool = False) -> str:
-    """Write `<root>/demo_precomp/` and `<root>/demo_images/` (skipped if already there with the
-    same parameters) and return root. Built in a temporary folder and renamed into place; the
-    parameter file inside demo_precomp is the last thing to appear. A previous demo (other
-    parameters) is replaced only if its folders hold nothing but demo files; a folder with
-    anything else in it, or without the marker, raises FileExistsError and is left as it is."""
+    """Root -> root, with `<root>/demo_precomp/` and `<root>/demo_images/` written.
+
+    - Skipped if already there with the same parameters.
+    - Built in a temporary folder and renamed into place;
+      the parameter file inside demo_precomp is the last thing to appear.
+    - A previous demo (other parameters) is replaced only if its folders hold nothing but demo
+      files; a folder with anything else in it, or without the marker, raises FileExistsError
+      and is left as it is.
+    """
     params = _params(seed, n_train, n_test, size)
     text_dir, image_dir = os.path.join(root, "demo_precomp"), os.path.join(root, "demo_images")
     marker = os.path.join(text_dir, "demo.json")
@@ -182,8 +199,10 @@ def make_demo(root: str, seed: int = 0, n_train: int = 300, n_test: int = 100, s
 
 
 def prepare(data_root: str, layout=None, image_dir=None, verbose: bool = True) -> None:
-    """Generate the demo under `data_root` where `--dataset demo` names it and it is not there
-    yet; not when --layout json or --image-dir point at files of the user's."""
+    """Generate the demo under `data_root` where `--dataset demo` names it and it is not there yet.
+
+    Not when --layout json or --image-dir point at files of the user's.
+    """
     if (layout or "precomp") == "precomp" and image_dir is None \
             and not os.path.isdir(os.path.join(data_root, "demo_precomp")):
         make_demo(data_root, verbose=verbose)  # the default parameters, generated once

@@ -1,25 +1,31 @@
-"""Convpass (Jie & Deng, 2022): a convolutional bypass that gives the ViT a spatial prior, CLIP
-frozen (paper: 0.14M).
+"""Convpass (Jie & Deng, 2022): a convolutional bypass, a spatial prior for the ViT (paper: 0.14M).
 
-As in the official code (JieShibo/PETL-ViT, convpass/vtab/convpass.py): a bypass reads the
-sublayer's normalised input and is added beside it, scaled by s (`forward_block_attn`):
-    h = ln_1(x); x = x + attn(h) + s * C(h);  x = x + mlp(ln_2(x))
+CLIP frozen. As in the official code (JieShibo/PETL-ViT, convpass/vtab/convpass.py):
+a bypass reads the sublayer's normalised input and is added beside it, scaled by s
+(`forward_block_attn`):
+
+    h = ln_1(x);  x = x + attn(h) + s * C(h);  x = x + mlp(ln_2(x))
     C(h) = up(dropout(gelu(conv(gelu(down(h))))))                          (`Convpass.forward`)
-QuickGELU, dropout 0.1; down Xavier-uniform with zero bias, up zero, so step 0 is exactly
-zero-shot CLIP. [CLS] passes through the same conv as a 1x1 image (only the centre tap reaches
-it), as theirs. Configuration: the official code has two variants, `convpass` (a bypass beside
-attention and one beside the MLP) and `convpass_attn` (beside attention only); the paper's 0.14M
-fits `convpass_attn` at bottleneck 4 (140,736; `convpass` would need bottleneck 2, 154,944).
-Their bottleneck is 8. The init and s are `convpass_attn`'s (convpass/vtab/configs/convpass_attn/
-*.yaml, read by train.py into `set_Convpass`): every task sets `xavier_init: True`, the conv
-Xavier-uniform with zero bias (the identity-on-the-centre-tap init, `xavier_init=False`, is the
-function's default and some `convpass` tasks' choice; `xavier_init=False` here); s is tuned per
-task from 0.1 to 100, and we take RESISC45's s = 100, the one remote-sensing task of their
-benchmark (docs/method.md §7 gives a sweep on the demo).
-Departure: Convpass is a vision method; the text tower gets a causal 1-D conv of width 3 instead
-(token t mixes t-2, t-1, t, so no token reads a later one), with the same init.
-Count on ViT-B/32: 12 x (768 x 4 + 4 + 4 x 4 x 9 + 4 + 4 x 768 + 768) +
-12 x (512 x 4 + 4 + 4 x 4 x 3 + 4 + 4 x 512 + 512) = 140,736 (paper: 0.14M).
+
+- QuickGELU, dropout 0.1; down Xavier-uniform with zero bias, up zero,
+  so step 0 is exactly zero-shot CLIP.
+- [CLS] passes through the same conv as a 1x1 image (only the centre tap reaches it), as theirs.
+Configuration:
+- The official code has two variants, `convpass` (a bypass beside attention and one beside
+  the MLP) and `convpass_attn` (beside attention only).
+  The paper's 0.14M fits `convpass_attn` at bottleneck 4
+  (140,736; `convpass` would need bottleneck 2, 154,944). Their bottleneck is 8.
+- The init and s are `convpass_attn`'s (convpass/vtab/configs/convpass_attn/*.yaml,
+  read by train.py into `set_Convpass`).
+  Every task sets `xavier_init: True`: the conv Xavier-uniform with zero bias.
+  (The identity-on-the-centre-tap init, `xavier_init=False`, is the function's default
+  and some `convpass` tasks' choice; `xavier_init=False` here.)
+- s is tuned per task from 0.1 to 100; we take RESISC45's s = 100,
+  the one remote-sensing task of their benchmark (docs/method.md §7 gives a sweep on the demo).
+Departure: Convpass is a vision method; the text tower gets a causal 1-D conv of width 3
+instead (token t mixes t-2, t-1, t, so no token reads a later one), with the same init.
+Count on ViT-B/32: 12 x (768 x 4 + 4 + 4 x 4 x 9 + 4 + 4 x 768 + 768)
+                 + 12 x (512 x 4 + 4 + 4 x 4 x 3 + 4 + 4 x 512 + 512) = 140,736 (paper: 0.14M).
 """
 import math
 from typing import Optional
@@ -44,11 +50,12 @@ INIT = "down and conv Xavier-uniform, up zero (starts at zero-shot)"
 
 
 class Convpass(nn.Module):
-    """down -> QuickGELU -> conv over token neighbours -> QuickGELU -> dropout -> up:
-    (B, L, D) -> (B, L, D).
+    """(B, L, D) -> (B, L, D): a convolution over neighbouring tokens, in a bottleneck.
 
-    image=True: tokens are [CLS] + a square grid of patches (2-D conv). image=False: a causal
-    1-D conv.
+        down -> QuickGELU -> conv over token neighbours -> QuickGELU -> dropout -> up
+
+    image=True: tokens are [CLS] + a square grid of patches (2-D conv).
+    image=False: a causal 1-D conv.
     """
 
     def __init__(self, width: int, bottleneck: int, image: bool, kernel: int = KERNEL,
@@ -89,8 +96,10 @@ class Convpass(nn.Module):
         return torch.cat([cls, patches], dim=1)
 
     def mix_text(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, L, r) -> same: 1-D conv padded on the left only, so position t reads
-        t - kernel + 1 .. t."""
+        """(B, L, r) -> same: 1-D conv padded on the left only.
+
+        So position t reads t - kernel + 1 .. t.
+        """
         h = F.pad(h.transpose(1, 2), (self.kernel - 1, 0))  # shape = [B, r, kernel - 1 + L]
         return self.conv(h).transpose(1, 2)  # shape = [B, L, r]
 
@@ -101,8 +110,10 @@ class Convpass(nn.Module):
 
 
 class ConvpassBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) with a Convpass beside attention (and one beside the
-    MLP)."""
+    """(B, L, D) -> (B, L, D): a frozen CLIP block (`self.block`), a Convpass beside attention.
+
+    With mlp_bypass, a second one beside the MLP.
+    """
 
     def __init__(self, block: nn.Module, attn_bypass: Convpass, mlp_bypass: Optional[Convpass],
                  scale: float):
@@ -127,6 +138,7 @@ class ConvpassBlock(nn.Module):
 def apply(model: nn.Module, bottleneck: int = BOTTLENECK, kernel: int = KERNEL,
           scale: float = SCALE, dropout: float = DROPOUT, mlp_bypass: bool = MLP_BYPASS,
           xavier_init: bool = XAVIER_INIT) -> nn.Module:
+    """CLIP -> CLIP, frozen, with a Convpass bypass in every block of both towers."""
     freeze(model)
     for tower, image in ((model.transformer, False), (model.visual.transformer, True)):
         options = (tower.width, bottleneck, image, kernel, dropout, xavier_init)

@@ -1,24 +1,30 @@
-"""Cross-Modal Adapter (Jiang et al., 2022, "Cross-Modal Adapter for Text-Video Retrieval")
-(paper: 0.16M).
+"""Cross-Modal Adapter (Jiang et al., 2022): up channels shared by both towers (paper: 0.16M).
 
-As in the official code (LeapLabTHU/Cross-Modal-Adapter): each adapter's up projection is
-`cat([up_m(h), up_shared(h)])`, its last SHARED_DIM output channels computed by one layer that
-both towers use (`MetaLayersUpShareAdapterController.call_adapter` in modules/adapter_controller.py)
-- the weight sharing MRS-Adapter inherits. Every layer has two adapters, one on the attention
-output and one on the MLP output, each with its own skip connection
-(`ResidualAttentionBlock.forward` and `CLIP.encode_image/encode_text` in
-modules/module_clip_jointvt_upshare_adapter.py: adapter weights indexed 2l and 2l + 1):
+"Cross-Modal Adapter for Text-Video Retrieval".
+As in the official code (LeapLabTHU/Cross-Modal-Adapter):
+- each adapter's up projection is `cat([up_m(h), up_shared(h)])`, its last SHARED_DIM output
+  channels computed by one layer that both towers use
+  (`MetaLayersUpShareAdapterController.call_adapter` in modules/adapter_controller.py):
+  the weight sharing MRS-Adapter inherits;
+- every layer has two adapters, one on the attention output and one on the MLP output,
+  each with its own skip connection (`ResidualAttentionBlock.forward` and
+  `CLIP.encode_image/encode_text` in modules/module_clip_jointvt_upshare_adapter.py:
+  adapter weights indexed 2l and 2l + 1):
+
     a = attn(ln_1(x));  x = x + a + A_attn(a)
     f = mlp(ln_2(x));   x = x + f + A_mlp(f)
     A_m(z) = cat([up_m(h), up_shared(h)]),  h = dropout(quick_gelu(down_m(z)))
-Down and the unique up part belong to one tower, the shared up part (r -> SHARED_DIM) to the layer.
-Activation QuickGELU (their train.py asserts `quick_gelu`), dropout 0 (their default), every
-weight truncated N(0, 0.01) and every bias zero (`CLIP.initialize_parameters`, std 0.01): the
-published init is not zero-output, so step 0 is close to, not exactly, zero-shot CLIP.
-Configuration: their runs use bottleneck 8 with 16 shared channels (519,168 parameters here); the
-paper's 0.16M leaves a bottleneck of 2 (3 would be 0.21M), and we keep their 16 shared channels.
+
+- down and the unique up part belong to one tower, the shared up part (r -> SHARED_DIM)
+  to the layer;
+- activation QuickGELU (their train.py asserts `quick_gelu`), dropout 0 (their default);
+- every weight truncated N(0, 0.01) and every bias zero (`CLIP.initialize_parameters`,
+  std 0.01): the published init is not zero-output,
+  so step 0 is close to, not exactly, zero-shot CLIP.
+Configuration: their runs use bottleneck 8 with 16 shared channels (519,168 parameters here).
+The paper's 0.16M leaves a bottleneck of 2 (3 would be 0.21M); we keep their 16 shared channels.
 Count on ViT-B/32: 24 x (512 x 2 + 2 + 2 x 496 + 496 + 768 x 2 + 2 + 2 x 752 + 752
-+ 2 x 16 + 16) = 152,544 (paper: 0.16M).
+                         + 2 x 16 + 16) = 152,544 (paper: 0.16M).
 """
 import torch
 from torch import nn
@@ -36,10 +42,10 @@ INIT = "weights truncated N(0, 0.01), biases zero (official; does not start exac
 
 
 class CrossModalAdapter(nn.Module):
-    """Each tower's down projection and unique up channels, plus up channels shared by both towers.
+    """(B, L, D_m), modality m -> (B, L, D_m): a down and an up per tower, part of the up shared.
 
-    (B, L, D_m) -> (B, L, D_m): the first D_m - shared_dim output channels from `{m}_up`, the last
-    shared_dim from `shared_up`, the same tensor for text and vision.
+    The first D_m - shared_dim output channels come from `{m}_up`,
+    the last shared_dim from `shared_up`, the same tensor for text and vision.
     """
 
     def __init__(self, text_width: int, vision_width: int, bottleneck: int, shared_dim: int,
@@ -71,7 +77,7 @@ class CrossModalAdapter(nn.Module):
 
 
 class CrossModalBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) with an adapter on the output of each of its sublayers."""
+    """(B, L, D_m) -> (B, L, D_m): a frozen block (`self.block`), an adapter after each sublayer."""
 
     def __init__(self, block: nn.Module, attn_adapter: CrossModalAdapter,
                  mlp_adapter: CrossModalAdapter, modality: str):
@@ -93,6 +99,7 @@ class CrossModalBlock(nn.Module):
 
 def apply(model: nn.Module, bottleneck: int = BOTTLENECK, shared_dim: int = SHARED_DIM,
           dropout: float = DROPOUT, init_std: float = INIT_STD) -> nn.Module:
+    """CLIP -> CLIP, frozen, with two cross-modal adapters in every block of both towers."""
     freeze(model)
     text, vision = model.transformer, model.visual.transformer
     if text.layers != vision.layers:  # the official code indexes the shared layers by text layer

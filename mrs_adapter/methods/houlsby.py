@@ -1,23 +1,28 @@
-"""Houlsby adapters (Houlsby et al., ICML 2019) in their original two-per-block form: sequential
-bottleneck adapters after attention and after the MLP (`--method houlsby`; not a row of the paper).
+"""Houlsby adapters (Houlsby et al., ICML 2019): two per block, sequential (not a row of the paper).
 
-The paper's "Adapter" row counts 0.17M, which two adapters per block cannot reach (bottleneck 2:
-0.15M, 3: 0.22M); `adapter` (sequential_adapter.py) is the one-per-block configuration that does.
+`--method houlsby`: sequential bottleneck adapters after attention and after the MLP.
+The paper's "Adapter" row counts 0.17M, which two adapters per block cannot reach
+(bottleneck 2: 0.15M, 3: 0.22M); `adapter` (sequential_adapter.py) is the one-per-block
+configuration that does.
 This file keeps Houlsby's own form selectable beside it, on the same budget.
-As in the official code (google-research/adapter-bert, modeling.py): every block has two
-adapters, one on the attention output and one on the MLP output, each with an identity skip of
-its own, added before the block's residual sum (`transformer_model`: `adapter_fn` applied to the
-output projection after dropout, before `layer_norm(... + layer_input)`); in CLIP's pre-LN block:
+As in the official code (google-research/adapter-bert, modeling.py):
+- every block has two adapters, one on the attention output and one on the MLP output,
+  each with an identity skip of its own, added before the block's residual sum
+  (`transformer_model`: `adapter_fn` applied to the output projection after dropout,
+  before `layer_norm(... + layer_input)`); in CLIP's pre-LN block:
+
     h = attn(ln_1(x));  x = x + h + A(h)
     h = mlp(ln_2(x));   x = x + h + A(h)
     A(h) = up(gelu(down(h)))                                      (`feedforward_adapter`)
-GELU in its tanh form (their `gelu`), no dropout inside the adapter, weights truncated N(0, 1e-3)
-cut at two standard deviations and zero biases (`init_scale=1e-3`): near-identity, so step 0 is
-close to zero-shot CLIP (~2e-5 on the tests' tiny CLIP), not exactly at it.
+
+- GELU in its tanh form (their `gelu`), no dropout inside the adapter;
+- weights truncated N(0, 1e-3) cut at two standard deviations, zero biases (`init_scale=1e-3`):
+  near-identity, so step 0 is close to zero-shot CLIP (~2e-5 on the tests' tiny CLIP),
+  not exactly at it.
 Departures that keep it on the benchmark's budget (0.14M-0.17M for the paper's adapter rows):
-Houlsby also tunes the blocks' LayerNorms (61,440 parameters here), so CLIP's LayerNorms stay
-frozen; and their bottleneck of 64 becomes 2 (61,488 parameters per unit of bottleneck across 48
-adapters).
+- Houlsby also tunes the blocks' LayerNorms (61,440 parameters here):
+  CLIP's LayerNorms stay frozen;
+- their bottleneck of 64 becomes 2 (61,488 parameters per unit of bottleneck across 48 adapters).
 Count on ViT-B/32: 24 x (2 x 512 x 2 + 2 + 512) + 24 x (2 x 768 x 2 + 2 + 768) = 153,696.
 """
 import torch
@@ -34,8 +39,7 @@ INIT = "weights truncated N(0, 1e-3), biases zero (official near-identity; near,
 
 
 class HoulsbyAdapter(nn.Module):
-    """up(dropout(gelu(down(h)))): (B, L, D) -> (B, L, D); the block adds h itself (identity
-    skip)."""
+    """(B, L, D) -> (B, L, D): up(dropout(gelu(down(h)))); the block adds h (identity skip)."""
 
     def __init__(self, width: int, bottleneck: int, dropout: float, init_std: float):
         super().__init__()
@@ -50,8 +54,7 @@ class HoulsbyAdapter(nn.Module):
 
 
 class HoulsbyBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) with an adapter on the output of each of its two
-    sublayers."""
+    """(B, L, D) -> (B, L, D): a frozen block (`self.block`), an adapter after each sublayer."""
 
     def __init__(self, block: nn.Module, width: int, bottleneck: int, dropout: float,
                  init_std: float):
@@ -71,6 +74,7 @@ class HoulsbyBlock(nn.Module):
 
 def apply(model: nn.Module, bottleneck: int = BOTTLENECK, dropout: float = DROPOUT,
           init_std: float = INIT_STD) -> nn.Module:
+    """CLIP -> CLIP, frozen, with two Houlsby adapters in every block of both towers."""
     freeze(model)
     for tower in (model.transformer, model.visual.transformer):
         for i, block in enumerate(tower.resblocks):

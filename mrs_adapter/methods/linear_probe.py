@@ -1,9 +1,9 @@
-"""Linear probe: a trainable linear map on each tower's output embedding, CLIP frozen
-(paper: 1.05M).
+"""Linear probe: a trainable linear map on each tower's output embedding (paper: 1.05M).
 
-Configuration: per tower two Linear(E, E) layers in a row, E = embedding width (512 on ViT-B/32),
-with no non-linearity between them, so the probe stays linear (an affine map factorised in two);
-both start as the identity (weight = I, bias = 0), so step 0 is exactly zero-shot CLIP.
+CLIP frozen. Configuration: per tower two Linear(E, E) layers in a row,
+E = embedding width (512 on ViT-B/32).
+- No non-linearity between them, so the probe stays linear (an affine map factorised in two).
+- Both start as the identity (weight = I, bias = 0), so step 0 is exactly zero-shot CLIP.
 2 towers x 2 x (512 x 512 + 512) = 1,050,624 trainable parameters on ViT-B/32.
 The heads sit after CLIP's projections, so `apply` returns a `CLIPWithHeads` wrapper (heads.py).
 """
@@ -20,7 +20,7 @@ INIT = "identity: weight I, bias 0 (starts at zero-shot)"
 
 
 def linear_probe(width: int, layers: int) -> nn.Sequential:
-    """`layers` Linear(width, width), each the identity at first: (B, width) -> (B, width)."""
+    """(B, width) -> (B, width): `layers` Linear(width, width), each the identity at first."""
     named = ((f"fc{i + 1}", nn.Linear(width, width)) for i in range(layers))
     probe = nn.Sequential(OrderedDict(named))
     for fc in probe:
@@ -30,6 +30,7 @@ def linear_probe(width: int, layers: int) -> nn.Sequential:
 
 
 def apply(model: nn.Module, layers: int = LAYERS) -> nn.Module:
+    """CLIP -> `CLIPWithHeads`: the frozen CLIP, a linear probe on each output embedding."""
     freeze(model)
     width = embed_dim(model)
     probed = CLIPWithHeads(model, linear_probe(width, layers), linear_probe(width, layers))

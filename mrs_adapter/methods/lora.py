@@ -1,13 +1,16 @@
-"""LoRA (Hu et al., ICLR 2022) on the attention's query and value projections of both towers
-(not in the paper).
+"""LoRA (Hu et al., ICLR 2022) on attention's query and value projections (not in the paper).
 
-Configuration: rank 4, alpha 8 (scale alpha / rank = 2), no dropout, on q and v of every block's
-`in_proj` in both towers (LoRA's own choice of matrices); k, out_proj and the MLP stay as they are.
-`q = W_q x + b_q + (alpha / r) B_q A_q x`, likewise v. A: PyTorch's default Linear init, B: zero,
-so step 0 is exactly zero-shot CLIP. Count on ViT-B/32: 12 x 2 x 2 x 4 x (512 + 768) = 245,760.
+Configuration: rank 4, alpha 8 (scale alpha / rank = 2), no dropout,
+on q and v of every block's `in_proj` in both towers (LoRA's own choice of matrices);
+k, out_proj and the MLP stay as they are.
+
+    q = W_q x + b_q + (alpha / r) B_q A_q x,  likewise v
+
+A: PyTorch's default Linear init, B: zero, so step 0 is exactly zero-shot CLIP.
+Count on ViT-B/32: 12 x 2 x 2 x 4 x (512 + 768) = 245,760.
 CLIP's `Attention` keeps q, k and v in one `in_proj_weight`, so the wrapper block computes the
-attention itself from the frozen block's tensors (same steps as clip.Attention), adding the
-low-rank terms to the q and v thirds of the projection.
+attention itself from the frozen block's tensors (same steps as model.Attention),
+adding the low-rank terms to the q and v thirds of the projection.
 """
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,7 @@ INIT = "A default, B zero (starts at zero-shot)"
 
 
 class LoRA(nn.Module):
-    """x -> (alpha / rank) * B(A(x)): (B, L, D) -> (B, L, D), B zero at first."""
+    """(B, L, D) -> (B, L, D): x -> (alpha / rank) * B(A(x)), B zero at first."""
 
     def __init__(self, width: int, rank: int, alpha: float):
         super().__init__()
@@ -40,8 +43,11 @@ class LoRA(nn.Module):
 
 
 class LoRABlock(nn.Module):
-    """A frozen CLIP block (`self.block`) whose attention adds low-rank updates to the q and v
-    projections."""
+    """(B, L, D) -> (B, L, D): a frozen CLIP block (`self.block`), low-rank updates to q and v.
+
+        x = x + attention(ln_1(x))   with q, v from (W + delta W)
+        x = x + mlp(ln_2(x))
+    """
 
     def __init__(self, block: nn.Module, rank: int, alpha: float):
         super().__init__()
@@ -50,8 +56,10 @@ class LoRABlock(nn.Module):
         self.lora_q, self.lora_v = LoRA(width, rank, alpha), LoRA(width, rank, alpha)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """clip.Attention.forward with (W + delta W) for q and v; `attn.causal` keeps the text
-        mask."""
+        """(B, L, D) -> (B, L, D): model.Attention.forward with (W + delta W) for q and v.
+
+        `attn.causal` keeps the text mask.
+        """
         attn = self.block.attn
         B, L, D = x.shape
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3D): frozen q, k, v
@@ -71,6 +79,7 @@ class LoRABlock(nn.Module):
 
 
 def apply(model: nn.Module, rank: int = RANK, alpha: float = ALPHA) -> nn.Module:
+    """CLIP -> CLIP, frozen, with LoRA on q and v in every block of both towers."""
     freeze(model)
     for tower in (model.transformer, model.visual.transformer):
         for i, block in enumerate(tower.resblocks):

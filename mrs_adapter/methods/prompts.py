@@ -1,12 +1,15 @@
-"""Learnable prompt tokens inside a frozen CLIP transformer (CoOp, Zhou et al. 2022;
-VPT, Jia et al. 2022).
+"""Learnable prompt tokens inside a frozen CLIP transformer, for CoOp, VPT and VL-Prompt.
 
+CoOp: Zhou et al. 2022; VPT: Jia et al. 2022.
 Prompts sit at positions 1..n, right after token 0 (the text start token, or the image [CLS]):
-block 0 inserts them, each deeper prompted block replaces the previous block's outputs there with
-its own, and the last block removes them. The towers' heads then see the original sequence: the
-text head's `argmax` index and the image head's token 0 keep their meaning. Prompts come before
-every caption token, so under the causal mask each caption token can read them and still no token
-reads a later one. Shared by coop.py, vpt.py and vl_prompt.py; not a method itself.
+- block 0 inserts them;
+- each deeper prompted block replaces the previous block's outputs there with its own;
+- the last block removes them.
+The towers' heads then see the original sequence:
+the text head's `argmax` index and the image head's token 0 keep their meaning.
+Prompts come before every caption token, so under the causal mask each caption token can read
+them and still no token reads a later one.
+Shared by coop.py, vpt.py and vl_prompt.py; not a method itself.
 """
 from typing import Callable, Optional
 
@@ -15,11 +18,12 @@ from torch import nn
 
 
 class PromptedBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) with prompt tokens at positions 1..length of its sequence.
+    """A frozen CLIP block (`self.block`) with prompt tokens at positions 1..n (n = length).
 
-    insert: `prompts` go in after token 0, (B, L, D) -> (B, L + n, D). Otherwise, `prompts` (if
-    any) replace positions 1..n (deep prompting: each layer its own). remove: positions 1..n are
-    dropped from the block's output, (B, L + n, D) -> (B, L, D).
+    - insert: `prompts` go in after token 0, (B, L, D) -> (B, L + n, D).
+    - otherwise `prompts` (if any) replace positions 1..n (deep prompting: each layer its own),
+      (B, L + n, D) -> (B, L + n, D).
+    - remove: positions 1..n are dropped from the block's output, (B, L + n, D) -> (B, L, D).
     """
 
     def __init__(self, block: nn.Module, prompts: Optional[nn.Parameter], length: int, insert: bool,
@@ -49,11 +53,13 @@ class PromptedBlock(nn.Module):
 
 def add_prompts(transformer: nn.Module, length: int, depth: Optional[int],
                 init: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
-    """Give the first `depth` blocks of `transformer` (None: all) `length` prompt tokens each.
+    """Transformer -> the same one, its first `depth` blocks (None: all) with `length` prompts each.
 
-    depth 1 is shallow prompting (CoOp, VPT-shallow): the prompts enter at block 0 and travel
-    through the blocks like any token. `init` fills each (length, width) prompt tensor in place.
-    Also wraps the last block so that it removes the prompts. Modifies `transformer` in place.
+    depth 1 is shallow prompting (CoOp, VPT-shallow):
+    the prompts enter at block 0 and travel through the blocks like any token.
+    `init` fills each (length, width) prompt tensor in place.
+    Also wraps the last block so that it removes the prompts.
+    Modifies `transformer` in place.
     """
     blocks = transformer.resblocks
     depth = len(blocks) if depth is None else depth

@@ -1,28 +1,37 @@
-"""UniAdapter (Lu et al., ICLR 2024): one adapter per layer for both towers, its down projection
-unified (paper: 0.55M).
+"""UniAdapter (Lu et al., ICLR 2024): one adapter a layer for both towers (paper: 0.55M).
 
-As in the official code (RERV/UniAdapter): one module per layer serves block l of BOTH encoders
-(`blip_retrieval.BLIP_Retrieval.__init__` hands the same `adapters[l]` to the ViT and to BERT);
-it normalises its input with its own LayerNorm, shares LayerNorm and down projection across
-modalities, keeps an up projection per modality, and scales its output by 0.1
-(`UniAdapter.forward` in models/adapter.py, `adapter_layernorm_option="in"`, `adapter_scalar=0.1`):
+Its LayerNorm and down projection are unified across the modalities.
+As in the official code (RERV/UniAdapter):
+- one module per layer serves block l of BOTH encoders
+  (`blip_retrieval.BLIP_Retrieval.__init__` hands the same `adapters[l]` to the ViT and to BERT);
+- it normalises its input with its own LayerNorm, shares LayerNorm and down projection across
+  modalities, keeps an up projection per modality, and scales its output by 0.1
+  (`UniAdapter.forward` in models/adapter.py, `adapter_layernorm_option="in"`,
+  `adapter_scalar=0.1`):
+
     A_m(x) = 0.1 * up_m(dropout(relu(down(LN(x)))))
-It reads the residual stream after attention and is added beside the FFN
-(`Block.forward` in models/vit.py, `BertLayer.forward` in models/med.py):
+
+- it reads the residual stream after attention and is added beside the FFN
+  (`Block.forward` in models/vit.py, `BertLayer.forward` in models/med.py):
+
     x = x + attn(ln_1(x));  x = x + mlp(ln_2(x)) + A_m(x)
-Dropout 0 (their default). Init (`UniAdapter.init_adapter_weights`, called by train_retrieval.py):
-down PyTorch's default with zero bias, text up zero. Their script leaves the visual up at BERT's
-N(0, 0.02) (init_adapter_weights resets only the text up); we zero both ups, the rule their init
-states, so step 0 is exactly zero-shot CLIP.
-Unequal widths: BLIP's towers are both 768 wide; CLIP's are 512 (text) and 768 (vision). The
-shared LayerNorm affine and down projection are built at the wider width, and the narrower tower
-reads their leading channels (the same function as zero-padding its normalised input), so every
-tensor UniAdapter shares stays one tensor; LayerNorm statistics use each tower's own width.
-The towers' channels correspond in no way, so no mapping of one into the other is more natural.
-Left out: the multimodal up branch and cross-attention query-residual adapter act on BLIP's fusion
-encoder, which a dual encoder like CLIP does not have. Configuration: their runs use bottleneck
-512; the paper's 0.55M leaves 21. Count on ViT-B/32: 12 x (2 x 768 + 768 x 21 + 21 + 21 x 512
-+ 512 + 21 x 768 + 768) = 550,140 (paper: 0.55M).
+
+- dropout 0 (their default);
+- init (`UniAdapter.init_adapter_weights`, called by train_retrieval.py):
+  down PyTorch's default with zero bias, text up zero.
+  Their script leaves the visual up at BERT's N(0, 0.02) (init_adapter_weights resets only
+  the text up); we zero both ups, the rule their init states, so step 0 is exactly zero-shot CLIP.
+Unequal widths: BLIP's towers are both 768 wide; CLIP's are 512 (text) and 768 (vision).
+- The shared LayerNorm affine and down projection are built at the wider width, and the narrower
+  tower reads their leading channels (the same function as zero-padding its normalised input),
+  so every tensor UniAdapter shares stays one tensor.
+- LayerNorm statistics use each tower's own width.
+- The towers' channels correspond in no way, so no mapping of one into the other is more natural.
+Left out: the multimodal up branch and cross-attention query-residual adapter act on BLIP's
+fusion encoder, which a dual encoder like CLIP does not have.
+Configuration: their runs use bottleneck 512; the paper's 0.55M leaves 21.
+Count on ViT-B/32: 12 x (2 x 768 + 768 x 21 + 21 + 21 x 512 + 512 + 21 x 768 + 768) = 550,140
+(paper: 0.55M).
 """
 import torch
 import torch.nn.functional as F
@@ -39,11 +48,10 @@ INIT = "LayerNorm 1/0, down default, ups zero (starts at zero-shot)"
 
 
 class UniAdapter(nn.Module):
-    """LayerNorm and down projection shared by both towers, an up projection each:
-    (B, L, D_m) -> (B, L, D_m).
+    """(B, L, D_m), modality -> (B, L, D_m): LayerNorm and down shared by both towers, an up each.
 
-    The shared tensors are max(D_text, D_vision) wide; a narrower tower reads their first D_m
-    channels.
+    The shared tensors are max(D_text, D_vision) wide;
+    a narrower tower reads their first D_m channels.
     """
 
     def __init__(self, text_width: int, vision_width: int, bottleneck: int, scale: float,
@@ -73,7 +81,10 @@ class UniAdapter(nn.Module):
 
 
 class UniAdapterBlock(nn.Module):
-    """A frozen CLIP block (`self.block`) with the layer's UniAdapter in parallel with its MLP."""
+    """(B, L, D_m) -> (B, L, D_m): a frozen block (`self.block`) with the adapter beside its MLP.
+
+    The layer's UniAdapter, the same one that serves this layer's block in the other tower.
+    """
 
     def __init__(self, block: nn.Module, adapter: UniAdapter, modality: str):
         super().__init__()
@@ -91,6 +102,7 @@ class UniAdapterBlock(nn.Module):
 
 def apply(model: nn.Module, bottleneck: int = BOTTLENECK, scale: float = SCALE,
           dropout: float = DROPOUT) -> nn.Module:
+    """CLIP -> CLIP, frozen, with one UniAdapter per layer serving both towers."""
     freeze(model)
     text, vision = model.transformer, model.visual.transformer
     if text.layers != vision.layers:  # one adapter per layer serves both encoders

@@ -5,4 +5,5 @@ from . import freeze
 
 
 def apply(model: nn.Module) -> nn.Module:
+    """CLIP -> CLIP with every weight frozen."""
     return freeze(model)

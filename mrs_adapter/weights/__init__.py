@@ -1,2 +1,5 @@
-"""CLIP weights from elsewhere: verified downloads into a cache (download.py) and the named
-remote-sensing CLIP backbones (backbones.py)."""
+"""CLIP weights from elsewhere: verified downloads and the named remote-sensing backbones.
+
+- download.py: verified downloads into a cache;
+- backbones.py: the named remote-sensing CLIP backbones.
+"""

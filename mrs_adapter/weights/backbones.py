@@ -1,10 +1,12 @@
 """Named remote-sensing CLIP backbones and the figures their authors publish.
 
-Each entry says where the weights are, their sha256 where the publisher's repository states it,
-the MLP activation the model was trained with (it cannot be read off the tensors: a QuickGELU
-checkpoint run with GELU, or the reverse, loads without error and loses points), and the
-retrieval mR the authors report for it without further training. `eval.py --zero-shot` prints
-that figure beside ours: a wrong file or a wrong activation shows as a gap of points.
+Each entry says
+- where the weights are, and their sha256 where the publisher's repository states it;
+- the MLP activation the model was trained with. It cannot be read off the tensors:
+  a QuickGELU checkpoint run with GELU, or the reverse, loads without error and loses points;
+- the retrieval mR the authors report for it without further training.
+`eval.py --zero-shot` prints that figure beside ours:
+a wrong file or a wrong activation shows as a gap of points.
 
 What was checked, and where (read in the authors' repositories and model hubs):
 - URLs and files: huggingface.co/chendelong/RemoteCLIP (RemoteCLIP-ViT-B-32.pt, 605,208,421 bytes;
@@ -17,11 +19,13 @@ What was checked, and where (read in the authors' repositories and model hubs):
 - Format: plain state dicts with OpenAI's names (both hubs list only OrderedDict and tensor
   pickle imports; both authors load them into open_clip's CLIP with load_state_dict).
 - Activation: GeoRSCLIP's inference.py builds open_clip "ViT-B/32" with pretrained="openai",
-  and RemoteCLIP's retrieval.py builds its model with pretrained="openai": in the open_clip of
-  2023 (the copy vendored in SkyScript's repository) that path goes through load_openai_model,
-  which builds the QuickGELU model; so QuickGELU. RemoteCLIP's README builds the GELU
-  config instead; its own evaluation script is what we follow. GeoRSCLIP ViT-L/14: QuickGELU, not
-  verified in code (its code loads only B/32 and H/14; L/14 started from OpenAI's weights).
+  and RemoteCLIP's retrieval.py builds its model with pretrained="openai".
+  In the open_clip of 2023 (the copy vendored in SkyScript's repository) that path goes through
+  load_openai_model, which builds the QuickGELU model; so QuickGELU.
+  RemoteCLIP's README builds the GELU config instead; its own evaluation script is what we
+  follow.
+  GeoRSCLIP ViT-L/14: QuickGELU, not verified in code
+  (its code loads only B/32 and H/14; L/14 started from OpenAI's weights).
 - SkyCLIP (SkyScript README): zip archives from the authors' S3 bucket; ViT-B/32 was trained
   from open_clip's laion2b_e16 weights (GELU), ViT-L/14 from OpenAI's (QuickGELU). Not named
   here (no stable single-file URL): read the zip, or the .pt inside it, from a local path.
@@ -38,6 +42,7 @@ _HF = "https://huggingface.co/{}/resolve/main/{}"
 
 @dataclass(frozen=True)
 class Backbone:
+    """One named backbone: where its weights are, how to check them, what its authors report."""
     url: str
     filename: str  # name in the download cache
     sha256: Optional[str]  # None: not published; computed at download and recorded

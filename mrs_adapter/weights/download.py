@@ -1,12 +1,12 @@
 """Verified downloads into a cache folder: URL + sha256 + atomic rename.
 
-A file is streamed to a temporary name beside its final path, hashed on the way, and renamed
-only when its sha256 matches; an interrupted or corrupt download never leaves a file that
-looks complete. A cached file whose hash is wrong is fetched again.
-
-Some publishers state no hash. Then the sha256 is computed at the first download and kept
-beside the file (`<file>.sha256`): later loads check the cached file against it, and runs
-record it, so a changed file upstream or on disk is noticed rather than silently used.
+- A file is streamed to a temporary name beside its final path, hashed on the way,
+  and renamed only when its sha256 matches:
+  an interrupted or corrupt download never leaves a file that looks complete.
+- A cached file whose hash is wrong is fetched again.
+- Some publishers state no hash. Then the sha256 is computed at the first download and kept
+  beside the file (`<file>.sha256`): later loads check the cached file against it,
+  and runs record it, so a changed file upstream or on disk is noticed rather than silently used.
 """
 import hashlib
 import os
@@ -25,11 +25,12 @@ class DownloadError(RuntimeError):
 
 
 def cache_dir(download_root: str = None) -> str:
-    """`download_root`, else $MRS_ADAPTER_CACHE, else ~/.cache/clip (OpenAI's package's folder)."""
+    """`download_root` or None -> it, else $MRS_ADAPTER_CACHE, else ~/.cache/clip (OpenAI's)."""
     return os.path.expanduser(download_root or os.environ.get(CACHE_ENV) or "~/.cache/clip")
 
 
 def sha256_of(path: str, chunk: int = 1 << 20) -> str:
+    """Path -> the file's sha256, in hex, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -57,7 +58,7 @@ def _progress(done: int, total: int, start: float, name: str, last: list):
 
 
 def recorded_sha256(path: str):
-    """The sha256 kept beside a downloaded file (`download` writes it), or None."""
+    """Path -> the sha256 kept beside a downloaded file (`download` writes it), or None."""
     try:
         with open(path + ".sha256") as f:
             return f.read().split()[0]
@@ -71,9 +72,10 @@ def _record_sha256(path: str, sha256: str):
 
 def download(url: str, sha256: str = None, root: str = None, filename: str = None,
              timeout: float = 60.0) -> str:
-    """Path of `url`'s file in the cache, fetched and verified against `sha256` if needed.
+    """URL -> path of its file in the cache, fetched and verified against `sha256` if needed.
 
-    sha256=None: no pinned value; the file's hash is computed and kept beside it (see above)."""
+    sha256=None: no pinned value; the file's hash is computed and kept beside it (see above).
+    """
     root = cache_dir(root)
     os.makedirs(root, exist_ok=True)
     target = os.path.join(root, filename or os.path.basename(url))
