@@ -39,7 +39,7 @@ def problem(weights: str, method: str, objective: str):
 
 def two_steps(model, images, tokens, objective: str, distributed: bool) -> dict:
     """Losses and trainable gradients of two Adam steps (DDP used to stop at the second)."""
-    loss = dict(objective=objective, margin=0.2, loss_weights=(1.0, 1.0, 1.0), amp_dtype=None)
+    settings = dict(objective=objective, margin=0.2, loss_weights=(1.0, 1.0, 1.0), amp_dtype=None)
     views = train.Views(model, 0.0, both_views=objective == "hmmc")
     views = DistributedDataParallel(views) if distributed else views
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -48,7 +48,7 @@ def two_steps(model, images, tokens, objective: str, distributed: bool) -> dict:
     out = {"losses": [], "grads": []}
     for _ in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = train.forward_backward(views, model, images, tokens, scaler, **loss)
+        loss, _ = train.forward_backward(views, model, images, tokens, scaler, **settings)
         out["losses"].append(loss.detach())
         out["grads"].append({n: p.grad.clone() for n, p in trainable.items()})
         optimizer.step()
