@@ -189,7 +189,6 @@ def start_or_resume(run, model, optimizer, paths: dict, config: dict, score: Cal
     return 0, 0, {"mR": -1.0, "epoch": -1}, initial, log
 
 
-
 # what an interruption outside a seed's training can say
 NOTHING_HALF_WRITTEN = ("no run file is half-written (each is written under a temporary name, "
                         "then renamed)")
