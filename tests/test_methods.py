@@ -187,7 +187,7 @@ def test_trainable_count_on_vit_b32_matches_the_paper_and_clip_stays_frozen(name
     assert total - trainable == (0 if name == "full" else 151_277_313)
 
 
-def test_no_cross_modal_adapter_configuration_prints_the_papers_016m(vit_b32):
+def test_no_cross_modal_adapter_configuration_prints_the_papers_016m(meta_vit_b32):
     """Its count is 24 adapters x (r (2 (D_t + D_v) + 2 - s) + D_t + D_v - s) for bottleneck r and
     s shared channels (checked against two builds): r = 2 gives at most 0.15M (s = 1), r = 3 at
     least 0.17M (s = 511, the most below the text width), so the paper's 0.16M has no
@@ -196,7 +196,7 @@ def test_no_cross_modal_adapter_configuration_prints_the_papers_016m(vit_b32):
         return 24 * (r * (2 * (512 + 768) + 2 - s) + 512 + 768 - s)
 
     for r, s in ((2, 16), (3, 511)):
-        model = apply_method(copy.deepcopy(vit_b32), "cross_modal_adapter",
+        model = apply_method(copy.deepcopy(meta_vit_b32), "cross_modal_adapter",
                              {"bottleneck": r, "shared_dim": s}, verbose=False)
         assert count_parameters(model)[0] == count(r, s)
     printed = {as_printed(count(r, s)) for r in range(1, 6) for s in range(1, 512)}
