@@ -24,6 +24,7 @@ from mrs_adapter.data import DATASETS
 from mrs_adapter.methods import METHODS
 from mrs_adapter.model import ACTIVATIONS
 from mrs_adapter.paper import BENCHMARK, published_mr, published_params
+from mrs_adapter.run.args import check_flags
 from mrs_adapter.run.checks import refuse_repeats
 from mrs_adapter.run.distributed import reported_here
 from mrs_adapter.run.resume import NOTHING_HALF_WRITTEN
@@ -102,6 +103,8 @@ def main(argv=None) -> list:
     train_argv = rest + argv[split + 1:]
     refuse_repeats("--methods", args.methods)  # a method twice: the same rows twice
     refuse_repeats("--seeds", args.seeds)  # a seed twice: one run counted as two, std 0.00
+    # train.py's flags too, before the first method runs
+    check_flags(train.get_parser().parse_args(["--dataset", args.dataset] + train_argv))
     args.output = args.output or os.path.join("runs", f"benchmark-{args.dataset}")
     check_output(args.output, train_argv)
     rows = []
@@ -120,8 +123,9 @@ def main(argv=None) -> list:
 
 
 def cli() -> int:
-    """`main` for the shell: an error is one line (exit 1), Ctrl-C one line saying where the
-    method's run continues with `-- --resume` (exit 130); under torchrun one process reports it."""
+    """`main` for the shell: an error is one line (exit 1), Ctrl-C one line saying what is intact
+    (exit 130; a method's run continues with `-- --resume`); under torchrun one process reports
+    it."""
     try:
         main()
     except KeyboardInterrupt as e:
