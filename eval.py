@@ -25,6 +25,7 @@ from mrs_adapter.datasets import default_workers, eval_loaders, read_image
 from mrs_adapter.demo import scenes as demo
 from mrs_adapter.methods import METHODS
 from mrs_adapter.metrics import AMP_DTYPES, encode_dataset, format_table, recall_at_k
+from mrs_adapter.run.checks import check_counts, check_device, disk_full, refuse_repeats
 from mrs_adapter.run.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
 from mrs_adapter.weights.download import DownloadError
 
@@ -76,9 +77,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """argv -> the options, with the combinations that cannot work refused before anything loads."""
+    """argv -> the options; values and combinations that cannot work refused before any load."""
     p = _parser()
     args = p.parse_args(argv)
+    refuse_repeats("--dataset", args.datasets)
+    check_counts({"--batch-size": (args.batch_size, 1), "--workers": (args.workers, 0)})
+    check_device(args.device)
     if args.method == "zero_shot" and args.checkpoint:
         p.error(f"--method zero_shot evaluates plain CLIP, not --checkpoint {args.checkpoint}; "
                 "give one of them")
@@ -280,5 +284,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, DownloadError) as e:
+    except (OSError, ValueError, DownloadError) as e:  # OSError: also files not found, a full disk
+        if isinstance(e, OSError):
+            e = disk_full(e, "the file it would replace is whole (written under a temporary name, "
+                             "then renamed); free some space and run the same command again")
         raise SystemExit(f"error: {e}")

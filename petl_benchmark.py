@@ -24,6 +24,10 @@ from mrs_adapter.data import DATASETS
 from mrs_adapter.methods import METHODS
 from mrs_adapter.model import ACTIVATIONS
 from mrs_adapter.paper import BENCHMARK, published_mr, published_params
+from mrs_adapter.run.args import check_flags
+from mrs_adapter.run.checks import refuse_repeats
+from mrs_adapter.run.distributed import reported_here
+from mrs_adapter.run.resume import NOTHING_HALF_WRITTEN
 from mrs_adapter.weights.download import DownloadError
 
 # the paper's methods in its tables' order, then the registered ones it lacks (houlsby, lora)
@@ -97,6 +101,10 @@ def main(argv=None) -> list:
     split = argv.index("--") if "--" in argv else len(argv)
     args, rest = p.parse_known_args(argv[:split])
     train_argv = rest + argv[split + 1:]
+    refuse_repeats("--methods", args.methods)  # a method twice: the same rows twice
+    refuse_repeats("--seeds", args.seeds)  # a seed twice: one run counted as two, std 0.00
+    # train.py's flags too, before the first method runs
+    check_flags(train.get_parser().parse_args(["--dataset", args.dataset] + train_argv))
     args.output = args.output or os.path.join("runs", f"benchmark-{args.dataset}")
     check_output(args.output, train_argv)
     rows = []
@@ -114,8 +122,22 @@ def main(argv=None) -> list:
     return rows
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """`main` for the shell: an error is one line (exit 1), Ctrl-C one line saying what is intact
+    (exit 130; a method's run continues with `-- --resume`); under torchrun one process reports
+    it."""
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, DownloadError) as e:
-        sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        if reported_here(e):
+            print(f"interrupted: {str(e) or NOTHING_HALF_WRITTEN}", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, FloatingPointError, DownloadError) as e:
+        if reported_here(e):
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -25,6 +25,7 @@ from mrs_adapter import clip
 from mrs_adapter.atomic import write_json
 from mrs_adapter.checkpoint import print_trainable_parameters, save_trainable
 from mrs_adapter.datasets import TrainDataset, eval_loaders
+from mrs_adapter.demo import scenes as demo_scenes
 from mrs_adapter.loss import hmmc_loss, info_nce
 from mrs_adapter.methods import apply_method, freeze_unread
 from mrs_adapter.metrics import evaluate
@@ -32,11 +33,17 @@ from mrs_adapter.run import args as train_args
 from mrs_adapter.run import distributed, resume
 from mrs_adapter.run.args import Settings, resolve_method_options
 from mrs_adapter.run.cuda_graph import GraphedOrEager
-from mrs_adapter.run.distributed import counted_once, gather_with_grad, world_size
+from mrs_adapter.run.distributed import counted_once, gather_with_grad, together, world_size
 from mrs_adapter.run.files import RUN_FILES, environment, prepare_run_dir
-from mrs_adapter.run.resume import check_resume_config, recorded_config, run_config
+from mrs_adapter.run.resume import (
+    NOTHING_HALF_WRITTEN,
+    check_resume_config,
+    recorded_config,
+    run_config,
+    stops_explained,
+)
 from mrs_adapter.run.summary import score_selected, summarize
-from mrs_adapter.run.union import check_images, load_data, test_keys
+from mrs_adapter.run.union import check_images, check_splits, load_data, test_keys
 from mrs_adapter.weights.download import DownloadError
 
 
@@ -273,59 +280,81 @@ def run_seed(run: Settings, seed: int, splits: dict, dropped: Optional[dict],
 def setup(args) -> Settings:
     """Parsed flags -> the run's Settings, resolved once.
 
-    Under torchrun the process group is started here.
+    The checks the flags alone allow run first; under torchrun the process group starts here.
     """
     if args.method == "zero_shot":  # before any process group: under torchrun all ranks stop alike
         raise ValueError("--method zero_shot trains nothing; "
                          "evaluate it with `python eval.py --zero-shot`")
+    train_args.check_flags(args)  # repeats, counts, the device: the same in every process
     options = resolve_method_options(args)  # a flag the method lacks fails before anything starts
     return train_args.resolve(args, options, distributed.start(args.device, args.batch_size))
+
+
+def make_shared_inputs(run: Settings) -> None:
+    """What rank 0 makes once for every process: the demo set and the demo's CLIP where named."""
+    train_args.check_arguments(run)  # the output folder, before anything is generated
+    if "demo" in run.datasets + (run.test_dataset or []):
+        demo_scenes.prepare(run.data_root, run.layout, run.image_dir)
+    train_args.make_demo_clip(run)  # where run.clip is the demo's default: pre-trained once
 
 
 def preflight(run: Settings, splits: dict, dropped: Optional[dict]) -> None:
     """Check everything that can fail before the run folder is made or emptied (--overwrite).
 
+    - every split holds what a seed needs (after copies of test images are dropped);
     - every image opens;
     - the backbone loads and the method trains something;
-    - --resume keeps the settings.
+    - --resume finds what it continues from, with the same settings.
     """
+    check_splits(run, splits, dropped)
     check_images(run, splits)
     _, _, backbone = build_model(run, verbose=False, device="cpu")  # checked, then dropped
     for seed in run.seeds if run.resume else ():
-        run_dir = os.path.join(run.output, f"seed{seed}")
-        old = recorded_config(run_dir)  # None: no run to resume, this seed starts afresh
-        if old is not None:
-            new = run_config(run, seed, backbone, dropped)
-            check_resume_config(old, new, os.path.join(run_dir, "config.json"))
+        recorded = recorded_config(os.path.join(run.output, f"seed{seed}"))
+        if recorded is not None:  # None: no run to resume, this seed starts afresh
+            check_resume_config(recorded[0], run_config(run, seed, backbone, dropped), recorded[1])
 
 
 def main(argv=None) -> dict:
     run = setup(get_parser().parse_args(argv))  # every setting, resolved once
-    train_args.check_arguments(run)
-    splits, dropped = load_data(run)
-    train_args.make_demo_clip(run)  # where run.clip is the demo's default: pre-trained once
-    if run.rank == 0:
-        preflight(run, splits, dropped)  # nothing of an old run is removed before this passes
-        prepare_run_dir(run.output, run.resume, run.overwrite)
-    if run.world_size > 1:
-        dist.barrier()
+    # each step below ends with every process knowing its outcome: one error, none left waiting
+    together(lambda: make_shared_inputs(run), every_rank=False)
+    splits, dropped = together(lambda: load_data(run))
+    together(lambda: preflight(run, splits, dropped), every_rank=False)
+    # only now, every check passed, is an old run's folder emptied (--overwrite)
+    together(lambda: prepare_run_dir(run.output, run.resume, run.overwrite), every_rank=False)
     results = []
     for seed in run.seeds:
+        run_dir = os.path.join(run.output, f"seed{seed}")
         if run.rank == 0:
             print(f"\n=== seed {seed} (python {seed}, numpy {seed + 1}, torch {seed + 2}) -> "
-                  f"{run.output}/seed{seed}")
-        results.append(run_seed(run, seed, splits, dropped,
-                                os.path.join(run.output, f"seed{seed}")))
+                  f"{run_dir}")
+        with stops_explained(run_dir, run.epochs):  # Ctrl-C, a full disk: what --resume does
+            results.append(run_seed(run, seed, splits, dropped, run_dir))
     summary = summarize(run, results, splits, dropped) if run.rank == 0 else {}
     if run.rank == 0:
-        write_json(os.path.join(run.output, "results.json"), summary)
+        with stops_explained(run_dir, run.epochs):
+            write_json(os.path.join(run.output, "results.json"), summary)
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """`main` for the shell: an error is one line (exit 1), Ctrl-C one line saying where --resume
+    continues (exit 130); under torchrun one process reports it."""
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, DownloadError) as e:
-        sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        if distributed.reported_here(e):
+            print(f"interrupted: {str(e) or NOTHING_HALF_WRITTEN}", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, FloatingPointError, DownloadError) as e:
+        if distributed.reported_here(e):
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

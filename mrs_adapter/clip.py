@@ -189,7 +189,11 @@ def load(name_or_path: str, device="cpu", download_root: str = None, activation:
     # a named backbone's file passed as a path is recognised by its published sha256
     name = name_or_path if name_or_path in available_models() else known_as(file_sha)
     activation, why = choose_activation(name or name_or_path, activation)
-    model = build_model(read_state_dict(path), activation).to(device)
+    state_dict = read_state_dict(path)
+    try:
+        model = build_model(state_dict, activation).to(device)
+    except ValueError as e:  # the tensors do not make a ViT CLIP: say which file
+        raise ValueError(f"CLIP weights {path}: {e}") from e
     model.backbone = {"clip": name_or_path, "name": name, "path": path, "sha256": file_sha,
                       "activation": activation, "activation_from": why}
     return model, transform(model.visual.input_resolution)

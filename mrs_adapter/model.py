@@ -358,6 +358,18 @@ def unwrap(state_dict: dict) -> dict:
     return state_dict
 
 
+def _check_shapes(state_dict: dict, expected: dict) -> None:
+    """One line naming the tensors whose shapes differ from the model's (torch gives a line per
+    tensor)."""
+    wrong = [f"{k} is {tuple(v.shape)}, not {tuple(expected[k].shape)}"
+             for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ValueError(f"{len(wrong)} tensor(s) do not fit the ViT CLIP that the other tensors' "
+                         f"shapes imply: {'; '.join(wrong[:3])}{more} (a damaged file, or not a "
+                         f"CLIP)")
+
+
 def build_model(state_dict: dict, activation: str = "quickgelu") -> CLIP:
     """State dict -> a ViT CLIP, its architecture read off the tensor shapes; strict, fp32, eval.
 
@@ -393,6 +405,7 @@ def build_model(state_dict: dict, activation: str = "quickgelu") -> CLIP:
             transformer_layers=len([k for k in state_dict if k.startswith("transformer.resblocks.")
                                     and k.endswith(".attn.in_proj_weight")]),
             vision_heads=max(1, vision_width // 64), activation=activation)
+    _check_shapes(state_dict, model.state_dict())
     # copies, so the model never shares memory with (and never trains) the caller's tensors
     copies = {k: v.to(torch.float32, copy=True) for k, v in state_dict.items()}
     result = model.load_state_dict(copies, strict=False, assign=True)

@@ -101,6 +101,8 @@ def test_zero_shot_is_refused_before_anything_is_written(tmp_path):
 def test_a_single_process_on_cuda_n_makes_it_current_first(device, current, monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two GPUs, here or not
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     args = train.get_parser().parse_args(["--dataset", "demo", "--device", device])
     train.setup(args)
     assert calls == ([current] if current else [])

@@ -114,8 +114,11 @@ def test_contradictory_eval_flags_are_errors(demo, eval_script, capsys):
 def test_precision_defaults_to_the_checkpoints_on_cuda_and_fp32_on_the_cpu(demo, eval_script,
                                                                             evaluate, tmp_path,
                                                                             monkeypatch):
-    cuda = eval_script.parse_args(["--dataset", "demo", "--checkpoint", "x.pt", "--device",
-                                   "cuda:0"])
+    with monkeypatch.context() as gpu:  # a GPU, here or not: only the flags are read
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        cuda = eval_script.parse_args(["--dataset", "demo", "--checkpoint", "x.pt", "--device",
+                                       "cuda:0"])
     assert [eval_script.eval_precision(cuda, p) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
     cuda.precision = "fp16"
     assert eval_script.eval_precision(cuda, "fp32") == "fp16"  # the flag wins

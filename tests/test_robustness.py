@@ -158,7 +158,7 @@ def test_resume_refuses_changed_settings_but_extends_epochs(demo, tmp_path):
     config = tmp_path / "run" / "seed2" / "config.json"
     before = config.read_text()
     with pytest.raises(
-        ValueError, match=r"differ from .*config.json: batch-size 16 -> 8; lr 0.001 -> 0.002\."
+        ValueError, match=r"differ from .*seed2/last.pt: batch-size 16 -> 8; lr 0.001 -> 0.002\."
     ):
         train.main(
             train_args(demo, tmp_path / "run", "--resume", "--lr", "2e-3", "--batch-size", "8")

@@ -11,8 +11,12 @@ from . import check, overlap
 
 def main(argv: Optional[List[str]] = None) -> int:
     """check: every problem of one dataset (check.py); overlap: copies between datasets
-    (overlap.py)."""
+    (overlap.py). An error the user can act on is one line on stderr (exit code 1)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["overlap"]:
-        return overlap.main(argv[1:])
-    return check.main(argv)
+    try:
+        if argv[:1] == ["overlap"]:
+            return overlap.main(argv[1:])
+        return check.main(argv)
+    except (OSError, ValueError) as e:  # OSError: also a dataset not found, a file not ours
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -14,7 +14,6 @@ Thresholds, from `python speed_bench.py --only overlap-measure` (300 demo scenes
 import argparse
 import csv
 import hashlib
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,15 +23,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, check_output
 from ..data import DATASETS, load_splits
 from ..datasets import read_image
 from ..demo import scenes as demo
+from ..run.checks import check_counts, refuse_repeats
+from .hash_cache import HashCache
 
 HAMMING_THRESHOLD = 18  # pHash bits that may differ in a near copy (measured: see the docstring)
 THUMB_THRESHOLD = 3.0  # mean |difference| of the 8x8 RGB thumbnails, in 0-255 levels
 CAPTION_MAX_IMAGES = 20  # a caption on more images is a template ("many buildings ..."), not a leak
-_VERSION = 2  # bump when a hash changes, so cached hashes are recomputed
 
 
 def _dct_matrix(n: int = 32) -> np.ndarray:
@@ -90,54 +90,29 @@ class Hashes:
         return Hashes([self.exact[k] for k in rows], self.phash[rows], self.thumb[rows])
 
 
-class HashCache:
-    """{absolute path: [size, mtime_ns, exact, phash, thumb hex]} in one JSON file: an image
-    whose size and modification time are unchanged is not decoded again."""
-
-    def __init__(self, path: Optional[str]):
-        self.path, self.entries, self.changed = path, {}, False
-        if path and os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-                if data.get("version") == _VERSION:
-                    self.entries = data["images"]
-            except (ValueError, KeyError, OSError):
-                print(f"warning: ignoring unreadable hash cache {path}")
-
-    def get(self, path: str):
-        stat, hit = os.stat(path), self.entries.get(os.path.abspath(path))
-        if hit and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
-            return hit[2], hit[3], bytes.fromhex(hit[4])
-        return None
-
-    def put(self, path: str, value: Tuple[str, int, bytes]):
-        stat = os.stat(path)
-        self.entries[os.path.abspath(path)] = [stat.st_size, stat.st_mtime_ns, value[0], value[1],
-                                               value[2].hex()]
-        self.changed = True
-
-    def save(self):
-        if not (self.path and self.changed):
-            return
-        try:
-            data = {"version": _VERSION, "images": self.entries}
-            atomic_write(self.path, lambda f: json.dump(data, f))
-        except OSError as e:  # a read-only data folder: the hashes are right, a rerun is slower
-            print(f"warning: cannot write the hash cache {self.path}: {e}")
+def _attempt(path: str):
+    """(hash_image(path), None), or (None, the error naming the file) for an unreadable image."""
+    try:
+        return hash_image(path), None
+    except (FileNotFoundError, ValueError) as e:
+        return None, str(e)
 
 
 def hash_images(paths: Sequence[str], cache: Optional[str] = None, threads: int = 2,
                 progress: bool = False) -> Hashes:
     """Hashes of `paths`, one per path (decoded in a thread pool, PIL releases the GIL; a path
-    listed twice is decoded once), read from and added to the cache file `cache`."""
+    listed twice is decoded once), read from and added to the cache file `cache`. An image that
+    cannot be read is a ValueError naming it, once every other one is hashed and cached."""
     unique = list(dict.fromkeys(paths))
     store, start = HashCache(cache), time.time()
     values: List = [store.get(p) for p in unique]
-    todo = [i for i, v in enumerate(values) if v is None]
+    todo, errors = [i for i, v in enumerate(values) if v is None], []
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        computed = pool.map(lambda i: hash_image(unique[i]), todo)
-        for n, (i, value) in enumerate(zip(todo, computed), 1):
+        computed = pool.map(lambda i: _attempt(unique[i]), todo)
+        for n, (i, (value, error)) in enumerate(zip(todo, computed), 1):
+            if error:
+                errors.append(error)
+                continue
             values[i] = value
             store.put(unique[i], value)
             if progress and (n % 1000 == 0 or n == len(todo)):
@@ -145,6 +120,10 @@ def hash_images(paths: Sequence[str], cache: Optional[str] = None, threads: int 
                 print(f"hashed {n}/{len(todo)} images ({len(unique) - len(todo)} cached), "
                       f"{rate:.0f}/s, eta {(len(todo) - n) / rate:.0f}s", flush=True)
     store.save()
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ValueError(f"{len(errors)} of {len(unique)} image(s) cannot be read: "
+                         f"{errors[0]}{more}")
     where = {p: k for k, p in enumerate(unique)}
     return Hashes.of(values).take(np.array([where[p] for p in paths], dtype=int))
 
@@ -279,13 +258,23 @@ def pair_counts(entries: Sequence[Entry], rows) -> Dict[Tuple[str, str], Dict[st
     return counts
 
 
-def write_csv(path: str, entries: Sequence[Entry], rows):
-    header = ["dataset_a", "split_a", "file_a", "dataset_b", "split_b", "file_b", "kind",
+CSV_HEADER = ["dataset_a", "split_a", "file_a", "dataset_b", "split_b", "file_b", "kind",
               "distance"]
 
+
+def is_overlap_csv(path: str) -> bool:
+    """Whether `path` starts with the header write_csv writes: a file this command may replace."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return next(csv.reader(f), None) == CSV_HEADER
+    except (OSError, ValueError, csv.Error):
+        return False
+
+
+def write_csv(path: str, entries: Sequence[Entry], rows):
     def write(f):
         out = csv.writer(f)
-        out.writerow(header)
+        out.writerow(CSV_HEADER)
         for i, j, kind, distance in rows:
             a, b = entries[i], entries[j]
             out.writerow([a.dataset, a.split, os.path.basename(a.path), b.dataset, b.split,
@@ -303,12 +292,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cache", help="hash cache file (default: <data-root>/.image_hashes.json)")
     parser.add_argument("--threads", type=int, default=2, help="image decoding threads")
     args = parser.parse_args(argv)
+    refuse_repeats("--datasets", args.datasets)  # a dataset against itself: every image a copy
+    check_counts({"--threads": (args.threads, 1)})
+    if args.csv:  # before any image is hashed: a path that cannot be written, a file not ours
+        check_output(args.csv, "--csv", is_overlap_csv, "the overlap command")
     start, entries = time.time(), []
     for name in args.datasets:
         if name == "demo":
             demo.prepare(args.data_root)
         entries += split_entries(name, load_splits(name, args.data_root))
-    rows = find_overlaps(entries, args.cache or default_cache(args.data_root), args.threads)
+    try:
+        rows = find_overlaps(entries, args.cache or default_cache(args.data_root), args.threads)
+    except ValueError as e:  # unreadable images
+        raise ValueError(f"{e}; `python -m mrs_adapter.prepare check --dataset <name> "
+                         f"--data-root {args.data_root}` lists every problem") from e
     print(f"{'split a':<16} {'split b':<16} {'exact':>6} {'near':>6} {'caption':>8}")
     for (a, b), n in pair_counts(entries, rows).items():
         print(f"{a:<16} {b:<16} {n['exact']:>6} {n['near']:>6} {n['caption']:>8}")

@@ -7,7 +7,6 @@ import argparse
 import os
 
 import torch
-import torch.distributed as dist
 
 from .. import clip
 from ..atomic import check_folder_writable
@@ -15,6 +14,7 @@ from ..data import CAPTIONS_PER_IMAGE, DATASETS
 from ..datasets import default_workers
 from ..methods import METHODS, default_lr, method_options
 from ..metrics import AMP_DTYPES
+from .checks import check_counts, check_device, local_processes, refuse_repeats
 from .distributed import Processes
 
 DATASET_NAMES = list(DATASETS)  # the registry of data.py
@@ -181,21 +181,35 @@ def default_clip(clip_flag: str, dataset: str, data_root: str) -> str:
 
 
 def make_demo_clip(run: Settings) -> None:
-    """Where run.clip is the demo's default (default_clip), pre-train that tiny CLIP once on rank 0
-    and cache it; the other ranks wait for it."""
+    """Where run.clip is the demo's default (default_clip), pre-train that tiny CLIP once and cache
+    it (train.py calls this on rank 0 only; the others wait for its outcome)."""
     from ..demo.backbone import default_path, load_or_pretrain
-    if run.clip != default_path(run.data_root):
-        return
-    if run.rank == 0:
+    if run.clip == default_path(run.data_root):
         load_or_pretrain(run.clip)
-    if run.world_size > 1:
-        dist.barrier()
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Errors in the flags alone, before any process group, data, model or disk access (so every
+    process of a torchrun stops alike), each naming its flag."""
+    a = args
+    check_counts({"--epochs": (a.epochs, 1), "--batch-size": (a.batch_size, 1),
+                  "--eval-batch-size": (a.eval_batch_size, 1), "--workers": (a.workers, 0),
+                  "--print-freq": (a.print_freq, 1), "--lr-decay-every": (a.lr_decay_every, 1),
+                  "--captions-per-image": (a.captions_per_image, 1)})
+    if a.batch_size < 2:  # both objectives: hmmc's hinges and info_nce's softmax
+        raise ValueError(f"--batch-size {a.batch_size}: the {a.objective} loss needs at least 2 "
+                         f"pairs in a batch (the others of the batch are each pair's negatives; "
+                         f"with one pair the loss is 0 and nothing trains). It is the global "
+                         f"batch: under torchrun each process encodes batch / processes pairs, "
+                         f"and the loss sees all of them")
+    if not 0.0 <= a.feature_dropout <= 1.0:
+        raise ValueError(f"--feature-dropout {a.feature_dropout}: expected a probability, 0 to 1")
+    for flag, values in (("--seeds", a.seeds), ("--dataset", a.datasets),
+                         ("--test-dataset", a.test_dataset)):
+        refuse_repeats(flag, values)
+    check_device(a.device, local_processes())
 
 
 def check_arguments(run: Settings) -> None:
-    """Errors that need no data, model or disk access, before anything slow starts."""
-    for flag in ("epochs", "batch_size", "print_freq", "captions_per_image"):
-        if getattr(run, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(run, flag)}: "
-                             f"expected a positive number")
+    """Errors that need the resolved settings but no data or model: the output folder."""
     check_folder_writable(run.output)

@@ -5,10 +5,14 @@ share of the batch; the embeddings of all processes are gathered before the loss
 hardest negatives are searched in the global batch, as on one device (docs/method.md §4).
 """
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from ..weights.download import DownloadError
+
+T = TypeVar("T")
 
 
 class Processes(NamedTuple):
@@ -30,14 +34,53 @@ def start(device: str, batch_size: int) -> Processes:
         # the CUDA-graph pool and autocast all use the current device, cuda:0 until told otherwise)
         torch.cuda.set_device(device)
     if world > 1:
+        if batch_size % world:  # before the process group: every process stops alike, none waits
+            raise ValueError(f"--batch-size {batch_size} is the global batch; it must divide by "
+                             f"the {world} processes")
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if batch_size % world:
-            raise ValueError(f"--batch-size {batch_size} is the global batch; it must divide by "
-                             f"the {world} processes")
     return Processes(world, rank, local_rank, device)
+
+
+# the errors a process may meet in a check, rebuilt by name in the processes that did not
+SHARED_ERRORS = {e.__name__: e for e in (ValueError, FileExistsError, FileNotFoundError,
+                                         FloatingPointError, OSError, DownloadError)}
+
+
+def together(step: Callable[[], T], every_rank: bool = True) -> T:
+    """`step()` run on every process (every_rank) or on rank 0 alone, then one outcome for all:
+    if it failed anywhere, every process raises the error of the lowest failing rank, which that
+    rank alone reports (`reported_here`). No process is left waiting at a barrier for one that
+    stopped; without torchrun it is `step()`."""
+    result, error = None, None
+    if every_rank or not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = step()
+        except Exception as e:  # anything: the others must hear of it, or they wait forever
+            error = e
+    if dist.is_initialized():
+        outcome = None if error is None else (type(error).__name__, str(error))
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, outcome)
+        failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+        if failed:
+            first, (kind, message) = failed[0]
+            if error is None:  # another process failed: the same error here, reported there
+                known = kind in SHARED_ERRORS
+                error = SHARED_ERRORS.get(kind, RuntimeError)(
+                    message if known else f"rank {first}: {kind}: {message}")
+            error.reported_by = first
+    if error is not None:
+        raise error
+    return result
+
+
+def reported_here(error: BaseException) -> bool:
+    """Whether this process prints `error`: the rank `together` named, else rank 0 (an error met
+    on every rank alike, such as a bad flag, is printed once)."""
+    return getattr(error, "reported_by", 0) == int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:

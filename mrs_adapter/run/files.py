@@ -7,7 +7,7 @@ A folder that already holds a run is never reused unless the user says `--resume
 import json
 import os
 import platform
-import shutil
+import re
 import subprocess
 from typing import List
 
@@ -35,22 +35,38 @@ class RunLog:
         atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in self.records))
 
 
+def written_by_a_run(name: str) -> bool:
+    """Whether a file `name` is one a run writes: RUN_FILES, or one's temporary copy that a killed
+    atomic_write left (<name>.<8 random characters>.tmp, tempfile's naming)."""
+    return name in RUN_FILES or any(re.fullmatch(re.escape(f) + r"\.[a-z0-9_]{8}\.tmp", name)
+                                    for f in RUN_FILES)
+
+
+def remove_run_files(folder: str, seeds: bool = True) -> None:
+    """Remove what a run wrote in `folder` (its run files; with `seeds`, those of its seed<N>/
+    folders) and nothing else: a seed folder that also holds a file of the user's stays, with
+    that file."""
+    for name in os.listdir(folder):
+        full = os.path.join(folder, name)
+        if os.path.isfile(full) and written_by_a_run(name):
+            os.remove(full)
+        elif seeds and re.fullmatch(r"seed\d+", name) and os.path.isdir(full):
+            remove_run_files(full, seeds=False)
+            if not os.listdir(full):
+                os.rmdir(full)
+
+
 def prepare_run_dir(path: str, resume: bool, overwrite: bool) -> None:
     """Refuse to write into a folder that holds files, unless resuming or told to overwrite.
 
-    --overwrite removes only the files a run writes (RUN_FILES, seed folders), nothing else;
-    train.py calls this only after every input has been checked (train.preflight)."""
+    --overwrite removes only the files a run writes (remove_run_files), nothing else; train.py
+    calls this only after every input has been checked (train.preflight)."""
     check_folder_writable(path)
     if os.path.isdir(path) and os.listdir(path) and not (resume or overwrite):
         raise FileExistsError(f"run folder {path} is not empty; pass --resume to continue that "
                               f"run, --overwrite to replace it, or another --output")
     if overwrite and os.path.isdir(path):
-        for name in os.listdir(path):
-            full = os.path.join(path, name)
-            if name in RUN_FILES or name.startswith("results."):
-                os.remove(full)
-            elif name.startswith("seed") and os.path.isdir(full):
-                shutil.rmtree(full)
+        remove_run_files(path)
     os.makedirs(path, exist_ok=True)
 
 

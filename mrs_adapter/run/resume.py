@@ -9,7 +9,8 @@ those in RESUMABLE, so that a resumed run ends exactly as an uninterrupted one
 import json
 import os
 import random
-from typing import Callable, List, Optional
+from contextlib import contextmanager
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from ..atomic import write_json
 from ..checkpoint import load_trainable, save_trainable
 from ..metrics import format_table
+from .checks import disk_full
 from .files import RunLog, read_jsonl
 
 
@@ -68,10 +70,11 @@ RETIRED = {"separate_views": False}
 
 
 def check_resume_config(old: dict, new: dict, path: str) -> None:
-    """A ValueError listing every setting that differs from the run's config.json (`path`),
-    except those in RESUMABLE: a resumed run must continue the run it resumes."""
-    new = json.loads(json.dumps({**RETIRED, **new}))  # as stored: tuples become lists
-    old = {**RETIRED, **old}
+    """A ValueError listing every setting that differs from the run's recorded ones (`old`, read
+    from `path`: last.pt or config.json), except those in RESUMABLE: a resumed run must continue
+    the run it resumes."""
+    # as config.json stores them: tuples become lists (last.pt's config keeps tuples)
+    new, old = (json.loads(json.dumps({**RETIRED, **c})) for c in (new, old))
     absent = "(not set)"
     changed = [f"{k.replace('_', '-')} {old.get(k, absent)!r} -> {new.get(k, absent)!r}"
                for k in sorted((set(old) | set(new)) - set(RESUMABLE) - {"environment"})
@@ -83,12 +86,58 @@ def check_resume_config(old: dict, new: dict, path: str) -> None:
                          f"another --output for a new run")
 
 
-def recorded_config(run_dir: str) -> Optional[dict]:
-    """The config.json of the run in `run_dir` that --resume would continue; None when there is
-    none (no last.pt or no config.json: that seed starts afresh)."""
-    path = os.path.join(run_dir, "config.json")
-    if not (os.path.isfile(os.path.join(run_dir, "last.pt")) and os.path.isfile(path)):
-        return None
+def recorded_config(run_dir: str) -> Optional[Tuple[dict, str]]:
+    """(the settings the seed in `run_dir` ran with, the file they were read from) for --resume to
+    compare, or None where that seed has not started (it starts afresh).
+
+    With last.pt, the config it holds: the one the checkpoint was trained with, there even where
+    config.json is gone. Without it, the seed starts again from epoch 0, with the settings of its
+    config.json, only where nothing past its first epoch would be lost (`lost_without_last`)."""
+    last, config = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "config.json")
+    if os.path.isfile(last):
+        recorded = _checkpoint_config(last)
+        if recorded is not None:
+            return recorded, last
+        if not os.path.isfile(config):
+            raise ValueError(f"--resume: {last} records no settings and {config} is missing, so "
+                             f"the run's settings cannot be checked; pass --overwrite to start "
+                             f"it again, or another --output")
+    else:
+        lost = lost_without_last(run_dir)
+        if lost:
+            raise ValueError(f"--resume: {run_dir} holds {lost} but no last.pt, the checkpoint a "
+                             f"run continues from; resuming would train this seed from scratch "
+                             f"and replace them. Put last.pt back, or pass --overwrite to start "
+                             f"the run again, or another --output")
+    return (_read_json(config), config) if os.path.isfile(config) else None
+
+
+def lost_without_last(run_dir: str) -> str:
+    """What a restart of the seed in `run_dir` from epoch 0 would replace beyond its first epoch
+    ("" for nothing): results.json, or a best.pt that log.jsonl does not show to be epoch 0's
+    (the one epoch that can end without a last.pt: a stop between the two saves)."""
+    trained = [f for f in ("best.pt", "results.json") if os.path.isfile(os.path.join(run_dir, f))]
+    if trained == ["best.pt"]:
+        try:
+            log = read_jsonl(os.path.join(run_dir, "log.jsonl"))
+        except (OSError, ValueError):  # unreadable: it cannot show that
+            log = []
+        if [r.get("epoch") for r in log if r.get("kind") == "val"] == [0]:
+            return ""
+    return " and ".join(trained)
+
+
+def _checkpoint_config(path: str) -> Optional[dict]:
+    """The "config" entry of a last.pt (memory-mapped: its tensors are not read), or None."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, or not a torch file
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e)[:200]}); pass --overwrite to start the run again") from e
+    return state.get("config") if isinstance(state, dict) else None
+
+
+def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -127,6 +176,9 @@ def start_or_resume(run, model, optimizer, paths: dict, config: dict, score: Cal
             print(f"resuming {os.path.dirname(paths['last.pt'])} at epoch {state['epoch'] + 1} "
                   f"(best val mR {best['mR']:.2f} at epoch {best['epoch']})")
         return state["epoch"] + 1, state["step"], best, state["initial"], log
+    if main_rank and run.resume and os.path.isfile(paths["config.json"]):
+        print(f"{os.path.dirname(paths['last.pt'])} has no last.pt yet: starting that seed again "
+              f"from epoch 0")
     log = RunLog(paths["log.jsonl"])
     initial = {s: score(s) for s in ["val"] + tests} if main_rank else {}
     if main_rank:
@@ -135,3 +187,39 @@ def start_or_resume(run, model, optimizer, paths: dict, config: dict, score: Cal
         log.write(kind="initial", epoch=-1, **scores)
         print(format_table([(f"before training ({k.split(':')[-1]})", initial[k]) for k in tests]))
     return 0, 0, {"mR": -1.0, "epoch": -1}, initial, log
+
+
+# what an interruption outside a seed's training can say
+NOTHING_HALF_WRITTEN = ("no run file is half-written (each is written under a temporary name, "
+                        "then renamed)")
+
+
+def resume_point(run_dir: str, epochs: int) -> str:
+    """Where `--resume` would continue the seed in `run_dir`, as its last.pt says."""
+    path = os.path.join(run_dir, "last.pt")
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except Exception:  # no last.pt yet (or not one train.py wrote)
+        return (f"{run_dir} has no last.pt yet, so the same command with --resume starts that "
+                f"seed again from epoch 0")
+    then = f"continues from epoch {epoch + 1}" if epoch + 1 < epochs else \
+        "tests its best.pt (its training had ended)"
+    return f"{path} (end of epoch {epoch}) is intact, and the same command with --resume {then}"
+
+
+@contextmanager
+def stops_explained(run_dir: str, epochs: int):
+    """Ctrl-C or a full disk while a seed runs, as one line saying what is intact and where
+    --resume continues. Every run file is written under a temporary name and renamed
+    (atomic.atomic_write), so none is ever half-written."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_point(run_dir, epochs)) from None
+    except OSError as e:
+        explained = disk_full(e, f"the file it would replace and the run's other files are whole "
+                                 f"(each is written under a temporary name, then renamed). Free "
+                                 f"some space; {resume_point(run_dir, epochs)}")
+        if explained is e:  # another OSError: as it was
+            raise
+        raise explained from e

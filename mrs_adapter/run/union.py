@@ -60,3 +60,20 @@ def check_images(run: Settings, splits: dict) -> None:
         n, run.data_root, run.layout or DATASETS[n][0], run.image_dir, run.captions_per_image))
         for n in names)
     verify_images(splits, hint=hint)
+
+
+def check_splits(run: Settings, splits: dict, dropped: Optional[dict]) -> None:
+    """A ValueError naming the split a seed could not use: a training split of fewer than 2 pairs
+    (nothing to contrast), a validation or test split without an image, e.g. after every one was
+    dropped as a copy of a test image."""
+    for key, split in splits.items():
+        train = key == "train"
+        count, least = (len(split.captions), 2) if train else (len(split.image_paths), 1)
+        if count >= least:
+            continue
+        gone = (dropped or {}).get(key)
+        why = (f" after {gone} image(s) were dropped as copies of test images (--keep-overlap "
+               f"keeps them)" if gone else "")
+        need = "training needs at least 2" if train else "it needs at least 1"
+        raise ValueError(f"the {key} split of {run.dataset} holds {count} "
+                         f"{'caption-image pair' if train else 'image'}(s){why}; {need}")
