@@ -6,7 +6,15 @@
     python search.py query INDEX_DIR --image my_scene.tif --json hits.json
     python search.py export INDEX_DIR --out emb.npy                            # + emb.manifest.json
 
-Large images are cut into --tile px tiles every --stride px (mrs_adapter/search/index.py says why
+GeoTIFF / COG (pip install -e ".[geo]"; docs/geotiff.md): read by window, bands, stretch, nodata,
+coordinates; hits as GeoJSON, a map, refined queries (docs/search-outputs.md):
+    python search.py index SCENES --out INDEX --clip ViT-B/32 --gsd 0.5 --bands 3 2 1
+    python search.py query INDEX "a marina" --geojson hits.geojson --map hits.png
+    python search.py query INDEX "a marina" --like hits.json:1,4 --unlike hits.json:7
+    python search.py query INDEX "a marina" --within 14.2 40.8 14.3 40.9 --min-score 0.25
+    python search.py export INDEX --geoparquet emb.parquet
+
+Large images are cut into --tile px tiles every --stride px (mrs_adapter/search/grid.py says why
 256 / 192); a rerun embeds only new or changed files, and an interrupted run continues.
 """
 import argparse
@@ -16,6 +24,7 @@ import sys
 import textwrap
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
@@ -25,12 +34,17 @@ from mrs_adapter.atomic import (
     check_folder_writable,
     check_output,
     has_mark,
-    write_json,
 )
 from mrs_adapter.datasets import default_workers
+from mrs_adapter.search import hits as hit_files
 from mrs_adapter.search import index as search
 from mrs_adapter.search import query as search_query
-from mrs_adapter.search.store import check_index_folder, check_same_model
+from mrs_adapter.search.hit_map import draw_map
+from mrs_adapter.search.outputs import written_by_us
+from mrs_adapter.search.readers import RasterioMissing, choose_reader
+from mrs_adapter.search.refine import FORMULA, combine_query, describe_query
+from mrs_adapter.search.store import DEFAULT_RASTER, check_index_folder, check_same_model
+from mrs_adapter.search.tiling import RasterOptions, picture
 from mrs_adapter.tokenizer import token_count
 from mrs_adapter.weights.download import DownloadError
 
@@ -68,21 +82,63 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     index.add_argument("--prune", action="store_true",
                        help="allow this run to remove more than half of the indexed images "
                             "(without it, an empty, unmounted or unreadable folder is refused)")
-    query.add_argument("index", help="index folder written by `search.py index`")
-    query.add_argument("text", nargs="?", help="the text query")
-    query.add_argument("--image", help="query by this image instead of a text")
-    query.add_argument("--top", type=int, default=20)
-    query.add_argument("--json", help="write [{rank, score, path, box}, ...] here")
-    query.add_argument("--sheet", help="draw the query and its hits with scores into this PNG")
+    add_raster_flags(index)
+    add_query_flags(query)
     export.add_argument("index")
-    export.add_argument("--out", required=True, help="embeddings .npy (float16); the manifest goes "
-                                                     "beside it as <name>.manifest.json")
+    export.add_argument("--out", help="embeddings .npy (float16); the manifest goes beside it as "
+                                      "<name>.manifest.json")
+    export.add_argument("--geoparquet", help="GeoParquet: one row per tile with its WKB "
+                                             "footprint and embedding (docs/search-outputs.md)")
     args = p.parse_args(argv)
     if args.command == "index" and not (args.checkpoint or args.clip):
         p.error("index needs --checkpoint best.pt or --clip NAME_OR_FILE (zero-shot)")
-    if args.command == "query" and (args.text is None) == (args.image is None):
-        p.error("query needs a text or --image PATH (one of them)")
+    if args.command == "query" and not (args.text or args.image or args.like):
+        p.error("query needs a text, --image PATH or --like FILE:RANK")
+    if args.command == "export" and not (args.out or args.geoparquet):
+        p.error("export needs --out EMB.npy or --geoparquet EMB.parquet (or both)")
     return args
+
+
+def add_raster_flags(index):
+    """index's GeoTIFF flags (docs/geotiff.md; read with rasterio, the [geo] extra)."""
+    index.add_argument("--bands", type=int, nargs="+", metavar="N",
+                       help="GeoTIFF bands shown as red, green, blue, 1-based as GDAL numbers "
+                            "them (one: gray); default the bands named red, green, blue, else "
+                            "1 2 3")
+    index.add_argument("--gsd", type=float, metavar="METRES",
+                       help="resample every scene to this ground sampling distance before "
+                            "tiling (UCM, the finest training set, is 0.3 m)")
+    index.add_argument("--stretch", type=float, nargs=2, metavar=("MIN", "MAX"),
+                       help="map MIN..MAX to 0..255 in every scene that is not 8-bit (default: "
+                            "each scene's 2nd-98th percentiles of its valid pixels)")
+    index.add_argument("--max-nodata", type=float, default=DEFAULT_RASTER["max_nodata"],
+                       help="leave out tiles with more than this fraction of nodata (0.5)")
+
+
+def add_query_flags(query):
+    """query's inputs (positives, negatives: docs/search-outputs.md) and outputs."""
+    query.add_argument("index", help="index folder written by `search.py index`")
+    query.add_argument("text", nargs="*", help="text queries (positives)")
+    query.add_argument("--image", action="append", default=[], metavar="PATH",
+                       help="an image as a positive example (repeatable)")
+    query.add_argument("--not", dest="negative", action="append", default=[], metavar="PATH",
+                       help="an image as a negative example (repeatable)")
+    query.add_argument("--like", action="append", default=[], metavar="FILE:R1,R2",
+                       help="hits of an earlier query (its --json or --geojson) as positives")
+    query.add_argument("--unlike", action="append", default=[], metavar="FILE:R",
+                       help=f"hits of an earlier query as negatives. Several examples: "
+                            f"{FORMULA}")
+    query.add_argument("--top", type=int, default=20)
+    query.add_argument("--min-score", type=float, metavar="S",
+                       help="every hit scoring at least S (however many), instead of --top")
+    query.add_argument("--within", type=float, nargs=4, metavar=("WEST", "SOUTH", "EAST",
+                                                                  "NORTH"),
+                       help="only tiles whose WGS84 footprint meets this lon/lat box")
+    query.add_argument("--json", help="write the hits (rank, score, path, box, crs, bounds, "
+                                      "footprint) here")
+    query.add_argument("--geojson", help="write the hits as an RFC 7946 FeatureCollection")
+    query.add_argument("--map", help="draw the hits' outlines on each scene's overview (PNG)")
+    query.add_argument("--sheet", help="draw the query and its hits with scores into this PNG")
 
 
 def check_device(device: str):
@@ -116,22 +172,58 @@ def check_arguments(args):
         if args.workers is not None and args.workers < 0:
             raise ValueError(f"--workers {args.workers}: expected 0 (decode in the main process) "
                              f"or more")
+        raster_options(args)  # its errors, before anything is read
         if not os.path.isdir(args.images):
             raise FileNotFoundError(f"image folder not found: {args.images}")
         check_folder_writable(args.out, "--out")
         check_index_folder(args.out, args.images)
     elif args.command == "query":
-        if args.text is not None and not args.text.strip():
-            raise ValueError("the query text is empty; give a text, or --image PATH")
-        if args.json:
-            check_output(args.json, "--json", search_query.is_hits_file, "search.py query")
-        if args.sheet:
-            check_output(args.sheet, "--sheet", lambda path: has_mark(path, SHEET_WRITTEN_BY),
-                         "search.py query")
+        check_query(args)
     else:
-        check_output(args.out, "--out", search_query.is_export, "search.py export")
-        check_output(search_query.manifest_path(args.out), "--out (its manifest)",
-                     search_query.is_export_manifest, "search.py export")
+        if args.out:
+            check_output(args.out, "--out", search_query.is_export, "search.py export")
+            check_output(search_query.manifest_path(args.out), "--out (its manifest)",
+                         search_query.is_export_manifest, "search.py export")
+        if args.geoparquet:
+            check_output(args.geoparquet, "--geoparquet", written_by_us, "search.py export")
+
+
+def check_query(args):
+    """query's inputs and outputs, before the model is loaded."""
+    if any(not text.strip() for text in args.text):
+        raise ValueError("a query text is empty; give a text, or --image PATH")
+    if args.min_score is not None and not -1.0 <= args.min_score <= 1.0:
+        raise ValueError(f"--min-score {args.min_score:g}: expected a cosine score from -1 to 1")
+    if args.within:
+        args.within = hit_files.check_lonlat_box(*args.within)
+    for flag in ("like", "unlike"):
+        for ref in getattr(args, flag):
+            hit_files.parse_ref(ref, f"--{flag}")
+    for path in args.image + args.negative:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image not found: {path}")
+    outputs = {"--json": (args.json, search_query.is_hits_file),
+               "--geojson": (args.geojson, written_by_us), "--map": (args.map, written_by_us),
+               "--sheet": (args.sheet, lambda path: has_mark(path, SHEET_WRITTEN_BY))}
+    for flag, (path, ours) in outputs.items():
+        if path:
+            check_output(path, flag, ours, "search.py query")
+
+
+def raster_options(args) -> RasterOptions:
+    """index's GeoTIFF flags as RasterOptions; an error naming the flag for a bad value."""
+    if args.bands is not None and (len(args.bands) not in (1, 3) or min(args.bands) < 1):
+        raise ValueError(f"--bands {' '.join(map(str, args.bands))}: expected 1 or 3 band "
+                         f"numbers from 1 (as GDAL numbers them)")
+    if args.gsd is not None and not args.gsd > 0:
+        raise ValueError(f"--gsd {args.gsd:g}: expected metres per pixel above 0")
+    if args.stretch is not None and not args.stretch[0] < args.stretch[1]:
+        raise ValueError(f"--stretch {args.stretch[0]:g} {args.stretch[1]:g}: expected MIN "
+                         f"below MAX")
+    if not 0.0 <= args.max_nodata <= 1.0:
+        raise ValueError(f"--max-nodata {args.max_nodata:g}: expected a fraction from 0 to 1")
+    return RasterOptions(tuple(args.bands) if args.bands else None, args.gsd,
+                         tuple(args.stretch) if args.stretch else None, args.max_nodata)
 
 
 def if_disk_full(e: OSError, safe: str):
@@ -150,12 +242,43 @@ def run_index(args) -> int:
     try:
         result = search.build_index(args.images, args.out, model, preprocess, identity,
                                     args.tile, args.stride, args.batch_size, args.workers,
-                                    args.save_every, args.device, prune=args.prune)
+                                    args.save_every, args.device, prune=args.prune,
+                                    options=raster_options(args))
     except OSError as e:
         if_disk_full(e, f"the index in {args.out} is as last committed, and the images embedded "
                         f"before the last save stay in its parts/ for the next run")
         raise
     return 0 if result["rows"] else 1
+
+
+def query_examples(args, index, model, preprocess):
+    """(positives, negatives): [(label, (E,) embedding)] of the texts, --image, --like (the
+    rows the index holds for those hits) and --not, --unlike."""
+    options = RasterOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in
+                               index.manifest.get("raster", DEFAULT_RASTER).items()})
+
+    def image(path):
+        return f"image {path}", search_query.embed_image(model, preprocess, args.device, path,
+                                                         options)
+
+    def hits(ref, flag):
+        found = []
+        for hit in hit_files.hits_by_rank(ref, flag):
+            row = index.row_of(hit["path"], hit.get("box"))
+            if row is None:
+                raise ValueError(f"{flag} {ref}: rank {hit['rank']} ({hit['path']} "
+                                 f"{hit.get('box')}) is not in index {args.index}")
+            label = f"{ref.rpartition(':')[0]}:{hit['rank']} ({hit['path']} {hit.get('box')})"
+            found.append((label, np.asarray(index.embeddings[row], np.float32)))
+        return found
+
+    positives = [(f'text "{t}"', search_query.embed_text(model, args.device, t))
+                 for t in args.text]
+    positives += [image(path) for path in args.image]
+    positives += [h for ref in args.like for h in hits(ref, "--like")]
+    negatives = [image(path) for path in args.negative]
+    negatives += [h for ref in args.unlike for h in hits(ref, "--unlike")]
+    return positives, negatives
 
 
 def run_query(args) -> List[Dict]:
@@ -168,41 +291,84 @@ def run_query(args) -> List[Dict]:
         checkpoint, backbone, args.device, activation, args.clip_sha256,
         activation_from=None if args.clip_activation else f"recorded in index {args.index}")
     check_same_model(recorded, identity, f"index {args.index}")
-    if args.text is not None and token_count(args.text) > model.context_length:
-        print(f"warning: the query text is {token_count(args.text)} tokens, more than the "
-              f"model's {model.context_length}-token context: only its first "
-              f"{model.context_length - 2} tokens are used")
-    query = search_query.embed_query(model, preprocess, args.device, args.text, args.image)
-    hits = index.search(query, args.top)
+    for text in args.text:
+        if token_count(text) > model.context_length:
+            print(f"warning: the query text is {token_count(text)} tokens, more than the "
+                  f"model's {model.context_length}-token context: only its first "
+                  f"{model.context_length - 2} tokens are used")
+    positives, negatives = query_examples(args, index, model, preprocess)
+    described = describe_query([p for p, _ in positives], [n for n, _ in negatives])
+    if len(positives) + len(negatives) > 1:
+        print(described)
+    query = combine_query([e for _, e in positives], [e for _, e in negatives])
+    hits = index.search(query, args.top, args.min_score, args.within)
+    if not hits:
+        print("no hit" + (" in the --within box (only georeferenced tiles can be in it)"
+                          if args.within else " at or above --min-score"))
     for h in hits:
         box = f"  {h['box']}" if h["box"] else ""
         print(f"{h['rank']:>4}  {h['score']:.4f}  {h['path']}{box}")
     try:
-        if args.json:
-            write_json(args.json, hits)
-        if args.sheet:
-            title = args.text or f"image: {os.path.basename(args.image)}"
-            contact_sheet(title, args.image, hits, args.sheet)
-            print(f"wrote {args.sheet}")
+        write_hits(args, index, hits, described)
     except OSError as e:
         if_disk_full(e, "that file was not written, and nothing it would replace is lost")
         raise
     return hits
 
 
+def write_hits(args, index, hits: List[Dict], described: str):
+    """--json, --geojson, --sheet and --map of the hits."""
+    if args.json:
+        hit_files.write_hits_json(args.json, hits, described)
+    if args.geojson:
+        unplaced = hit_files.write_geojson(args.geojson, hits, described)
+        print(f"wrote {args.geojson}" + (f" ({unplaced} hit(s) without georeferencing: null "
+                                         f"geometry)" if unplaced else ""))
+    records = {h["path"]: index.manifest["files"][index_rel(index, h["path"])].get("raster")
+               for h in hits}
+    if args.sheet:
+        title = " ".join(args.text) or f"image: {os.path.basename((args.image or ['?'])[0])}"
+        contact_sheet(title, (args.image or [None])[0], hits, args.sheet, records)
+        print(f"wrote {args.sheet}")
+    if args.map and hits:
+        draw_map(args.map, map_scenes(hits, records))
+        print(f"wrote {args.map}")
+
+
+def index_rel(index, path: str) -> str:
+    return os.path.relpath(path, index.manifest["images"]).replace(os.sep, "/")
+
+
+def map_scenes(hits: List[Dict], records: Dict) -> List[Dict]:
+    """hit_map's scenes: per file the hits fall in (in order of their best hit), its overview."""
+    by_path = {}
+    for h in hits:
+        by_path.setdefault(h["path"], []).append(h)
+    side = 1024 if len(by_path) <= 4 else 512
+    scenes = []
+    for path, mine in by_path.items():
+        overview, scale = picture(path, None, records[path], max_side=side)
+        scenes.append({"path": path, "overview": overview, "scale": scale, "hits": mine})
+    return scenes
+
+
 def contact_sheet(title: str, query_image: Optional[str], hits: List[Dict], path: str,
-                  columns: int = 5, thumb: int = 128):
+                  records: Optional[Dict] = None, columns: int = 5, thumb: int = 128):
     """A PNG: the query (its text, and the image for an image query), then each hit's image or
-    tile with its rank and score."""
+    tile with its rank and score; records: path -> its index raster record (GeoTIFFs)."""
     pad, text_h = 6, 30
     cells = ([query_image] if query_image else []) + list(hits)
     names = [cell if isinstance(cell, str) else cell["path"] for cell in cells]
-    thumbs = {}
+    thumbs, records = {}, records or {}
     for name in dict.fromkeys(names):  # tiles of one large scene often rank together: one decode
-        image = search.open_image(name)  # 8-bit RGB (datasets.to_rgb8)
+        whole = search.open_image(name) if choose_reader(name) == "pillow" else None
         for c in (c for c, n in enumerate(names) if n == name):
             box = None if isinstance(cells[c], str) else cells[c]["box"]
-            thumbs[c] = ImageOps.fit(image.crop(tuple(box)) if box else image, (thumb, thumb))
+            if whole is not None:  # Pillow: 8-bit RGB (datasets.to_rgb8), cropped
+                image = whole.crop(tuple(box)) if box else whole
+            else:  # rasterio: the tile's window, shown as it was indexed
+                image = picture(name, box, records.get(name), max_side=4 * thumb)[0]
+            thumbs[c] = ImageOps.fit(image, (thumb, thumb))
     rows = (len(cells) + columns - 1) // columns
     size = (pad + columns * (thumb + pad), text_h + rows * (thumb + text_h))
     canvas = Image.new("RGB", size, "white")
@@ -223,12 +389,16 @@ def contact_sheet(title: str, query_image: Optional[str], hits: List[Dict], path
 
 def run_export(args) -> int:
     try:
-        npy, manifest = search_query.export(args.index, args.out)
+        if args.out:
+            npy, manifest = search_query.export(args.index, args.out)
+            print(f"wrote {npy} and {manifest}")
+        if args.geoparquet:
+            rows = search_query.export_geoparquet(args.index, args.geoparquet)
+            print(f"wrote {args.geoparquet} ({rows} rows)")
     except OSError as e:
         if_disk_full(e, "that file was not written (nothing it would replace is lost); an export "
                         "is whole once both its .npy and its manifest are written")
         raise
-    print(f"wrote {npy} and {manifest}")
     return 0
 
 
@@ -242,7 +412,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
     """`main` for the shell: an error the user can act on is one line (exit 1), not a traceback."""
     try:
         result = main(argv)
-    except (OSError, ValueError, DownloadError) as e:  # OSError: also files not found, disk full
+    except (OSError, ValueError, DownloadError, RasterioMissing) as e:  # OSError: also not found
         raise SystemExit(f"error: {e}")
     return result if isinstance(result, int) else 0
 

@@ -16,7 +16,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import clip
@@ -24,6 +23,8 @@ from ..datasets import read_image, split_at_to_tensor
 from ..metrics import encode_batches
 from ..run.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
 from ..weights.download import sha256_of
+from .grid import STRIDE, TILE, tile_boxes  # noqa: F401 (tile_boxes: as before)
+from .readers import RasterioMissing
 from .scan import file_stats, list_images, unseen  # noqa: F401 (list_images: as before)
 from .store import (
     Part,
@@ -35,14 +36,9 @@ from .store import (
     part_numbers,
     reusable_rows,
 )
+from .tiling import Chunk, RasterOptions, file_chunks, read_tiles  # noqa: F401 (read_tiles)
 
-# The retrieval sets' scenes are 256 px (RSITMD, UCM) or 224 px (RSICD), and CLIP sees 224 px:
-# a 256 px tile shows a large image at the scale the model was trained on.
-# Stride 192 = 25% overlap, so an object cut by one tile border lies whole in a neighbour if it
-# is at most 64 px wide; images up to 1.5 tiles (384 px) stay whole (the crop keeps >= 2/3).
-TILE, STRIDE, WHOLE_UP_TO = 256, 192, 1.5
 SAVE_EVERY = 1000
-Box = Optional[Tuple[int, int, int, int]]  # (left, top, right, bottom) in pixels; None = whole
 
 
 def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None, device="cpu",
@@ -74,74 +70,48 @@ def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None
     return model.to(device).eval(), preprocess, identity
 
 
-def _starts(length: int, tile: int, stride: int) -> List[int]:
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)  # the last tile flush with the edge
-    return starts
-
-
-def tile_boxes(width: int, height: int, tile: int = TILE, stride: int = STRIDE) -> List[Box]:
-    """[None] for an image of at most WHOLE_UP_TO tiles a side; else boxes of `tile` px every
-    `stride` px, row by row, the last row and column flush with the edge: together they cover it."""
-    if max(width, height) <= WHOLE_UP_TO * tile:
-        return [None]
-    return [(x, y, min(x + tile, width), min(y + tile, height))
-            for y in _starts(height, tile, stride) for x in _starts(width, tile, stride)]
-
-
-def _copy(image):
-    return image.copy()  # read_image closes the file; keep the decoded pixels
-
-
 def open_image(path: str):
     """The decoded PIL image, through the package's one image reader (datasets.read_image)."""
-    return read_image(path, _copy)
+    return read_image(path, lambda image: image.copy())  # read_image closes the file
 
 
-def iter_tiles(path: str, decode, tile: int, stride: int, chunk: int):
-    """(first, n, boxes, (T, C, H, W) uint8 tiles after `decode`) of one image, `chunk` tiles at a
-    time, boxes [first, first + T) of its n: however large the scene, only the decoded image
-    (3 bytes a pixel) and one chunk are held, never all its tiles at once."""
-    pixels = read_image(path, np.asarray)  # (H, W, 3) uint8, the image closed
-    boxes = tile_boxes(pixels.shape[1], pixels.shape[0], tile, stride)
-    for first in range(0, len(boxes), chunk):
-        tiles = [np.asarray(decode(Image.fromarray(pixels if box is None else
-                                                   pixels[box[1]:box[3], box[0]:box[2]])),
-                            dtype=np.uint8) for box in boxes[first:first + chunk]]  # (H, W, C)
-        x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()  # (T, C, H, W)
-        yield first, len(boxes), boxes[first:first + chunk], x
+def _errors() -> tuple:
+    """What a file that cannot be read raises: Pillow's and the package's errors, rasterio's
+    (when installed) and RasterioMissing (an ImportError naming the file and the extra)."""
+    errors = (OSError, ValueError, SyntaxError, MemoryError, RasterioMissing)
+    try:
+        from rasterio.errors import RasterioError
+    except ImportError:
+        return errors
+    return errors + (RasterioError,)
 
 
-def read_tiles(path: str, decode, tile: int, stride: int) -> Tuple[torch.Tensor, List[Box]]:
-    """(T, C, H, W) uint8 tiles of one image after `decode` (resize + crop, the steps before
-    ToTensor), and their boxes: all of them at once (a test and the benchmark; `index` streams)."""
-    chunks = list(iter_tiles(path, decode, tile, stride, chunk=256))
-    return torch.cat([x for *_, x in chunks]), [b for _, _, boxes, _ in chunks for b in boxes]
+def _as_is(items):
+    return items  # DataLoader's collate_fn: a Chunk passes through as it is
 
 
 class _TileStream(IterableDataset):
-    """Items (i, first, n, boxes, uint8 tiles, None) of files[i], at most `chunk` tiles each, or
-    (i, 0, 0, None, None, error) for an unreadable file. With W loader processes, process w reads
-    files w, w + W, ...: each holds one decoded image and its prefetched chunks."""
+    """Items (i, Chunk, None) of files[i], at most `chunk` tiles each, or (i, None, error) for a
+    file that cannot be read. With W loader processes, process w reads files w, w + W, ...: each
+    holds one scene's reader (Pillow: the decoded image) and its prefetched chunks."""
 
-    def __init__(self, root: str, files: List[str], decode, tile: int, stride: int, chunk: int):
+    def __init__(self, root: str, files: List[str], decode, tile: int, stride: int, chunk: int,
+                 options: RasterOptions):
         self.root, self.files, self.decode = root, files, decode
-        self.tile, self.stride, self.chunk = tile, stride, chunk
+        self.tile, self.stride, self.chunk, self.options = tile, stride, chunk, options
 
     def __iter__(self):
-        worker = get_worker_info()
+        worker, errors = get_worker_info(), _errors()
         mine = range(len(self.files)) if worker is None else \
             range(worker.id, len(self.files), worker.num_workers)
         for i in mine:
             path = os.path.join(self.root, self.files[i])
             try:
-                for item in iter_tiles(path, self.decode, self.tile, self.stride, self.chunk):
-                    yield (i, *item, None)
-            except (OSError, ValueError, SyntaxError, MemoryError) as e:
-                yield i, 0, 0, None, None, str(e) or type(e).__name__
+                for chunk in file_chunks(path, self.decode, self.tile, self.stride, self.chunk,
+                                         self.options):
+                    yield i, chunk, None
+            except errors as e:
+                yield i, None, str(e) or type(e).__name__
 
 
 def encode_images(model, x: torch.Tensor, device) -> np.ndarray:
@@ -205,41 +175,69 @@ def _check_losses(manifest: Dict, kept, images: str, out: str, prune: bool, late
 
 
 class _Scene:
-    """One image's tile boxes and rows while its tiles are being encoded."""
+    """One file's kept tiles (boxes, places) and rows while its chunks are being encoded."""
 
-    def __init__(self, n: int):
-        self.boxes, self.rows, self.left = [None] * n, None, n
+    def __init__(self):
+        self.boxes, self.places, self.rows, self.received = [], [], [], 0
+        self.info = None  # the last chunk's: the file's reader, CRS, dropped tiles, record
 
-    def put(self, first: int, rows: np.ndarray) -> bool:
-        """Store rows [first, first + k); True once every row is in."""
-        if self.rows is None:
-            self.rows = np.empty((len(self.boxes), rows.shape[1]), np.float16)
-        self.rows[first:first + len(rows)] = rows
-        self.left -= len(rows)
-        return self.left == 0
+    def add(self, chunk: Chunk):
+        self.boxes += chunk.boxes
+        self.places += chunk.places
+        if chunk.last:
+            self.info = chunk.info
+
+    def put(self, rows: np.ndarray):
+        """Rows of the next tiles (the encoder returns a file's tiles in order)."""
+        self.rows.append(rows)
+        self.received += len(rows)
+
+    @property
+    def done(self) -> bool:
+        return self.info is not None and self.received == len(self.boxes)
+
+    def entry(self) -> Dict:
+        """The file's index entry beside size, mtime_ns and first (store.ENTRY)."""
+        georeferenced = any(p is not None for p in self.places)
+        entry = {"boxes": [None if b is None else list(b) for b in self.boxes],
+                 "reader": self.info["reader"], "crs": self.info["crs"],
+                 "dropped": self.info["dropped"],
+                 "bounds": [p and p["bounds"] for p in self.places] if georeferenced else None,
+                 "footprints": [p and p["footprint"] for p in self.places]
+                 if georeferenced else None}
+        if "raster" in self.info:
+            entry["raster"] = self.info["raster"]
+        return entry
+
+    def stacked(self) -> Optional[np.ndarray]:
+        """(kept tiles, E) float16, or None for a file with no tile kept (all nodata)."""
+        return np.concatenate(self.rows) if self.rows else None
 
 
 def _embed(images: str, todo: List[str], stats: Dict, skipped: Dict, model, preprocess,
-           part: Part, sources: Dict, tile: int, stride: int, batch_size: int, workers: int,
-           save_every: int, device, log) -> Tuple[Part, int]:
-    """Embed the files `todo` into parts (saved every `save_every` images); unreadable ones go
-    into `skipped`. Returns the part being filled and the number of tiles embedded."""
+           part: Part, sources: Dict, settings: Dict, log) -> Tuple[Part, int]:
+    """Embed the files `todo` into parts (saved every settings["save_every"] images); unreadable
+    ones go into `skipped`. Returns the part being filled and the number of tiles embedded."""
     decode, finish = split_at_to_tensor(preprocess)  # workers decode + resize + crop; we normalise
-    stream = _TileStream(images, todo, decode, tile, stride, chunk=batch_size)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers)  # 0: decoded here
-    encoder, scenes = _Encoder(model, finish, batch_size, device), {}  # {i: _Scene}
+    batch_size = settings["batch_size"]
+    stream = _TileStream(images, todo, decode, settings["tile"], settings["stride"], batch_size,
+                         settings["options"])
+    loader = DataLoader(stream, batch_size=None, num_workers=settings["workers"],
+                        collate_fn=_as_is)  # 0 workers: decoded here
+    encoder, scenes = _Encoder(model, finish, batch_size, settings["device"]), {}  # {i: _Scene}
     done, n_tiles, since_save, start, last = 0, 0, 0, time.time(), time.time()
 
-    def finished(encoded):  # rows back from the encoder: a scene whose rows are all in is done
+    def finish_scenes(encoded=()):  # rows back from the encoder; a scene with all its rows is done
         nonlocal done, n_tiles, since_save
-        for i, first, rows in encoded:
-            scene = scenes.get(i)  # None: a file that failed after some of its tiles were read
-            if scene is not None and scene.put(first, rows):
-                part.add(todo[i], stats[todo[i]], scene.boxes, scene.rows)
-                del scenes[i]
-                done, n_tiles, since_save = done + 1, n_tiles + len(scene.boxes), since_save + 1
+        for i, _, rows in encoded:
+            if i in scenes:  # not: a file that failed after some of its tiles were read
+                scenes[i].put(rows)
+        for i in [i for i, scene in scenes.items() if scene.done]:
+            scene = scenes.pop(i)
+            part.add(todo[i], stats[todo[i]], scene.entry(), scene.stacked())
+            done, n_tiles, since_save = done + 1, n_tiles + len(scene.boxes), since_save + 1
 
-    for i, first, n, boxes, tiles, error in loader:
+    for i, chunk, error in loader:
         if error is not None:
             scenes.pop(i, None)
             skipped[todo[i]] = {"size": stats[todo[i]][0], "mtime_ns": stats[todo[i]][1],
@@ -247,16 +245,14 @@ def _embed(images: str, todo: List[str], stats: Dict, skipped: Dict, model, prep
             log(f"  skipped {todo[i]}: {error}")
             done += 1
         else:
-            if i not in scenes:
-                scenes[i] = _Scene(n)
-            scenes[i].boxes[first:first + len(boxes)] = boxes
-            finished(encoder.add(i, first, tiles))
-        if since_save >= save_every:  # a killed run keeps these; the rerun continues after them
+            scenes.setdefault(i, _Scene()).add(chunk)
+            finish_scenes(encoder.add(i, chunk.first, chunk.tiles) if chunk.boxes else ())
+        if since_save >= settings["save_every"]:  # a killed run keeps these; a rerun goes on
             part, since_save = part.save(sources), 0
         if time.time() - last > 2:
             _progress(done, len(todo), n_tiles, start, log)
             last = time.time()
-    finished(encoder.flush())
+    finish_scenes(encoder.flush())
     if todo:
         _progress(done, len(todo), n_tiles, start, log)
     return part, n_tiles
@@ -264,10 +260,14 @@ def _embed(images: str, todo: List[str], stats: Dict, skipped: Dict, model, prep
 
 def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: int = TILE,
                 stride: int = STRIDE, batch_size: int = 64, workers: int = 0,
-                save_every: int = SAVE_EVERY, device="cpu", log=print, prune: bool = False) -> Dict:
+                save_every: int = SAVE_EVERY, device="cpu", log=print, prune: bool = False,
+                options: RasterOptions = RasterOptions()) -> Dict:
     """Embed every new or changed image under `images` into the index folder `out` (see the module
-    docstring); returns counts, the skipped files with their errors, and images/s. `prune`
-    allows a run to drop more than half of the indexed images (see _check_losses)."""
+    docstring); returns counts, the skipped files with their errors, and images/s.
+
+    prune: allow a run to drop more than half of the indexed images (see _check_losses).
+    options: how rasterio shows GeoTIFFs (--bands, --gsd, --stretch, --max-nodata); recorded in
+    index.json, and an index answers for one setting."""
     if not os.path.isdir(images):
         raise FileNotFoundError(f"image folder not found: {images}")
     try:
@@ -276,7 +276,7 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
         raise ValueError(f"cannot list the image folder {images}: {e.strerror}") from None
     check_index_folder(out, images)
     with index_lock(out, log):
-        manifest = open_index(out, images, identity, tile, stride)
+        manifest = open_index(out, images, identity, tile, stride, options.record())
         problems = {}
         stats = file_stats(images, problems)
         stats.update(unseen(manifest, problems))
@@ -289,9 +289,10 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
         log(f"indexing {len(todo)} new or changed of {len(stats)} images under {images} "
             f"({len(sources)} already embedded, {len(skipped)} known unreadable)")
         start = time.time()
+        settings = dict(tile=tile, stride=stride, batch_size=batch_size, workers=workers,
+                        save_every=save_every, device=device, options=options)
         part, n_tiles = _embed(images, todo, stats, skipped, model, preprocess,
-                               Part(out, next_part_number(out, manifest)), sources, tile, stride,
-                               batch_size, workers, save_every, device, log)
+                               Part(out, next_part_number(out, manifest)), sources, settings, log)
         part.save(sources)
         seconds = time.time() - start
         _check_losses(manifest, sources, images, out, prune,
@@ -310,9 +311,16 @@ def _summary(out: str, manifest: Dict, embedded: int, deleted: List[str], skippe
              problems: Dict[str, str], log):
     folders = [rel for rel in problems if rel.endswith("/")]
     listed = dict({rel: e["error"] for rel, e in skipped.items()}, **problems)
+    files = manifest["files"].values()
+    dropped = sum(e.get("dropped", 0) for e in files)
+    unplaced = sum(e.get("footprints") is None for e in files)
+    max_nodata = manifest.get("raster", {}).get("max_nodata", 0.5)
     log(f"index {out}: {manifest['rows']} entries from {len(manifest['files'])} images "
         f"({embedded} embedded now, {len(deleted)} removed); "
         f"{len(listed) - len(folders)} unreadable file(s) skipped"
         + (f", {len(folders)} folder(s) not readable (the index keeps what it holds from them)"
            if folders else "")
+        + (f"; {dropped} tile(s) more than {max_nodata:g} nodata left out" if dropped else "")
+        + (f"; {unplaced} of {len(files)} file(s) without georeferencing (pixel boxes only)"
+           if files else "")
         + "".join(f"\n  {rel}: {error}" for rel, error in sorted(listed.items())))

@@ -6,9 +6,8 @@ text chunk "written_by"; Parquet: a file key-value metadata entry "written_by". 
 from the index folder's own (store.py), so an output path can never replace an index.json.
 """
 import json
-import os
 
-from ..atomic import check_file_writable
+from .. import atomic
 
 WRITTEN_BY = "mrs-adapter search.py output"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -66,8 +65,6 @@ def written_by_us(path: str) -> bool:
 
 
 def check_output(path: str, flag: str):
-    """Before any work: `path` can be written and, if it exists, an earlier run wrote it."""
-    check_file_writable(path, flag)
-    if os.path.exists(path) and not written_by_us(path):
-        raise FileExistsError(f"{path} exists and was not written by search.py; "
-                              f"choose another {flag}")
+    """Before any work: `path` can be written and, if it exists, an earlier run wrote it
+    (atomic.check_output with this module's mark)."""
+    atomic.check_output(path, flag, written_by_us, "search.py")

@@ -13,17 +13,22 @@ import torch.nn.functional as F
 from ..atomic import has_mark, write_json
 from ..datasets import read_image
 from ..tokenizer import tokenize
+from .hits import within_mask
 from .index import encode_images
+from .outputs import written_by_us
+from .readers import choose_reader
 from .store import open_rows, read_manifest, write_npy
+from .tiling import RasterOptions, picture
 
 HIT = ("rank", "score", "path", "box")  # one hit of a query, as --json writes it
 EXPORT_WRITTEN_BY = "mrs-adapter search.py export"
 
 
-def top_k(embeddings: np.ndarray, query: np.ndarray, k: int,
-          block: int = 1 << 18) -> Tuple[np.ndarray, np.ndarray]:
+def top_k(embeddings: np.ndarray, query: np.ndarray, k: int, block: int = 1 << 18,
+          keep: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(rows, scores) of the k rows of `embeddings` (N, E) float16, memory-mapped, with the highest
-    dot product with `query` (E,), best first; ties by row.
+    dot product with `query` (E,), best first; ties by row. keep: (N,) bool, the rows that may be
+    returned (--within); None: all.
 
     Block by block, never a full copy: fp16 x fp16 products (fp32 accumulation, fp16 result) pick
     every row within SLACK of the block's k-th score, and only those are re-scored in fp32. A true
@@ -38,18 +43,44 @@ def top_k(embeddings: np.ndarray, query: np.ndarray, k: int,
         for start in range(0, len(embeddings), block):
             rows = torch.from_numpy(embeddings[start:start + block])
             approx = (rows @ q16).float()  # (block,)
+            if keep is not None:
+                approx[torch.from_numpy(~keep[start:start + block])] = -float("inf")
             kth = approx.topk(min(k, len(approx))).values[-1]
-            keep = torch.nonzero(approx >= kth - slack).flatten().numpy() + start
-            exact = torch.from_numpy(np.asarray(embeddings[keep], dtype=np.float32)) @ q32
-            best_rows = np.concatenate([best_rows, keep])
+            near = torch.nonzero(approx >= max(kth - slack, -2)).flatten().numpy() + start
+            exact = torch.from_numpy(np.asarray(embeddings[near], dtype=np.float32)) @ q32
+            best_rows = np.concatenate([best_rows, near])
             best_scores = np.concatenate([best_scores, exact.numpy()])
             order = np.lexsort((best_rows, -best_scores))[:k]
             best_rows, best_scores = best_rows[order], best_scores[order]
     return best_rows, best_scores
 
 
+def at_least(embeddings: np.ndarray, query: np.ndarray, min_score: float, block: int = 1 << 18,
+             keep: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(rows, scores) of every row whose exact fp32 score is >= min_score (--min-score), best
+    first, ties by row; as top_k, fp16 scores pick the candidates within SLACK, fp32 decides."""
+    slack = 1e-3
+    q32 = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
+    found_rows, found_scores = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for start in range(0, len(embeddings), block):
+            approx = (torch.from_numpy(embeddings[start:start + block]) @ q32.half()).float()
+            near = approx >= min_score - slack
+            if keep is not None:
+                near &= torch.from_numpy(keep[start:start + block])
+            near = torch.nonzero(near).flatten().numpy() + start
+            exact = (torch.from_numpy(np.asarray(embeddings[near], np.float32)) @ q32).numpy()
+            found_rows.append(near[exact >= min_score])
+            found_scores.append(exact[exact >= min_score])
+    rows, scores = np.concatenate(found_rows), np.concatenate(found_scores)
+    order = np.lexsort((rows, -scores))
+    return rows[order], scores[order]
+
+
 class SearchIndex:
-    """An index folder opened for queries: embeddings memory-mapped, rows mapped to (path, box)."""
+    """An index folder opened for queries: embeddings memory-mapped, rows mapped to their file,
+    box and place (crs, bounds, WGS84 footprint)."""
 
     def __init__(self, folder: str):
         for attempt in range(2):
@@ -69,25 +100,73 @@ class SearchIndex:
                 if attempt:
                     raise
         self.folder, self.manifest = folder, manifest
-        self.paths = sorted(manifest["files"], key=lambda r: manifest["files"][r]["first"])
-        self.firsts = np.array([manifest["files"][r]["first"] for r in self.paths])
+        files = {rel: e for rel, e in manifest["files"].items() if e["boxes"]}  # rows held
+        self.paths = sorted(files, key=lambda r: files[r]["first"])
+        self.firsts = np.array([files[r]["first"] for r in self.paths])
+
+    def _locate(self, row: int) -> Tuple[str, Dict, int]:
+        j = int(np.searchsorted(self.firsts, row, side="right")) - 1
+        rel = self.paths[j]
+        return rel, self.manifest["files"][rel], int(row - self.firsts[j])
 
     def entry(self, row: int) -> Tuple[str, Optional[List[int]]]:
         """(image path, box or None) of embedding row `row`."""
-        j = int(np.searchsorted(self.firsts, row, side="right")) - 1
-        rel = self.paths[j]
-        box = self.manifest["files"][rel]["boxes"][row - self.firsts[j]]
-        return os.path.join(self.manifest["images"], rel), box
+        rel, e, t = self._locate(row)
+        return os.path.join(self.manifest["images"], rel), e["boxes"][t]
 
-    def search(self, query: np.ndarray, k: int = 20) -> List[Dict]:
-        rows, scores = top_k(self.embeddings, query, k)
-        return [dict(zip(HIT, (r + 1, float(s), *self.entry(row))))
-                for r, (row, s) in enumerate(zip(rows, scores))]
+    def hit(self, row: int, rank: int, score: float) -> Dict:
+        """The hit of `row` (hits.HIT_KEYS): rank, score, path, box, crs, bounds, footprint."""
+        rel, e, t = self._locate(row)
+        placed = e.get("footprints") is not None and e["footprints"][t] is not None
+        return {"rank": rank, "score": float(score),
+                "path": os.path.join(self.manifest["images"], rel), "box": e["boxes"][t],
+                "crs": e.get("crs") if placed else None,
+                "bounds": e["bounds"][t] if placed else None,
+                "footprint": e["footprints"][t] if placed else None}
+
+    def footprint_mask(self, box) -> np.ndarray:
+        """(rows,) bool: the rows whose footprint meets the lon/lat box (--within)."""
+        keep = np.zeros(len(self.embeddings), bool)
+        rings, rows = [], []
+        for rel in self.paths:
+            e = self.manifest["files"][rel]
+            for t, ring in enumerate(e.get("footprints") or []):
+                if ring is not None:
+                    rings.append(ring if len(ring) == 5 else ring[:4] + [ring[0]])
+                    rows.append(e["first"] + t)
+        if rings:
+            keep[rows] = within_mask(np.asarray(rings, np.float64), box)
+        return keep
+
+    def row_of(self, path: str, box) -> Optional[int]:
+        """The row of the tile `box` of image `path` (as a hit names them), or None."""
+        root = self.manifest["images"]
+        rel = os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
+        e = self.manifest["files"].get(rel)
+        box = None if box is None else list(box)
+        if e is None or box not in e["boxes"]:
+            return None
+        return e["first"] + e["boxes"].index(box)
+
+    def search(self, query: np.ndarray, k: int = 20, min_score: Optional[float] = None,
+               within=None) -> List[Dict]:
+        """The hits of `query` (E,): the top k, or every row scoring >= min_score; only rows
+        whose footprint meets the lon/lat box `within` (west, south, east, north) when given."""
+        keep = None if within is None else self.footprint_mask(within)
+        if keep is not None and not keep.any():
+            return []
+        if min_score is None:
+            rows, scores = top_k(self.embeddings, query, k, keep=keep)
+        else:
+            rows, scores = at_least(self.embeddings, query, min_score, keep=keep)
+        return [self.hit(row, r + 1, s) for r, (row, s) in enumerate(zip(rows, scores))]
 
 
 def is_hits_file(path: str) -> bool:
-    """Whether `path` holds what `search.py query --json` writes: a list of hits, each exactly
-    {rank, score, path, box} (a bare list, as documented, so it carries no written_by mark)."""
+    """Whether `path` holds hits `search.py query` wrote: a --json or --geojson file carrying
+    outputs.WRITTEN_BY, or the bare list [{rank, score, path, box}, ...] --json wrote before."""
+    if written_by_us(path):
+        return True
     try:
         with open(path, encoding="utf-8") as f:
             hits = json.load(f)
@@ -98,16 +177,31 @@ def is_hits_file(path: str) -> bool:
 
 
 @torch.no_grad()
+def embed_text(model, device, text: str) -> np.ndarray:
+    """(E,) float32 L2-normalised embedding of a text."""
+    if not text.strip():
+        raise ValueError("the query text is empty; give a text, or --image PATH")
+    tokens = tokenize([text], model.context_length).to(device)
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)[0].cpu().numpy()
+
+
+def embed_image(model, preprocess, device, path: str,
+                options: RasterOptions = RasterOptions()) -> np.ndarray:
+    """(E,) float32 L2-normalised embedding of a whole image (no tiling), read as the index reads
+    it: a GeoTIFF through rasterio with the index's `options` (its overview, at most 1024 px)."""
+    if choose_reader(path) == "pillow":
+        x = read_image(path, preprocess)  # as before: the decoded image, resized once
+    else:
+        x = preprocess(picture(path, None, None, max_side=1024, options=options)[0])
+    return encode_images(model, x[None], device)[0]
+
+
 def embed_query(model, preprocess, device, text: Optional[str] = None,
                 image: Optional[str] = None) -> np.ndarray:
     """(E,) float32 L2-normalised embedding of a text or of a whole image (no tiling)."""
     if text is not None:
-        if not text.strip():
-            raise ValueError("the query text is empty; give a text, or --image PATH")
-        tokens = tokenize([text], model.context_length).to(device)
-        return F.normalize(model.encode_text(tokens).float(), dim=-1)[0].cpu().numpy()
-    x = read_image(image, preprocess)[None]
-    return encode_images(model, x, device)[0]
+        return embed_text(model, device, text)
+    return embed_image(model, preprocess, device, image)
 
 
 def manifest_path(npy: str) -> str:
@@ -146,3 +240,22 @@ def export(folder: str, out: str) -> Tuple[str, str]:
                                     "embeddings": os.path.basename(out),
                                     "model": index.manifest["model"], "entries": entries})
     return out, manifest_path(out)
+
+
+def export_geoparquet(folder: str, out: str, batch: int = 65536) -> int:
+    """Write the index's rows to `out` as GeoParquet (geoparquet.py: id, path, box, WKB
+    footprint, embedding; the model in the file's metadata), a batch of rows at a time; returns
+    the number of rows."""
+    from .geoparquet import write_geoparquet
+    index = SearchIndex(folder)
+    emb, manifest = index.embeddings, index.manifest
+
+    def batches():
+        for start in range(0, len(emb), batch):
+            hits = [index.hit(row, 0, 0.0) for row in range(start, min(start + batch, len(emb)))]
+            yield {"path": [h["path"] for h in hits], "box": [h["box"] for h in hits],
+                   "footprint": [h["footprint"] for h in hits],
+                   "embedding": np.asarray(emb[start:start + batch], dtype=np.float32)}
+    gsd = manifest.get("raster", {}).get("gsd")
+    return write_geoparquet(out, batches(), manifest["model"], emb.shape[1], manifest["tile"],
+                            manifest["stride"], "float16", gsd)

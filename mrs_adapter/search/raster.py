@@ -17,6 +17,7 @@ import numpy as np
 
 from ..datasets import STRETCH_PERCENTILES
 from . import raster_info as info
+from .grid import tile_boxes
 from .readers import pillow_would_misread, rasterio_missing
 
 Box = Tuple[int, int, int, int]  # (left, top, right, bottom) in full-resolution pixels
@@ -245,7 +246,7 @@ class Scene:
 
     def tiles(self, tile: int, stride: int, start: int = 0, stop: Optional[int] = None
               ) -> Iterator[Tuple[Box, Optional[np.ndarray], float]]:
-        """(box, rgb, invalid) for each tile of search/index.py's grid (tile_boxes: a scene of at
+        """(box, rgb, invalid) for each tile of search/grid.py's grid (tile_boxes: a scene of at
         most 1.5 tiles a side whole, else `tile` px every `stride` px, the last row and column
         flush with the edge) laid in OUTPUT px (after --gsd), read one window at a time; only
         tiles start..stop-1 of the grid (len(tile_boxes(*output_size, tile, stride)) in all),
@@ -260,7 +261,6 @@ class Scene:
         rasterio = _rasterio(self.path)  # RasterioMissing, not a bare ImportError
         from rasterio.windows import Window
 
-        from .index import tile_boxes  # here, not above: index.py is to import this module
         out_w, out_h = self.output_size
         with _opened(self.path) as src:
             for out_box in tile_boxes(out_w, out_h, tile, stride)[start:stop]:
@@ -272,6 +272,15 @@ class Scene:
                     rgb, invalid = self._read_shown(src, window, (bottom - top, right - left),
                                                     self.max_nodata, self._resampling())
                 yield box, rgb, invalid
+
+    def window(self, box: Box) -> np.ndarray:
+        """(h, w, 3) uint8: the full-resolution pixels of `box`, shown as the tiles are."""
+        from rasterio.windows import Window
+        left, top, right, bottom = box
+        with _opened(self.path) as src:
+            rgb, _ = self._read_shown(src, Window(left, top, right - left, bottom - top),
+                                      (bottom - top, right - left))
+        return rgb
 
     def overview(self, max_side: int = 1024) -> Tuple[np.ndarray, float]:
         """(uint8 RGB (h, w, 3), scale): the whole scene at most `max_side` px a side (GDAL reads

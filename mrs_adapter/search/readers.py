@@ -112,10 +112,18 @@ def choose_reader(path: str) -> str:
     With rasterio installed every TIFF goes to it (windows, so memory does not grow with the
     scene; coordinates; nodata), and so does any file Pillow would misread; JPEG and PNG stay
     with Pillow. Without rasterio, Pillow reads what it reads right, and a file it would misread
-    raises RasterioMissing: "<file>: reading <why> needs rasterio: pip install -e ".[geo]"."""
+    raises RasterioMissing: "<file>: reading <why> needs rasterio: pip install -e ".[geo]"";
+    a scene that is only too large for Pillow's own limit stays with Pillow (read whole)."""
     why = pillow_would_misread(path)
     if has_rasterio():
         return "rasterio" if why is not None or is_tiff(path) else "pillow"
-    if why is not None:
+    if why is not None and not only_too_large(why):
         raise rasterio_missing(path, why)
-    return "pillow"
+    return "pillow"  # a large scene Pillow reads right: whole, up to datasets.MAX_PIXELS
+
+
+def only_too_large(why: str) -> bool:
+    """Whether pillow_would_misread's `why` is the scene's size alone: Pillow reads it right,
+    whole, under the package's own limit (datasets.MAX_PIXELS); rasterio is only preferred, to
+    read it by window."""
+    return why.startswith("a scene above") or " px scene (Pillow decodes a file whole" in why

@@ -34,6 +34,10 @@ FIELDS = {"written_by": str, "model": dict, "images": str, "tile": int, "stride"
           "dim": (int, _NONE), "rows": int, "embeddings": (str, _NONE), "generation": int,
           "next_part": int, "files": dict, "skipped": dict}
 ENTRY = {"size": int, "mtime_ns": int, "first": int, "boxes": list}
+# An entry may also hold: reader ("pillow" / "rasterio"), crs, dropped (tiles over --max-nodata),
+# raster (raster.Scene.record()) and PER_TILE lists.
+PER_TILE = ("bounds", "footprints")
+DEFAULT_RASTER = {"bands": None, "gsd": None, "stretch": None, "max_nodata": 0.5}
 
 
 def check_same_model(recorded: Dict, identity: Dict, where: str):
@@ -58,10 +62,14 @@ def check_files(path: str, files, rows: int):
         if not isinstance(e, dict) or any(not isinstance(e.get(k), t) for k, t in ENTRY.items()):
             raise _damaged(path, f"the entry of {rel!r} should be {{size, mtime_ns, first, boxes}}"
                                  f", found {e!r:.200}")
-        if not e["boxes"] or any(b is not None and (not isinstance(b, list) or len(b) != 4)
-                                 for b in e["boxes"]):
+        if any(b is not None and (not isinstance(b, list) or len(b) != 4) for b in e["boxes"]):
             raise _damaged(path, f"the boxes of {rel!r} should be null or [left, top, right, "
                                  f"bottom] each, found {e['boxes']!r:.200}")
+        for key in PER_TILE:  # a GeoTIFF's: one per box, or null for a file without coordinates
+            if e.get(key) is not None and (not isinstance(e[key], list)
+                                           or len(e[key]) != len(e["boxes"])):
+                raise _damaged(path, f"the {key} of {rel!r} should be null or one per box "
+                                     f"({len(e['boxes'])}), found {e[key]!r:.200}")
     expected = 0
     for rel, e in sorted(files.items(), key=lambda item: item[1]["first"]):
         if e["first"] != expected:
@@ -115,7 +123,7 @@ def open_rows(path: str, rows: int, dim: Optional[int], listed_in: str) -> np.nd
     except (ValueError, OSError) as e:  # a truncated file: "mmap length is greater than ..."
         raise _damaged(path, f"not a whole .npy file ({e})") from None
     if (embeddings.ndim != 2 or embeddings.shape[0] != rows or embeddings.dtype != np.float16
-            or dim is not None and embeddings.shape[1] != dim):
+            or rows and dim is not None and embeddings.shape[1] != dim):  # 0 rows: any width
         raise _damaged(path, f"it holds {embeddings.shape} {embeddings.dtype}, but {listed_in} "
                              f"records {rows} rows of {dim} float16")
     return embeddings
@@ -214,14 +222,16 @@ def part_path(folder: str, number: int, ext: str) -> str:
     return os.path.join(folder, "parts", f"part-{number:06d}.{ext}")
 
 
-def open_index(out: str, images: str, identity: Dict, tile: int, stride: int) -> Dict:
+def open_index(out: str, images: str, identity: Dict, tile: int, stride: int,
+               raster: Dict = DEFAULT_RASTER) -> Dict:
     """The index's manifest, created (with its model) before anything is embedded; refuses a
-    folder built from another model, image folder or tiling."""
+    folder built from another model, image folder, tiling or GeoTIFF reading (`raster`: --bands,
+    --gsd, --stretch, --max-nodata; an index written before they existed used the defaults)."""
     manifest = read_manifest(out)
     if manifest is None:
         manifest = {"written_by": WRITTEN_BY, "model": identity, "images": os.path.abspath(images),
                     "tile": tile, "stride": stride, "dim": None, "rows": 0, "embeddings": None,
-                    "generation": 0, "next_part": 0, "files": {}, "skipped": {}}
+                    "generation": 0, "next_part": 0, "files": {}, "skipped": {}, "raster": raster}
         write_json(os.path.join(out, "index.json"), manifest)
         return manifest
     check_same_model(manifest["model"], identity, f"index {out}")
@@ -229,12 +239,25 @@ def open_index(out: str, images: str, identity: Dict, tile: int, stride: int) ->
         if manifest[key] != value:
             raise ValueError(f"index {out} was built with {key} {manifest[key]}, not {value}; "
                              f"use the same {key}, or another --out")
+    recorded = manifest.get("raster", DEFAULT_RASTER)
+    for key in DEFAULT_RASTER:
+        if recorded.get(key) != raster[key]:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"index {out} was built with {flag} {_flag_value(recorded.get(key))}"
+                             f", not {_flag_value(raster[key])}; use the same {flag}, or another "
+                             f"--out")
     return manifest
 
 
-def reusable_rows(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple[str, int, list]]:
+def _flag_value(value) -> str:
+    if value is None:
+        return "(not given)"
+    return " ".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+
+def reusable_rows(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple[str, int, Dict]]:
     """Files already embedded whose size and mtime are unchanged: path -> (npy file, first row,
-    boxes); from the committed index, then from the parts of an interrupted run (newer wins).
+    entry); from the committed index, then from the parts of an interrupted run (newer wins).
     Every embeddings file must hold the rows its json records."""
     stored = []
     if manifest["embeddings"]:
@@ -247,7 +270,7 @@ def reusable_rows(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple[str,
         open_rows(npy, rows, manifest["dim"], listed_in)
         for rel, e in files.items():
             if stats.get(rel) == [e["size"], e["mtime_ns"]]:
-                sources[rel] = (npy, e["first"], e["boxes"])
+                sources[rel] = (npy, e["first"], e)
     return sources
 
 
@@ -257,20 +280,22 @@ class Part:
     def __init__(self, out: str, number: int):
         self.out, self.number, self.rows, self.files, self.n_rows = out, number, [], {}, 0
 
-    def add(self, rel: str, stat: list, boxes: List, rows: np.ndarray):
-        self.files[rel] = {"size": stat[0], "mtime_ns": stat[1], "first": self.n_rows,
-                           "boxes": [None if b is None else list(b) for b in boxes]}
-        self.rows.append(rows)
-        self.n_rows += len(rows)
+    def add(self, rel: str, stat: list, entry: Dict, rows: Optional[np.ndarray]):
+        """File `rel` of [size, mtime_ns] `stat`: its entry (boxes, ...) and (len(boxes), E)
+        rows (None when no tile was kept)."""
+        self.files[rel] = dict(entry, size=stat[0], mtime_ns=stat[1], first=self.n_rows)
+        if rows is not None and len(rows):
+            self.rows.append(rows)
+            self.n_rows += len(rows)
 
     def save(self, sources: Dict) -> "Part":
         if self.files:
-            rows = np.concatenate(self.rows)
+            rows = np.concatenate(self.rows) if self.rows else np.empty((0, 0), np.float16)
             npy = part_path(self.out, self.number, "npy")
             write_npy(npy, [rows], len(rows), rows.shape[1])
             write_json(part_path(self.out, self.number, "json"),  # last: marks the part complete
                        {"files": self.files, "rows": len(rows)})
-            sources.update({rel: (npy, e["first"], e["boxes"]) for rel, e in self.files.items()})
+            sources.update({rel: (npy, e["first"], e) for rel, e in self.files.items()})
         return Part(self.out, self.number + 1) if self.files else self
 
 
@@ -280,17 +305,16 @@ def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) 
     order = sorted(sources)
     files, first = {}, 0
     for rel in order:
-        boxes = sources[rel][2]
-        files[rel] = {"size": stats[rel][0], "mtime_ns": stats[rel][1], "first": first,
-                      "boxes": boxes}
-        first += len(boxes)
+        entry = sources[rel][2]
+        files[rel] = dict(entry, size=stats[rel][0], mtime_ns=stats[rel][1], first=first)
+        first += len(entry["boxes"])
     maps = {npy: np.load(npy, mmap_mode="r") for npy in {sources[rel][0] for rel in order}}
-    dim = manifest["dim"] or (next(iter(maps.values())).shape[1] if maps else None)
+    dim = manifest["dim"] or next((m.shape[1] for m in maps.values() if len(m)), None)
     generation = manifest["generation"] + 1
     name = f"embeddings-{generation:06d}.npy" if dim else None
     if name:
-        chunks = (maps[npy][start:start + len(boxes)]
-                  for npy, start, boxes in (sources[rel] for rel in order))
+        chunks = (maps[npy][start:start + len(entry["boxes"])]
+                  for npy, start, entry in (sources[rel] for rel in order))
         write_npy(os.path.join(out, name), chunks, first, dim)
     replaced = [n for n in [manifest["embeddings"]] + manifest.get("replaced", [])
                 if n and n != name and os.path.exists(os.path.join(out, n))]
