@@ -1,13 +1,14 @@
-"""The paper's PETL benchmark (Tables II-IV): methods x seeds on one dataset, beside the published
-mR.
+"""The paper's PETL benchmark (Tables II-IV): methods x seeds, one dataset -> mR beside the paper's.
 
     python petl_benchmark.py --dataset rsitmd --data-root data --seeds 2 3 4
     python petl_benchmark.py --dataset demo --methods zero_shot mrs_adapter lora -- --epochs 10
 
-Each method trains through `train.main` (same loop, loss, selection on validation, checkpoints)
-into <output>/<method>; zero_shot is evaluated with `eval.main`. Flags after `--` go to train.py.
-Writes <output>/benchmark.md and benchmark.csv: our mean +- std over seeds on the test split,
-the trainable-parameter count, and the paper's count and mR for that dataset.
+- Each method trains through `train.main` (same loop, loss, selection on validation,
+  checkpoints) into <output>/<method>; zero_shot is evaluated with `eval.main`.
+- Flags after `--` go to train.py.
+- Writes <output>/benchmark.md and benchmark.csv:
+  our mean +- std over seeds on the test split, the trainable-parameter count,
+  and the paper's count and mR for that dataset.
 """
 import argparse
 import csv

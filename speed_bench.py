@@ -1,5 +1,7 @@
-"""Speed and memory of mrs-adapter, ViT-B/32 shapes with random weights, on CPU or CUDA; and the
-near-copy detector (mrs_adapter/prepare/overlap.py): its thresholds and its speed.
+"""Speed and memory of mrs-adapter, and the near-copy detector's thresholds and speed -> figures.
+
+- mrs-adapter: ViT-B/32 shapes with random weights, on CPU or CUDA.
+- The near-copy detector: mrs_adapter/prepare/overlap.py.
 
     python speed_bench.py --json bench_cpu.json                # CPU, fp32
     python speed_bench.py --device cuda --json bench_gpu.json  # CUDA, bf16 autocast, the recipe
@@ -29,14 +31,20 @@ Measures (medians of interleaved repeats):
                                           `train.py` run on synthetic data
 
 Reports, run only when named in --only (they print lines, not figures):
-  overlap-measure   every demo scene (256 and 64 px) against its JPEG (quality 75),
-                    256 -> 224 -> 256 and 224 + JPEG copies, and all pairs of distinct scenes
-                    (same-class pairs: same ground, water, roads) and of flat noise textures, with
-                    how many the thresholds call copies (--overlap-images, default 300)
-  overlap-time      writes a generated "rsicd" (train + test, 1% of the training images planted
-                    copies of test images: JPEG quality 75 at 224 px from 256 px originals) in a
-                    temporary folder, runs `python -m mrs_adapter.prepare overlap` twice (cold, then
-                    with the hash cache), deletes it (--overlap-images, default 10,921: RSICD's)
+  overlap-measure   distances, and how many the thresholds call copies, of:
+                    - every demo scene (256 and 64 px) against its JPEG (quality 75),
+                      256 -> 224 -> 256 and 224 + JPEG copies;
+                    - all pairs of distinct scenes
+                      (same-class pairs: same ground, water, roads);
+                    - all pairs of flat noise textures.
+                    --overlap-images, default 300.
+  overlap-time      - writes a generated "rsicd" in a temporary folder: train + test,
+                      1% of the training images planted copies of test images
+                      (JPEG quality 75 at 224 px from 256 px originals);
+                    - runs `python -m mrs_adapter.prepare overlap` twice:
+                      cold, then with the hash cache;
+                    - deletes it.
+                    --overlap-images, default 10,921: RSICD's.
 """
 import argparse
 import io

@@ -1,2 +1,6 @@
-"""Preparing data before a long run: every problem of a dataset (check.py) and copies between
-splits and datasets (overlap.py); `python -m mrs_adapter.prepare check|overlap` (cli.py)."""
+"""Preparing data before a long run: a dataset -> its problems, datasets -> the images they share.
+
+- check.py: every problem of a dataset;
+- overlap.py: copies between splits and datasets;
+- cli.py: `python -m mrs_adapter.prepare check|overlap`.
+"""

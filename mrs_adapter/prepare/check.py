@@ -1,9 +1,12 @@
-"""Checking a dataset before training: every problem with its file and line (docs/method.md §5).
+"""Dataset -> every problem with its file and line, checked before training (docs/method.md §5).
 
-`check_dataset` reads the annotations as data.py's readers do, then adds what reading alone
-does not find: captions longer than the text context, images that are missing, unreadable or
-not 8-bit, one image listed in two splits, and copies of an image under another name in another
-split (overlap.py). `verify_images` is train.py's quick pass: decode every image once.
+`check_dataset` reads the annotations as data.py's readers do,
+then adds what reading alone does not find:
+- captions longer than the text context;
+- images that are missing, unreadable or not 8-bit;
+- one image listed in two splits;
+- copies of an image under another name in another split (overlap.py).
+`verify_images` is train.py's quick pass: decode every image once.
 
     python -m mrs_adapter.prepare check --dataset rsitmd --data-root data
 """
@@ -28,7 +31,10 @@ from .overlap import copy_pairs, default_cache, hash_images
 
 
 def _check_images(listings: Dict[str, Listing], image_dir: str, threads: int) -> List[Problem]:
-    """Every listed image must exist and decode; an image listed in two splits is a leak."""
+    """(listings, image dir, threads) -> [Problem]: every listed image must exist and decode.
+
+    An image listed in two splits is a leak.
+    """
     seen, problems = {}, []
     for split, listing in listings.items():
         for name, origin in zip(listing.names, listing.origins):
@@ -56,8 +62,10 @@ def _check_images(listings: Dict[str, Listing], image_dir: str, threads: int) ->
 
 
 def verify_images(splits: Dict[str, Split], threads: int = 8, hint: str = "") -> None:
-    """Decode every image of `splits` once; a ValueError lists those that do not open (train.py
-    runs this before it makes or empties a run folder, whether or not images are cached)."""
+    """splits -> None, or a ValueError listing the images that do not open: each decoded once.
+
+    train.py runs this before it makes or empties a run folder, whether or not images are cached.
+    """
     paths = sorted({p for s in splits.values() for p in s.image_paths})
 
     def error(path: str) -> Optional[str]:
@@ -75,7 +83,10 @@ def verify_images(splits: Dict[str, Split], threads: int = 8, hint: str = "") ->
 
 
 def _long_captions(listings: Dict[str, Listing], context_length: int) -> List[Problem]:
-    """A warning for each caption longer than the text context (the tokenizer cuts it)."""
+    """(listings, context length) -> [Problem]: a warning per caption longer than the text context.
+
+    The tokenizer cuts such a caption.
+    """
     problems = []
     for split, listing in listings.items():
         for j, caption in enumerate(listing.captions):
@@ -94,12 +105,17 @@ def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None,
                   verify_images: bool = True, threads: int = 8,
                   captions_per_image: int = CAPTIONS_PER_IMAGE,
                   context_length: int = CONTEXT_LENGTH) -> List[Problem]:
-    """Every problem of a dataset, each with its file and line: missing folders, empty files,
-    caption / file-name count mismatches (or another count than captions_per_image), blank
-    captions (a warning: RSITMD's 20 are kept, as published), captions longer than the context
-    (warning: cut), duplicate names, images listed in two splits (warning), missing or
-    unreadable images, images that are not 8-bit (warning: how they are read), and copies of an
-    image under another name in another split (warning) (the last three with verify_images)."""
+    """Dataset name -> [Problem]: every problem of that dataset, each with its file and line.
+
+    Missing folders, empty files,
+    caption / file-name count mismatches (or another count than captions_per_image),
+    blank captions (a warning: RSITMD's 20 are kept, as published),
+    captions longer than the context (warning: cut),
+    duplicate names, images listed in two splits (warning),
+    missing or unreadable images, images that are not 8-bit (warning: how they are read),
+    and copies of an image under another name in another split (warning).
+    The last three need verify_images.
+    """
     try:
         layout, text, image_dir = locate(dataset, data_root, layout, image_dir)
         listings, problems = read_listings(layout, text, captions_per_image)
@@ -116,8 +132,11 @@ def check_dataset(dataset: str, data_root: str, layout: Optional[str] = None,
 def _copies_across_splits(listings: Dict[str, Listing], image_dir: str,
                           image_problems: List[Problem], data_root: str,
                           threads: int) -> List[Problem]:
-    """Exact or near copies (overlap.py) of one picture under two names in two splits: a warning,
-    since a test image would then be trained on."""
+    """(listings, image dir, ...) -> [Problem]: a warning per picture under two names in two splits.
+
+    - Exact or near copies (overlap.py).
+    - A warning, since a test image would then be trained on.
+    """
     broken = {p.message.split(": ")[0] for p in image_problems if p.fatal}
     items = [(split, name, origin) for split, listing in listings.items()
              for name, origin in zip(listing.names, listing.origins) if name not in broken]
@@ -151,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`check`: print every problem and a count; exit code 1 if any is fatal."""
+    """argv -> exit code: `check` prints every problem and a count; 1 if any is fatal, else 0."""
     args = _parser().parse_args(argv)
     problems = check_dataset(args.dataset, args.data_root, args.layout, args.image_dir,
                              not args.no_verify_images, captions_per_image=args.captions_per_image,

@@ -1,4 +1,4 @@
-"""`python -m mrs_adapter.prepare check|overlap ...`: the data-preparation commands.
+"""`python -m mrs_adapter.prepare check|overlap ...` -> exit code: the data-preparation commands.
 
     python -m mrs_adapter.prepare check --dataset rsitmd --data-root data
     python -m mrs_adapter.prepare overlap --datasets rsitmd rsicd ucm --data-root data --csv o.csv
@@ -10,8 +10,12 @@ from . import check, overlap
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """check: every problem of one dataset (check.py); overlap: copies between datasets
-    (overlap.py). An error the user can act on is one line on stderr (exit code 1)."""
+    """argv -> exit code: `check` or `overlap` run; an error the user can act on is one line.
+
+    - check: every problem of one dataset (check.py);
+    - overlap: copies between datasets (overlap.py);
+    - an error the user can act on: one line on stderr, exit code 1.
+    """
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["overlap"]:

@@ -1,8 +1,9 @@
-"""The cache of overlap.py's image hashes: one JSON file, by path, size and modification time.
+"""Image path -> overlap.py's hashes, cached in one JSON file by path, size and modification time.
 
-An image whose size and modification time are unchanged is not decoded again. The cache only
-saves time: a file that cannot be read, or entries of another form, are dropped with a warning,
-those images hashed again and the file rewritten; it never stops a run.
+- An image whose size and modification time are unchanged is not decoded again.
+- The cache only saves time; it never stops a run:
+  a file that cannot be read, or entries of another form, are dropped with a warning,
+  those images hashed again and the file rewritten.
 """
 import json
 import os
@@ -14,8 +15,10 @@ VERSION = 2  # bump when a hash of overlap.py changes, so cached hashes are reco
 
 
 class HashCache:
-    """{absolute path: [size, mtime_ns, exact, phash, thumb hex]}, read from and saved to `path`
-    (None: nothing is read or saved)."""
+    """{absolute path: [size, mtime_ns, exact, phash, thumb hex]}, read from and saved to `path`.
+
+    With path None, nothing is read or saved.
+    """
 
     def __init__(self, path: Optional[str]):
         self.path, self.entries, self.changed = path, {}, False
@@ -61,7 +64,10 @@ class HashCache:
 
 
 def _well_formed(entry) -> bool:
-    """[size, mtime_ns, exact hex, pHash < 2**64, 8x8 RGB thumbnail as 384 hex digits]."""
+    """Cache entry -> whether it has the form of one:
+
+        [size, mtime_ns, exact hex, pHash < 2**64, 8x8 RGB thumbnail as 384 hex digits]
+    """
     if not (isinstance(entry, list) and len(entry) == 5):
         return False
     size, mtime, exact, p, thumb = entry

@@ -1,9 +1,10 @@
-"""Images and captions shared between splits and datasets: exact copies, near copies, same captions.
+"""Splits and datasets -> the images and captions they share: exact or near copies, same captions.
 
-RSITMD was built partly from RSICD's images, so a model trained on one and tested on the other
-(or on their union) may be tested on images it trained on. Exact copies: a hash of the decoded
-pixels. Near copies: a 63-bit DCT perceptual hash within HAMMING_THRESHOLD bits, confirmed on an
-8x8 colour thumbnail (a flat image's pHash says little; its colour does).
+Why: RSITMD was built partly from RSICD's images, so a model trained on one and tested on the
+other (or on their union) may be tested on images it trained on.
+- Exact copies: a hash of the decoded pixels.
+- Near copies: a 63-bit DCT perceptual hash within HAMMING_THRESHOLD bits,
+  confirmed on an 8x8 colour thumbnail (a flat image's pHash says little; its colour does).
 
 Thresholds, from `python speed_bench.py --only overlap-measure` (300 demo scenes, 256 px):
 - copies (JPEG quality 75; 256 -> 224 -> 256; 224 + JPEG): Hamming <= 18, thumbnail <= 0.75;
@@ -36,7 +37,7 @@ CAPTION_MAX_IMAGES = 20  # a caption on more images is a template ("many buildin
 
 
 def _dct_matrix(n: int = 32) -> np.ndarray:
-    """Orthonormal DCT-II: D @ x transforms the columns of x."""
+    """n -> (n, n) orthonormal DCT-II matrix D: D @ x transforms the columns of x."""
     k, i = np.arange(n)[:, None], np.arange(n)[None, :]
     d = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2 / n)
     d[0] /= np.sqrt(2)
@@ -47,9 +48,12 @@ _DCT = _dct_matrix()
 
 
 def phash(image: Image.Image) -> int:
-    """63 bits: the 8x8 lowest DCT frequencies (DC left out) of a 32x32 grey copy, each above or
-    below their median. Low frequencies survive JPEG and resizing; the median makes it
-    insensitive to brightness and contrast."""
+    """Image -> 63-bit int: the 8x8 lowest DCT frequencies of a 32x32 grey copy, vs their median.
+
+    - The DC term is left out; each bit: above or below the median.
+    - Low frequencies survive JPEG and resizing.
+    - The median makes it insensitive to brightness and contrast.
+    """
     # bilinear resizing filters before it samples: stripes finer than the grid do not alias
     grey = image.convert("L").resize((32, 32), Image.Resampling.BILINEAR)
     grey = np.asarray(grey, dtype=np.float64)
@@ -59,7 +63,7 @@ def phash(image: Image.Image) -> int:
 
 
 def hash_pixels(rgb: Image.Image) -> Tuple[str, int, bytes]:
-    """(blake2b of the pixels and size, pHash, 8x8 RGB thumbnail bytes) of an 8-bit RGB image."""
+    """8-bit RGB image -> (blake2b of the pixels and size, pHash, 8x8 RGB thumbnail bytes)."""
     exact = hashlib.blake2b(rgb.tobytes(), digest_size=16)
     exact.update(f"{rgb.size}".encode())
     thumb = rgb.resize((8, 8), Image.Resampling.BOX).tobytes()  # (8, 8, 3) uint8
@@ -67,7 +71,10 @@ def hash_pixels(rgb: Image.Image) -> Tuple[str, int, bytes]:
 
 
 def hash_image(path: str) -> Tuple[str, int, bytes]:
-    """hash_pixels of the image as the model sees it (datasets.read_image: 16-bit stretched)."""
+    """path -> hash_pixels of the image as the model sees it.
+
+    datasets.read_image: 16-bit stretched.
+    """
     return read_image(path, hash_pixels)
 
 
@@ -80,18 +87,18 @@ class Hashes:
 
     @classmethod
     def of(cls, values: Sequence[Tuple[str, int, bytes]]) -> "Hashes":
-        """From hash_image's values, one per image."""
+        """hash_image's values, one per image -> Hashes."""
         thumbs = np.frombuffer(b"".join(v[2] for v in values), np.uint8).reshape(len(values), 192)
         return cls([v[0] for v in values], np.array([v[1] for v in values], np.uint64), thumbs)
 
     def take(self, rows) -> "Hashes":
-        """The hashes of images `rows` (a slice or an index array), in that order."""
+        """rows (a slice or an index array) -> the Hashes of those images, in that order."""
         rows = np.arange(len(self.exact))[rows]
         return Hashes([self.exact[k] for k in rows], self.phash[rows], self.thumb[rows])
 
 
 def _attempt(path: str):
-    """(hash_image(path), None), or (None, the error naming the file) for an unreadable image."""
+    """path -> (hash_image(path), None), or (None, the error naming the file) if unreadable."""
     try:
         return hash_image(path), None
     except (FileNotFoundError, ValueError) as e:
@@ -100,9 +107,13 @@ def _attempt(path: str):
 
 def hash_images(paths: Sequence[str], cache: Optional[str] = None, threads: int = 2,
                 progress: bool = False) -> Hashes:
-    """Hashes of `paths`, one per path (decoded in a thread pool, PIL releases the GIL; a path
-    listed twice is decoded once), read from and added to the cache file `cache`. An image that
-    cannot be read is a ValueError naming it, once every other one is hashed and cached."""
+    """paths -> Hashes, one per path, read from and added to the cache file `cache`.
+
+    - Decoded in a thread pool (PIL releases the GIL).
+    - A path listed twice is decoded once.
+    - An image that cannot be read is a ValueError naming it,
+      once every other one is hashed and cached.
+    """
     unique = list(dict.fromkeys(paths))
     store, start = HashCache(cache), time.time()
     values: List = [store.get(p) for p in unique]
@@ -130,9 +141,13 @@ def hash_images(paths: Sequence[str], cache: Optional[str] = None, threads: int 
 
 def near_pairs(a: Hashes, b: Optional[Hashes] = None, threshold: int = HAMMING_THRESHOLD,
                thumb_threshold: float = THUMB_THRESHOLD, block: int = 256):
-    """(i, j, Hamming distance) arrays of the pairs a[i], b[j] within `threshold` bits whose
-    thumbnails agree; b=None compares a with itself (i < j). All pairs, `block` rows at a time
-    (256 x 17,000 uint64 is 35 MB): 17,000 images are 1.4e8 XOR + popcounts, a few seconds."""
+    """Hashes a, b -> arrays (i, j, Hamming distance) of the near pairs a[i], b[j].
+
+    - Near: within `threshold` bits, and the thumbnails agree.
+    - b=None compares a with itself (i < j).
+    - All pairs, `block` rows at a time (256 x 17,000 uint64 is 35 MB):
+      17,000 images are 1.4e8 XOR + popcounts, a few seconds.
+    """
     same, b = b is None, a if b is None else b
     found = []
     for start in range(0, len(a.phash), block):
@@ -152,7 +167,10 @@ def near_pairs(a: Hashes, b: Optional[Hashes] = None, threshold: int = HAMMING_T
 
 
 def copies_of(candidates: Hashes, references: Hashes) -> np.ndarray:
-    """Indices of `candidates` that are an exact or near copy of any of `references`."""
+    """(candidates, references) -> int indices of `candidates` that copy any of `references`.
+
+    A copy: exact or near.
+    """
     exact = set(references.exact)
     hit = {i for i, h in enumerate(candidates.exact) if h in exact}
     hit.update(near_pairs(candidates, references)[0].tolist())
@@ -160,8 +178,11 @@ def copies_of(candidates: Hashes, references: Hashes) -> np.ndarray:
 
 
 def copy_pairs(hashes: Hashes) -> List[Tuple[int, int, str, int]]:
-    """(i, j, "exact", 0) for every pair i < j of identical pixels, in order, then (i, j, "near",
-    pHash distance) for every other pair that near_pairs finds."""
+    """Hashes -> [(i, j, kind, distance)]: every pair of copies i < j, exact ones first.
+
+    - (i, j, "exact", 0) for every pair i < j of identical pixels, in order;
+    - then (i, j, "near", pHash distance) for every other pair that near_pairs finds.
+    """
     groups = {}
     for i, h in enumerate(hashes.exact):
         groups.setdefault(h, []).append(i)
@@ -175,8 +196,12 @@ def copy_pairs(hashes: Hashes) -> List[Tuple[int, int, str, int]]:
 
 def drop_copies(splits: Dict, references: Sequence[str], cache: Optional[str] = None,
                 threads: int = 2) -> Tuple[Dict, Dict[str, int]]:
-    """`splits` ({name: data.Split}) without the images that are exact or near copies of one of the
-    `references` (test images), and how many each lost."""
+    """(splits, reference paths) -> (splits without the copies, {split name: images dropped}).
+
+    - `splits`: {name: data.Split};
+    - `references`: the test images;
+    - dropped: the images that are exact or near copies of one of the `references`.
+    """
     paths = [p for split in splits.values() for p in split.image_paths]
     hashes = hash_images(paths + list(references), cache, threads)
     n = len(paths)
@@ -191,15 +216,21 @@ def drop_copies(splits: Dict, references: Sequence[str], cache: Optional[str] = 
 
 
 def normalize_caption(caption: str) -> str:
-    """Case, spacing and a final full stop do not make a caption different."""
+    """Caption -> its normal form: lower case, single spaces, no final full stop.
+
+    Case, spacing and a final full stop do not make a caption different.
+    """
     return " ".join(caption.lower().split()).rstrip(" .")
 
 
 def caption_pairs(groups: Sequence[int], captions: Sequence[Sequence[str]],
                   max_images: int = CAPTION_MAX_IMAGES) -> Dict[Tuple[int, int], int]:
-    """{(i, j): number of identical captions} for images i < j of different `groups` (splits),
-    where captions[i] are image i's captions; a caption on more than `max_images` images is
-    skipped as a template."""
+    """(groups, captions) -> {(i, j): number of identical captions} for images i < j of two groups.
+
+    - `groups`: the group (split) of each image; images of the same group are not paired;
+    - captions[i]: image i's captions;
+    - a caption on more than `max_images` images is skipped as a template.
+    """
     images: Dict[str, set] = {}
     for i, caps in enumerate(captions):
         for c in caps:
@@ -225,7 +256,10 @@ class Entry:
 
 
 def split_entries(dataset: str, splits: Dict) -> List[Entry]:
-    """The images of `splits` ({name: data.Split}) with their captions."""
+    """(dataset, splits) -> [Entry]: the images of `splits` with their captions.
+
+    `splits`: {name: data.Split}.
+    """
     entries = []
     for name, split in splits.items():
         caps: List[List[str]] = [[] for _ in split.image_paths]
@@ -237,9 +271,13 @@ def split_entries(dataset: str, splits: Dict) -> List[Entry]:
 
 def find_overlaps(entries: Sequence[Entry], cache: Optional[str] = None, threads: int = 2,
                   progress: bool = True) -> List[Tuple[int, int, str, int]]:
-    """(i, j, kind, distance) for every pair of entries i < j that are exact copies (distance 0),
-    near copies (pHash Hamming distance) or share captions of different splits (distance = the
-    number of identical captions). A pair that is an exact copy is not listed as near again."""
+    """Entries -> (i, j, kind, distance) for every pair of entries i < j that overlap.
+
+    Kinds: exact copies (distance 0),
+    near copies (distance: the pHash Hamming distance),
+    or entries of different splits that share captions (distance: the number of identical captions).
+    A pair that is an exact copy is not listed as near again.
+    """
     rows = copy_pairs(hash_images([e.path for e in entries], cache, threads, progress))
     group = [(e.dataset, e.split) for e in entries]
     shared = caption_pairs(group, [e.captions for e in entries])
@@ -248,7 +286,10 @@ def find_overlaps(entries: Sequence[Entry], cache: Optional[str] = None, threads
 
 
 def pair_counts(entries: Sequence[Entry], rows) -> Dict[Tuple[str, str], Dict[str, int]]:
-    """{("ds/split", "ds/split"): {kind: count}} for every unordered pair of splits (itself too)."""
+    """(entries, rows) -> {("ds/split", "ds/split"): {kind: count}}.
+
+    For every unordered pair of splits (a split with itself too).
+    """
     names = list(dict.fromkeys(f"{e.dataset}/{e.split}" for e in entries))
     counts = {(a, b): {"exact": 0, "near": 0, "caption": 0}
               for x, a in enumerate(names) for b in names[x:]}
@@ -263,7 +304,7 @@ CSV_HEADER = ["dataset_a", "split_a", "file_a", "dataset_b", "split_b", "file_b"
 
 
 def is_overlap_csv(path: str) -> bool:
-    """Whether `path` starts with the header write_csv writes: a file this command may replace."""
+    """path -> whether it starts with write_csv's header: a file this command may replace."""
     try:
         with open(path, encoding="utf-8", newline="") as f:
             return next(csv.reader(f), None) == CSV_HEADER
@@ -283,7 +324,10 @@ def write_csv(path: str, entries: Sequence[Entry], rows):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """python -m mrs_adapter.prepare overlap --datasets rsitmd rsicd --data-root data --csv o.csv"""
+    """argv -> exit code 0: overlap counts per pair of splits printed; every pair of files in --csv.
+
+        python -m mrs_adapter.prepare overlap --datasets rsitmd rsicd --data-root data --csv o.csv
+    """
     parser = argparse.ArgumentParser(prog="python -m mrs_adapter.prepare overlap",
                                      description=find_overlaps.__doc__)
     parser.add_argument("--datasets", nargs="+", required=True, choices=sorted(DATASETS))

@@ -1,7 +1,8 @@
-"""train.py's command line: every flag with the paper's default and its source, the run's settings
-resolved once from them (`resolve`), and the checks that need no data, model or disk access.
+"""train.py's command line: argv -> flags -> `Settings`, resolved once (`resolve`), checked early.
 
-The recipe's defaults are those of docs/method.md §4 (Sec. IV-B of the paper).
+- Every flag carries the paper's default and its source.
+- The recipe's defaults are those of docs/method.md §4 (Sec. IV-B of the paper).
+- The checks here need no data, model or disk access.
 """
 import argparse
 import os
@@ -119,8 +120,11 @@ METHOD_FLAGS = {"bottleneck": "bottleneck", "adapter_dropout": "dropout"}  # fla
 
 
 def resolve_method_options(args) -> dict:
-    """Every keyword of the method's `apply` with its value: --bottleneck / --adapter-dropout where
-    given, else the method's default. A flag the method has no option for is an error."""
+    """Parsed flags -> {keyword: value} for every keyword of the method's `apply`.
+
+    - --bottleneck / --adapter-dropout where given, else the method's default.
+    - A flag the method has no option for is an error.
+    """
     defaults = method_options(args.method)
     given = {}
     for flag, keyword in METHOD_FLAGS.items():
@@ -135,9 +139,13 @@ def resolve_method_options(args) -> dict:
 
 
 class Settings(argparse.Namespace):
-    """Every setting of a run, resolved once (`resolve`) and read-only after: the flags, their
-    defaults that depend on the device, the processes or other flags, and the method's options.
-    config.json records them all but `amp_dtype`, the torch dtype of `precision`."""
+    """Every setting of a run as attributes: resolved once (`resolve`), read-only after.
+
+    - The flags;
+    - their defaults that depend on the device, the processes or other flags;
+    - the method's options.
+    config.json records them all but `amp_dtype`, the torch dtype of `precision`.
+    """
 
     def __init__(self, **values):
         for name, value in values.items():
@@ -149,8 +157,13 @@ class Settings(argparse.Namespace):
 
 
 def resolve(args: argparse.Namespace, options: dict, processes: Processes) -> Settings:
-    """The run's settings: `args` as parsed (left unchanged), with the method's `options`, the
-    `processes` (distributed.start) and every default that depends on them or on other flags."""
+    """(args, options, processes) -> Settings: the run's settings, every default filled in.
+
+    - `args`: as parsed (left unchanged);
+    - `options`: the method's;
+    - `processes`: distributed.start's;
+    - every default that depends on them or on other flags.
+    """
     world_size, device = processes.world_size, processes.device
     on_cuda = device.startswith("cuda")
     precision = args.precision or ("bf16" if on_cuda else "fp32")
@@ -170,8 +183,11 @@ def resolve(args: argparse.Namespace, options: dict, processes: Processes) -> Se
 
 
 def default_clip(clip_flag: str, dataset: str, data_root: str) -> str:
-    """--clip, else ViT-B/32; the demo's default is a tiny CLIP pre-trained offline and cached in
-    <data-root> (make_demo_clip makes it)."""
+    """(--clip, dataset, data root) -> the CLIP to load: --clip, else ViT-B/32.
+
+    The demo's default is a tiny CLIP pre-trained offline and cached in <data-root>
+    (make_demo_clip makes it).
+    """
     if clip_flag is not None:
         return clip_flag
     if dataset != "demo":
@@ -181,16 +197,22 @@ def default_clip(clip_flag: str, dataset: str, data_root: str) -> str:
 
 
 def make_demo_clip(run: Settings) -> None:
-    """Where run.clip is the demo's default (default_clip), pre-train that tiny CLIP once and cache
-    it (train.py calls this on rank 0 only; the others wait for its outcome)."""
+    """Settings -> None: the demo's tiny CLIP (default_clip) pre-trained once and cached.
+
+    - Only where run.clip is the demo's default.
+    - train.py calls this on rank 0 only; the others wait for its outcome.
+    """
     from ..demo.backbone import default_path, load_or_pretrain
     if run.clip == default_path(run.data_root):
         load_or_pretrain(run.clip)
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Errors in the flags alone, before any process group, data, model or disk access (so every
-    process of a torchrun stops alike), each naming its flag."""
+    """Parsed flags -> None, or a ValueError naming its flag: the errors in the flags alone.
+
+    Checked before any process group, data, model or disk access,
+    so every process of a torchrun stops alike.
+    """
     a = args
     check_counts({"--epochs": (a.epochs, 1), "--batch-size": (a.batch_size, 1),
                   "--eval-batch-size": (a.eval_batch_size, 1), "--workers": (a.workers, 0),
@@ -211,5 +233,8 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def check_arguments(run: Settings) -> None:
-    """Errors that need the resolved settings but no data or model: the output folder."""
+    """Settings -> None, or a ValueError: the output folder checked.
+
+    The errors that need the resolved settings but no data or model.
+    """
     check_folder_writable(run.output)

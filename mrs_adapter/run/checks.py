@@ -1,6 +1,8 @@
-"""Checks of flags that train.py, eval.py, petl_benchmark.py and the overlap command share, made
-before anything is loaded or written: each failure is one line naming the flag and what was
-expected.
+"""Checks of shared flags: values -> None, or a ValueError of one line naming the flag.
+
+- Shared by train.py, eval.py, petl_benchmark.py and the overlap command.
+- Made before anything is loaded or written.
+- Each failure is one line naming the flag and what was expected.
 """
 import errno
 import os
@@ -10,8 +12,11 @@ import torch
 
 
 def refuse_repeats(flag: str, values: Optional[Sequence]) -> None:
-    """A ValueError naming `flag` when it lists a value twice: `--seeds 2 2` would report one seed
-    as two (std 0.00), `--dataset x x` would train on every pair twice."""
+    """(flag, values) -> None, or a ValueError naming `flag` when it lists a value twice.
+
+    - `--seeds 2 2` would report one seed as two (std 0.00);
+    - `--dataset x x` would train on every pair twice.
+    """
     repeated = sorted({str(v) for v in values or () if list(values).count(v) > 1})
     if repeated:
         raise ValueError(f"{flag} lists {', '.join(repeated)} more than once; give each value "
@@ -19,8 +24,10 @@ def refuse_repeats(flag: str, values: Optional[Sequence]) -> None:
 
 
 def check_counts(least: dict) -> None:
-    """A ValueError for the first {flag: (value, least)} whose value (None: the default) is below
-    least."""
+    """{flag: (value, least)} -> None, or a ValueError for the first value below its least.
+
+    A value of None (the default) is not checked.
+    """
     for flag, (value, at_least) in least.items():
         if value is not None and value < at_least:
             expected = "a positive number" if at_least == 1 else f"{at_least} or more"
@@ -28,8 +35,10 @@ def check_counts(least: dict) -> None:
 
 
 def check_device(device: str, processes: int = 1) -> None:
-    """A ValueError naming --device unless torch can use it here; `processes` on CUDA (torchrun's
-    on this machine) each take the GPU of their local rank."""
+    """(--device, processes) -> None, or a ValueError naming --device unless torch can use it here.
+
+    `processes` on CUDA (torchrun's on this machine) each take the GPU of their local rank.
+    """
     try:
         where = torch.device(device)
     except RuntimeError:
@@ -48,7 +57,7 @@ def check_device(device: str, processes: int = 1) -> None:
 
 
 def local_processes() -> int:
-    """torchrun's processes on this machine (1 without torchrun)."""
+    """() -> int: torchrun's processes on this machine (1 without torchrun)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
 
 
@@ -56,8 +65,11 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def disk_full(e: OSError, intact: str) -> OSError:
-    """`e` itself, or where it is a full disk one error naming the file (atomic_write gives it)
-    and saying what is `intact`."""
+    """(error, what is intact) -> `e` itself, or for a full disk one error naming the file.
+
+    - The file is the one atomic_write names in `e`.
+    - The new error also says what is `intact`.
+    """
     if e.errno not in DISK_FULL:
         return e
     return OSError(e.errno, f"no space left on the device to write {e.filename}: {intact}")

@@ -1,11 +1,14 @@
-"""A whole training step recorded once as a CUDA graph and replayed: same math, less launching.
+"""Training step -> a CUDA graph recorded once, replayed for each batch: same math, less launching.
 
-At the recipe's batch of 16 pairs a ViT-B/32 step (both towers, two views, backward, Adam) is a
-few thousand small kernels, and launching them one by one from Python takes longer than running
-them (speed_bench.py measured ~70 ms per step on an H200). `GraphedStep` records forward, loss,
-backward and optimizer step once, after a few warm-up steps whose effect is undone, and replays
-the recording for every batch of the same shape. `GraphedOrEager` is how train.py calls its step
-on a single CUDA device: replayed for full batches, eager for the rest.
+Why: at the recipe's batch of 16 pairs, a ViT-B/32 step
+(both towers, two views, backward, Adam) is a few thousand small kernels,
+and launching them one by one from Python takes longer than running them
+(speed_bench.py measured ~70 ms per step on an H200).
+- `GraphedStep` records forward, loss, backward and optimizer step once,
+  after a few warm-up steps whose effect is undone,
+  and replays the recording for every batch of the same shape.
+- `GraphedOrEager` is how train.py calls its step on a single CUDA device:
+  replayed for full batches, eager for the rest.
 """
 import contextlib
 from typing import Callable, Dict, List, Tuple
@@ -22,8 +25,11 @@ def _state_of(optimizer: torch.optim.Optimizer) -> Tuple[List[torch.Tensor], Dic
 
 @torch.no_grad()
 def _restore(optimizer: torch.optim.Optimizer, saved: Tuple[List[torch.Tensor], Dict]):
-    """Put parameters and optimizer state back in place (same tensors, so recorded addresses stay
-    valid). State the warm-up created is zeroed: zero moments and step 0 are a fresh Adam state."""
+    """(optimizer, saved) -> None: parameters and optimizer state put back in place.
+
+    - Same tensors, so the recorded addresses stay valid.
+    - State the warm-up created is zeroed: zero moments and step 0 are a fresh Adam state.
+    """
     values, state = saved
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for p, v in zip(params, values):
@@ -36,8 +42,11 @@ def _restore(optimizer: torch.optim.Optimizer, saved: Tuple[List[torch.Tensor], 
 
 def warm_up(step: Callable, optimizer: torch.optim.Optimizer, inputs: List[torch.Tensor],
             steps: int = 3):
-    """Run `step(*inputs)` a few times (creates optimizer state, lets libraries pick kernels), then
-    undo every change to the parameters and the optimizer state."""
+    """(step, optimizer, inputs) -> None: `step(*inputs)` run a few times, then every change undone.
+
+    - The runs create the optimizer state and let libraries pick kernels.
+    - Every change to the parameters and the optimizer state is then undone.
+    """
     saved = _state_of(optimizer)
     cuda = inputs[0].is_cuda
     side = torch.cuda.Stream() if cuda else None
@@ -53,10 +62,12 @@ def warm_up(step: Callable, optimizer: torch.optim.Optimizer, inputs: List[torch
 
 
 class GraphedStep:
-    """`step(*inputs) -> (loss, terms)` (forward, backward and optimizer.step() included), recorded.
+    """`step(*inputs) -> (loss, terms)`, forward, backward and optimizer.step() included, recorded.
 
-    The optimizer must be built with capturable=True. Its learning rate is part of the recording:
-    record again when it changes. Calls must pass inputs of the recorded shapes."""
+    - The optimizer must be built with capturable=True.
+    - Its learning rate is part of the recording: record again when it changes.
+    - Calls must pass inputs of the recorded shapes.
+    """
 
     def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, *example: torch.Tensor):
         self.inputs = [x.clone() for x in example]  # the fixed buffers the recording reads
@@ -80,12 +91,15 @@ class GraphedStep:
 
 
 class GraphedOrEager:
-    """`self(step, optimizer, images, tokens) -> (loss, terms)`: one training step, replayed from a
-    recording for full batches when `enabled`, run eagerly (zero_grad, then `step`) otherwise.
+    """`self(step, optimizer, images, tokens) -> (loss, terms)`: one step, replayed or eager.
 
-    The recording is made at the first full batch and again when the learning rate changes (it
-    is part of the recording); the last, smaller batch of an epoch runs eagerly. A recording that
-    fails turns recording off for the rest of the run, with a warning."""
+    - Replayed from a recording for full batches when `enabled`;
+      run eagerly (zero_grad, then `step`) otherwise.
+    - The recording is made at the first full batch,
+      and again when the learning rate changes (it is part of the recording).
+    - The last, smaller batch of an epoch runs eagerly.
+    - A recording that fails turns recording off for the rest of the run, with a warning.
+    """
 
     def __init__(self, enabled: bool, batch_size: int):
         self.graphs = {} if enabled else None
@@ -100,8 +114,10 @@ class GraphedOrEager:
         return step(images, tokens)
 
     def recorded(self, step, optimizer, images, tokens):
-        """The GraphedStep for this batch; None for other batch sizes, when not enabled, or after
-        a recording failed."""
+        """(step, optimizer, images, tokens) -> the GraphedStep for this batch, or None.
+
+        None for other batch sizes, when not enabled, or after a recording failed.
+        """
         graphs = self.graphs
         if graphs is None or graphs.get("failed") or images.shape[0] != self.batch_size:
             return None

@@ -1,8 +1,10 @@
 """Several processes (torchrun) training as one: the loss is that of the global batch.
 
-The paper trains on one GPU with a batch of 16 pairs. Under torchrun each process encodes its
-share of the batch; the embeddings of all processes are gathered before the loss, so HMMC's
-hardest negatives are searched in the global batch, as on one device (docs/method.md §4).
+- The paper trains on one GPU with a batch of 16 pairs.
+- Under torchrun each process encodes its share of the batch.
+- The embeddings of all processes are gathered before the loss,
+  so HMMC's hardest negatives are searched in the global batch,
+  as on one device (docs/method.md §4).
 """
 import os
 from typing import Callable, NamedTuple, TypeVar
@@ -24,8 +26,11 @@ class Processes(NamedTuple):
 
 
 def start(device: str, batch_size: int) -> Processes:
-    """Read torchrun's environment, make the device current, and start the process group when
-    there are several processes (each then on cuda:<local rank> on CUDA)."""
+    """(--device, global batch) -> Processes: torchrun's environment read, the device made current.
+
+    - The process group is started when there are several processes.
+    - Each then runs on cuda:<local rank> on CUDA.
+    """
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     named = torch.device(device)
@@ -50,10 +55,14 @@ SHARED_ERRORS = {e.__name__: e for e in (ValueError, FileExistsError, FileNotFou
 
 
 def together(step: Callable[[], T], every_rank: bool = True) -> T:
-    """`step()` run on every process (every_rank) or on rank 0 alone, then one outcome for all:
-    if it failed anywhere, every process raises the error of the lowest failing rank, which that
-    rank alone reports (`reported_here`). No process is left waiting at a barrier for one that
-    stopped; without torchrun it is `step()`."""
+    """`step` -> `step()`'s result, or on every process the same error: one outcome for all.
+
+    - `step()` runs on every process (every_rank) or on rank 0 alone.
+    - If it failed anywhere, every process raises the error of the lowest failing rank,
+      which that rank alone reports (`reported_here`).
+    - No process is left waiting at a barrier for one that stopped.
+    - Without torchrun it is `step()`.
+    """
     result, error = None, None
     if every_rank or not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -78,8 +87,10 @@ def together(step: Callable[[], T], every_rank: bool = True) -> T:
 
 
 def reported_here(error: BaseException) -> bool:
-    """Whether this process prints `error`: the rank `together` named, else rank 0 (an error met
-    on every rank alike, such as a bad flag, is printed once)."""
+    """error -> whether this process prints it: the rank `together` named, else rank 0.
+
+    An error met on every rank alike, such as a bad flag, is printed once.
+    """
     return getattr(error, "reported_by", 0) == int(os.environ.get("RANK", 0))
 
 
@@ -88,8 +99,10 @@ def world_size() -> int:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows (world * B, D); this rank's rows keep their gradient, the others are
-    constants."""
+    """(B, D) -> (world * B, D): all ranks' rows.
+
+    This rank's rows keep their gradient; the others are constants.
+    """
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x
@@ -97,9 +110,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def counted_once(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself, whose gradient every rank takes 1/world of. A parameter the loss reads directly
-    (not through this rank's rows, like logit_scale) gets the whole gradient on every rank; after
-    the backward's x world and DDP's mean it must count once, not world times."""
+    """t -> `t` itself, whose gradient every rank takes 1/world of.
+
+    - A parameter the loss reads directly (not through this rank's rows, like logit_scale)
+      gets the whole gradient on every rank.
+    - After the backward's x world and DDP's mean it must count once, not world times.
+    """
     if not dist.is_initialized():
         return t
     return t + (t.detach() - t) * (1 - 1 / dist.get_world_size())

@@ -1,8 +1,9 @@
 """The run folder: config.json, log.jsonl, results.json, checkpoints - written so nothing is lost.
 
-Every file goes through `atomic.atomic_write` (a crash leaves the old file or the new one).
-A folder that already holds a run is never reused unless the user says `--resume` or
-`--overwrite`, and `--overwrite` removes only the files a run writes.
+- Every file goes through `atomic.atomic_write` (a crash leaves the old file or the new one).
+- A folder that already holds a run is never reused
+  unless the user says `--resume` or `--overwrite`.
+- `--overwrite` removes only the files a run writes.
 """
 import json
 import os
@@ -24,8 +25,10 @@ def read_jsonl(path: str) -> List[dict]:
 
 
 class RunLog:
-    """log.jsonl, one JSON object per line, rewritten atomically at each `write` (logs are
-    small)."""
+    """log.jsonl, one JSON object per line: `write(**record)` appends one and rewrites the file.
+
+    Rewritten atomically at each `write` (logs are small).
+    """
 
     def __init__(self, path: str, records: List[dict] = ()):
         self.path, self.records = path, list(records)
@@ -36,16 +39,21 @@ class RunLog:
 
 
 def written_by_a_run(name: str) -> bool:
-    """Whether a file `name` is one a run writes: RUN_FILES, or one's temporary copy that a killed
-    atomic_write left (<name>.<8 random characters>.tmp, tempfile's naming)."""
+    """File name -> whether a run writes it: one of RUN_FILES, or one's temporary copy.
+
+    The temporary copy is what a killed atomic_write left:
+    <name>.<8 random characters>.tmp (tempfile's naming).
+    """
     return name in RUN_FILES or any(re.fullmatch(re.escape(f) + r"\.[a-z0-9_]{8}\.tmp", name)
                                     for f in RUN_FILES)
 
 
 def remove_run_files(folder: str, seeds: bool = True) -> None:
-    """Remove what a run wrote in `folder` (its run files; with `seeds`, those of its seed<N>/
-    folders) and nothing else: a seed folder that also holds a file of the user's stays, with
-    that file."""
+    """(folder, seeds) -> None: what a run wrote in `folder` removed, and nothing else.
+
+    - Its run files; with `seeds`, also those of its seed<N>/ folders.
+    - A seed folder that also holds a file of the user's stays, with that file.
+    """
     for name in os.listdir(folder):
         full = os.path.join(folder, name)
         if os.path.isfile(full) and written_by_a_run(name):
@@ -57,10 +65,12 @@ def remove_run_files(folder: str, seeds: bool = True) -> None:
 
 
 def prepare_run_dir(path: str, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds files, unless resuming or told to overwrite.
+    """(path, resume, overwrite) -> None: the run folder made, or a FileExistsError.
 
-    --overwrite removes only the files a run writes (remove_run_files), nothing else; train.py
-    calls this only after every input has been checked (train.preflight)."""
+    - A folder that holds files is refused, unless resuming or told to overwrite.
+    - --overwrite removes only the files a run writes (remove_run_files), nothing else.
+    - train.py calls this only after every input has been checked (train.preflight).
+    """
     check_folder_writable(path)
     if os.path.isdir(path) and os.listdir(path) and not (resume or overwrite):
         raise FileExistsError(f"run folder {path} is not empty; pass --resume to continue that "
@@ -71,7 +81,7 @@ def prepare_run_dir(path: str, resume: bool, overwrite: bool) -> None:
 
 
 def environment() -> dict:
-    """Library versions and the git commit of the code, for config.json."""
+    """() -> dict: library versions and the git commit of the code, for config.json."""
     import numpy
     import PIL
     import torch

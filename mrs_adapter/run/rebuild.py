@@ -1,8 +1,9 @@
-"""Rebuild the model a train.py checkpoint was trained with: its backbone and its method.
+"""train.py checkpoint -> the model it was trained with: its backbone and its method.
 
-A `best.pt` records the CLIP it was trained on (name or absolute path, sha256, MLP activation)
-and the method's whole configuration (every keyword of its `apply`), so eval.py and search.py
-rebuild it from the record alone, never from today's defaults.
+A `best.pt` records:
+- the CLIP it was trained on (name or absolute path, sha256, MLP activation);
+- the method's whole configuration (every keyword of its `apply`).
+So eval.py and search.py rebuild it from the record alone, never from today's defaults.
 """
 import os
 from typing import Dict, Optional, Tuple
@@ -17,9 +18,12 @@ from ..methods import apply_method, freeze_unread, method_options
 def load_backbone(config: Dict, clip_path: Optional[str] = None,
                   activation: Optional[str] = None, sha256: Optional[str] = None,
                   where: str = "the checkpoint") -> Tuple[nn.Module, object]:
-    """(CLIP, preprocess): the backbone recorded in train.py's `config` ("backbone": clip, path,
-    sha256, activation). `clip_path` points at the weights when they moved; weights with another
-    sha256 are an error unless `sha256` names that hash on purpose."""
+    """train.py's `config` -> (CLIP, preprocess): the backbone it records.
+
+    - The record: config["backbone"], with clip, path, sha256, activation.
+    - `clip_path` points at the weights when they moved.
+    - Weights with another sha256 are an error unless `sha256` names that hash on purpose.
+    """
     recorded = config.get("backbone") or {}
     from_record = activation is None and recorded.get("activation") is not None
     activation = activation or recorded.get("activation")
@@ -46,8 +50,11 @@ def load_backbone(config: Dict, clip_path: Optional[str] = None,
 
 
 def train_config(ckpt, where: str = "the checkpoint") -> Dict:
-    """The run config of a train.py checkpoint; a ValueError naming `where` for anything else
-    (a CLIP state dict, another project's file), before any weights are loaded for it."""
+    """Checkpoint -> the run config of a train.py checkpoint; a ValueError naming `where` otherwise.
+
+    - Anything else: a CLIP state dict, another project's file.
+    - Checked before any weights are loaded for it.
+    """
     config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
     if not isinstance(ckpt, dict) or "trainable" not in ckpt or "method" not in config:
         found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -57,14 +64,18 @@ def train_config(ckpt, where: str = "the checkpoint") -> Dict:
 
 
 def read_train_checkpoint(path: str) -> Tuple[Dict, Dict]:
-    """(checkpoint, its run config) of a train.py best.pt / last.pt, with errors naming `path`."""
+    """path -> (checkpoint, its run config) of a train.py best.pt / last.pt; errors name `path`."""
     ckpt = read_checkpoint(path)
     return ckpt, train_config(ckpt, path)
 
 
 def apply_checkpoint(model: nn.Module, ckpt: Dict, method: Optional[str] = None) -> nn.Module:
-    """Compose the PETL method named in ckpt["config"] into `model` (as train.py built it) and load
-    ckpt["trainable"] strictly: a missing, unexpected or mis-shaped tensor is an error."""
+    """(model, ckpt) -> `model` with ckpt's method composed in and its trained tensors loaded.
+
+    - The PETL method is the one named in ckpt["config"], composed into `model`
+      (as train.py built it).
+    - ckpt["trainable"] is loaded strictly: a missing, unexpected or mis-shaped tensor is an error.
+    """
     config = train_config(ckpt)
     if method is not None and method != config["method"]:
         raise ValueError(f"--method {method} given, but the checkpoint was trained with "

@@ -1,9 +1,11 @@
 """What makes a run reproducible and resumable: its seeds, its RNG state, its recorded settings.
 
-A seed's run folder holds config.json (every setting, resolved) and last.pt (the trained tensors,
-the optimizer, the RNG state of `rng_state` and the selection so far; train.py writes it at the
-end of every epoch). `--resume` continues from last.pt only with the settings of config.json, less
-those in RESUMABLE, so that a resumed run ends exactly as an uninterrupted one
+A seed's run folder holds:
+- config.json: every setting, resolved;
+- last.pt: the trained tensors, the optimizer, the RNG state of `rng_state`
+  and the selection so far; train.py writes it at the end of every epoch.
+`--resume` continues from last.pt only with the settings of config.json, less those in
+RESUMABLE, so that a resumed run ends exactly as an uninterrupted one
 (tests/test_train.py checks it).
 """
 import json
@@ -23,15 +25,20 @@ from .files import RunLog, read_jsonl
 
 
 def seed_everything(seed: int):
-    """The published seeding (docs/method.md §4): python `seed`, numpy `seed + 1`, torch `seed + 2`
-    (2, 3, 4)."""
+    """seed -> None: the published seeding (docs/method.md §4).
+
+    python `seed`, numpy `seed + 1`, torch `seed + 2` (2, 3, 4).
+    """
     random.seed(seed)
     np.random.seed(seed + 1)
     torch.manual_seed(seed + 2)
 
 
 def rng_state() -> dict:
-    """Every generator's state as plain values and tensors (loadable with weights_only)."""
+    """() -> dict: every generator's state, as plain values and tensors.
+
+    Loadable with weights_only.
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
@@ -56,10 +63,14 @@ RESUMABLE = ("epochs", "workers", "print_freq", "eval_batch_size", "cache_images
 
 
 def run_config(run, seed: int, backbone: dict, dropped: Optional[dict]) -> dict:
-    """config.json of one seed (less the environment): every setting as resolved (run/args.py)
-    and what the run found: the `backbone` it loaded (clip.load's record: the name or file given,
-    its path, sha256 and MLP activation; eval.py and search.py rebuild the model from it) and the
-    training and validation images it `dropped` as copies of test images (load_data)."""
+    """(run, seed, backbone, dropped) -> config.json of one seed, less the environment.
+
+    - Every setting as resolved (run/args.py).
+    - What the run found: the `backbone` it loaded
+      (clip.load's record: the name or file given, its path, sha256 and MLP activation;
+      eval.py and search.py rebuild the model from it).
+    - The training and validation images it `dropped` as copies of test images (load_data).
+    """
     settings = {k: v for k, v in vars(run).items() if k != "amp_dtype"}  # precision records it
     return {**settings, "seed": seed, "backbone": backbone, "dropped_overlap": dropped}
 
@@ -70,9 +81,12 @@ RETIRED = {"separate_views": False}
 
 
 def check_resume_config(old: dict, new: dict, path: str) -> None:
-    """A ValueError listing every setting that differs from the run's recorded ones (`old`, read
-    from `path`: last.pt or config.json), except those in RESUMABLE: a resumed run must continue
-    the run it resumes."""
+    """(old, new, path) -> None, or a ValueError listing every setting that differs.
+
+    - `old`: the run's recorded settings, read from `path` (last.pt or config.json).
+    - Those in RESUMABLE may differ.
+    - A resumed run must continue the run it resumes.
+    """
     # as config.json stores them: tuples become lists (last.pt's config keeps tuples)
     new, old = (json.loads(json.dumps({**RETIRED, **c})) for c in (new, old))
     absent = "(not set)"
@@ -87,12 +101,14 @@ def check_resume_config(old: dict, new: dict, path: str) -> None:
 
 
 def recorded_config(run_dir: str) -> Optional[Tuple[dict, str]]:
-    """(the settings the seed in `run_dir` ran with, the file they were read from) for --resume to
-    compare, or None where that seed has not started (it starts afresh).
+    """run_dir -> (the settings its seed ran with, the file they were read from), or None.
 
-    With last.pt, the config it holds: the one the checkpoint was trained with, there even where
-    config.json is gone. Without it, the seed starts again from epoch 0, with the settings of its
-    config.json, only where nothing past its first epoch would be lost (`lost_without_last`)."""
+    For --resume to compare; None where that seed has not started (it starts afresh).
+    - With last.pt: the config it holds, the one the checkpoint was trained with,
+      there even where config.json is gone.
+    - Without it, the seed starts again from epoch 0 with the settings of its config.json,
+      only where nothing past its first epoch would be lost (`lost_without_last`).
+    """
     last, config = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "config.json")
     if os.path.isfile(last):
         recorded = _checkpoint_config(last)
@@ -113,9 +129,13 @@ def recorded_config(run_dir: str) -> Optional[Tuple[dict, str]]:
 
 
 def lost_without_last(run_dir: str) -> str:
-    """What a restart of the seed in `run_dir` from epoch 0 would replace beyond its first epoch
-    ("" for nothing): results.json, or a best.pt that log.jsonl does not show to be epoch 0's
-    (the one epoch that can end without a last.pt: a stop between the two saves)."""
+    """run_dir -> what a restart of its seed from epoch 0 would replace beyond its first epoch.
+
+    "" for nothing; else:
+    - results.json;
+    - or a best.pt that log.jsonl does not show to be epoch 0's
+      (the one epoch that can end without a last.pt: a stop between the two saves).
+    """
     trained = [f for f in ("best.pt", "results.json") if os.path.isfile(os.path.join(run_dir, f))]
     if trained == ["best.pt"]:
         try:
@@ -128,7 +148,10 @@ def lost_without_last(run_dir: str) -> str:
 
 
 def _checkpoint_config(path: str) -> Optional[dict]:
-    """The "config" entry of a last.pt (memory-mapped: its tensors are not read), or None."""
+    """path -> the "config" entry of a last.pt, or None.
+
+    Memory-mapped: its tensors are not read.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, or not a torch file
@@ -147,23 +170,31 @@ def _read_json(path: str) -> dict:
 
 
 def resumed_log(path: str, epoch: int) -> RunLog:
-    """log.jsonl as it was at the end of `epoch`: records of the interrupted epoch are dropped,
-    since that epoch runs again."""
+    """(path, epoch) -> RunLog: log.jsonl as it was at the end of `epoch`.
+
+    Records of the interrupted epoch are dropped, since that epoch runs again.
+    """
     return RunLog(path, [r for r in read_jsonl(path) if r.get("epoch", -1) <= epoch])
 
 
 def save_last(path: str, model, optimizer, epoch: int, step: int, best: dict, initial: dict,
               config: dict) -> None:
-    """last.pt: all that start_or_resume needs to continue after `epoch` as if uninterrupted."""
+    """(path, model, optimizer, epoch, ...) -> None: last.pt written.
+
+    All that start_or_resume needs to continue after `epoch` as if uninterrupted.
+    """
     save_trainable(model, path, optimizer=optimizer.state_dict(), epoch=epoch, step=step,
                    rng=rng_state(), best=best, initial=initial, config=config)
 
 
 def start_or_resume(run, model, optimizer, paths: dict, config: dict, score: Callable,
                     tests: List[str]):
-    """(first epoch, global step, best val so far, scores before training, log): from last.pt
-    with --resume, else from scratch, scoring the model before training on "val" and `tests`
-    (rank 0). Writes config.json either way (rank 0)."""
+    """Model, optimizer -> (first epoch, global step, best val so far, scores before training, log).
+
+    - With --resume: from last.pt.
+    - Else from scratch, scoring the model before training on "val" and `tests` (rank 0).
+    - Writes config.json either way (rank 0).
+    """
     main_rank = run.rank == 0
     if run.resume and os.path.isfile(paths["last.pt"]):
         state = load_trainable(model, paths["last.pt"])
@@ -195,7 +226,7 @@ NOTHING_HALF_WRITTEN = ("no run file is half-written (each is written under a te
 
 
 def resume_point(run_dir: str, epochs: int) -> str:
-    """Where `--resume` would continue the seed in `run_dir`, as its last.pt says."""
+    """(run_dir, epochs) -> str: where `--resume` would continue its seed, as its last.pt says."""
     path = os.path.join(run_dir, "last.pt")
     try:
         epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
@@ -209,9 +240,12 @@ def resume_point(run_dir: str, epochs: int) -> str:
 
 @contextmanager
 def stops_explained(run_dir: str, epochs: int):
-    """Ctrl-C or a full disk while a seed runs, as one line saying what is intact and where
-    --resume continues. Every run file is written under a temporary name and renamed
-    (atomic.atomic_write), so none is ever half-written."""
+    """Context manager: Ctrl-C or a full disk while a seed runs -> one line, what is intact.
+
+    - The line says what is intact and where --resume continues.
+    - Every run file is written under a temporary name and renamed (atomic.atomic_write),
+      so none is ever half-written.
+    """
     try:
         yield
     except KeyboardInterrupt:

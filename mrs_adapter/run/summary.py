@@ -1,9 +1,9 @@
-"""The end of a run: each seed's selected checkpoint on test, then mean +- std over seeds printed
-as the paper's table.
+"""The end of a run: each seed's best.pt on test -> mean +- std over seeds, as the paper's table.
 
-The test split selects nothing: best.pt was chosen on validation during training. Published rows
-look like averages of several runs (docs/method.md §4), so several --seeds report the mean and
-the sample std over seeds; the table also shows the model before training and chance.
+- The test split selects nothing: best.pt was chosen on validation during training.
+- Published rows look like averages of several runs (docs/method.md §4),
+  so several --seeds report the mean and the sample std over seeds.
+- The table also shows the model before training and chance.
 """
 import os
 import statistics
@@ -18,7 +18,10 @@ from .union import test_keys
 
 
 def score_selected(seed: int, model, run_dir: str, score, initial: dict, splits: dict) -> dict:
-    """best.pt, selected on validation, scored on every test split: the seed's results.json."""
+    """(seed, model, run_dir, ...) -> the seed's results.json: best.pt scored on every test split.
+
+    best.pt was selected on validation.
+    """
     best = load_trainable(model, os.path.join(run_dir, "best.pt"))
     t0 = time.time()
     tests = {k: score(k) for k in test_keys(splits)}
@@ -30,14 +33,17 @@ def score_selected(seed: int, model, run_dir: str, score, initial: dict, splits:
 
 
 def mean_std(values: list) -> tuple:
-    """mean and sample std (0 for one seed) over seeds of every metric."""
+    """[{metric: value} per seed] -> ({metric: mean}, {metric: sample std, 0 for one seed})."""
     mean = {k: statistics.fmean(v[k] for v in values) for k in METRICS}
     std = {k: statistics.stdev([v[k] for v in values]) if len(values) > 1 else 0.0 for k in METRICS}
     return mean, std
 
 
 def summarize_several(run, results: list, splits: dict, dropped: dict) -> dict:
-    """One row per test dataset: mean +- std over seeds of every metric."""
+    """(run, results, splits, dropped) -> the summary; one row per test dataset printed.
+
+    Each row: mean +- std over seeds of every metric.
+    """
     names, several = [k.split(":", 1)[1] for k in test_keys(splits)], len(results) > 1
     stats = {n: mean_std([r["test"][n] for r in results]) for n in names}
     chance = {n: chance_recall(torch.as_tensor(splits[f"test:{n}"].txt2img)) for n in names}
@@ -54,9 +60,12 @@ def summarize_several(run, results: list, splits: dict, dropped: dict) -> dict:
 
 
 def summarize(run, results: list, splits: dict, dropped: dict) -> dict:
-    """mean +- std (sample std over seeds; 0 for one seed) of every test metric, printed as a
-    table; the summary train.py writes to <output>/results.json. `dropped`: load_data's count of
-    training and validation images dropped as copies of test images."""
+    """Per-seed results -> the summary train.py writes to <output>/results.json, printed as a table.
+
+    - Every test metric: mean +- std (sample std over seeds; 0 for one seed).
+    - `dropped`: load_data's count of training and validation images dropped as copies of
+      test images.
+    """
     if "test" not in splits:
         return summarize_several(run, results, splits, dropped)
     mean, std = mean_std([r["test"] for r in results])

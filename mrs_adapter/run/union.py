@@ -1,10 +1,12 @@
-"""The splits one run uses: one dataset as published, or several datasets joined.
+"""Settings -> the splits one run uses: one dataset as published, or several datasets joined.
 
-Several datasets (or a transfer, --test-dataset): training on the union of their training splits,
-selection on the union of their validation splits, a test split "test:<name>" per test dataset.
+Several datasets (or a transfer, --test-dataset):
+- training on the union of their training splits;
+- selection on the union of their validation splits;
+- a test split "test:<name>" per test dataset.
 Training and validation images that are exact or near copies of a test image are dropped
-(overlap.py; selecting on a validation image that is also a test image leaks too) unless
---keep-overlap asks for the published, leaky setting.
+(overlap.py; selecting on a validation image that is also a test image leaks too),
+unless --keep-overlap asks for the published, leaky setting.
 """
 from typing import Optional, Tuple
 
@@ -16,14 +18,17 @@ from .args import Settings
 
 
 def test_keys(splits: dict) -> list:
-    """The test splits: "test" for one dataset, "test:<name>" per test dataset otherwise."""
+    """splits -> the test keys: "test" for one dataset, else "test:<name>" per test dataset."""
     return [k for k in splits if k == "test" or k.startswith("test:")]
 
 
 def load_data(run: Settings) -> Tuple[dict, Optional[dict]]:
-    """({train, val, test} of one dataset, or {train, val, test:<name>...} of several; the count of
-    training and validation images dropped as copies of test images, {"train": n, "val": m}, or
-    None where nothing was looked for)."""
+    """Settings -> (splits, dropped): the splits the run uses and the copies dropped from them.
+
+    - splits: {train, val, test} of one dataset, or {train, val, test:<name>...} of several;
+    - dropped: the count of training and validation images dropped as copies of test images,
+      {"train": n, "val": m}, or None where nothing was looked for.
+    """
     names, tests = run.datasets, run.test_dataset or run.datasets
     every = list(dict.fromkeys(names + tests))
     if len(every) > 1 and (run.layout or run.image_dir):
@@ -53,8 +58,10 @@ def load_data(run: Settings) -> Tuple[dict, Optional[dict]]:
 
 
 def check_images(run: Settings, splits: dict) -> None:
-    """A ValueError listing the images of `splits` that do not open, with the command that checks
-    each dataset the run names."""
+    """(run, splits) -> None, or a ValueError listing the images of `splits` that do not open.
+
+    The error gives the command that checks each dataset the run names.
+    """
     names = list(dict.fromkeys(run.datasets + (run.test_dataset or [])))
     hint = "run " + ", ".join("`{}`".format(check_command(
         n, run.data_root, run.layout or DATASETS[n][0], run.image_dir, run.captions_per_image))
@@ -63,9 +70,12 @@ def check_images(run: Settings, splits: dict) -> None:
 
 
 def check_splits(run: Settings, splits: dict, dropped: Optional[dict]) -> None:
-    """A ValueError naming the split a seed could not use: a training split of fewer than 2 pairs
-    (nothing to contrast), a validation or test split without an image, e.g. after every one was
-    dropped as a copy of a test image."""
+    """(run, splits, dropped) -> None, or a ValueError naming the split a seed could not use.
+
+    - A training split of fewer than 2 pairs (nothing to contrast);
+    - a validation or test split without an image,
+      e.g. after every one was dropped as a copy of a test image.
+    """
     for key, split in splits.items():
         train = key == "train"
         count, least = (len(split.captions), 2) if train else (len(split.image_paths), 1)
