@@ -313,7 +313,7 @@ def _summary(out: str, manifest: Dict, embedded: int, deleted: List[str], skippe
     listed = dict({rel: e["error"] for rel, e in skipped.items()}, **problems)
     files = manifest["files"].values()
     dropped = sum(e.get("dropped", 0) for e in files)
-    unplaced = sum(e.get("footprints") is None for e in files)
+    unplaced = sum(e.get("crs") is None for e in files)
     max_nodata = manifest.get("raster", {}).get("max_nodata", 0.5)
     log(f"index {out}: {manifest['rows']} entries from {len(manifest['files'])} images "
         f"({embedded} embedded now, {len(deleted)} removed); "
