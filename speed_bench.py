@@ -26,6 +26,11 @@ Measures (medians of interleaved repeats):
   search_scene_peak_mb_<side>px           peak memory `index` adds for one generated PNG scene of
                                           side x side px (--search-scene-sides), beside its tile
                                           count: bounded by the image and a batch, not the tiles
+  search_geo_index_ratio_vs_encode        `search.py index` of a generated 4-band uint16 GeoTIFF
+                                          (tiled, LZW, UTM, nodata collar; --geo-sides, the
+                                          largest) tiles/s / encoding its kept tiles alone
+  search_geo_peak_mb_<side>px             peak memory `index` adds for that scene at each side:
+                                          windows, so flat in the scene's size ([geo] extra)
   recipe_minutes_projected (CUDA)         the published RSITMD recipe (30 epochs x 17,160 pairs,
                                           validation every epoch, test) from a measured 1-epoch
                                           `train.py` run on synthetic data
@@ -71,6 +76,7 @@ from mrs_adapter.demo.scenes import captions as demo_captions
 from mrs_adapter.demo.scenes import render, sample_scene, write_precomp
 from mrs_adapter.model import CLIP, build_model
 from mrs_adapter.prepare.overlap import HAMMING_THRESHOLD, THUMB_THRESHOLD, Hashes, hash_pixels
+from mrs_adapter.search.readers import has_rasterio
 from mrs_adapter.tokenizer import tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -415,6 +421,91 @@ def search_figures(args, tmp: str) -> dict:
                 **search_scene_figures(args, tmp, rng))
 
 
+# ---- search over a GeoTIFF scene (mrs_adapter/search/raster.py, tiling.py) ----
+
+def write_geotiff_scene(path: str, side: int, rng: np.random.Generator):
+    """A side x side px GeoTIFF as products come: 4 bands of uint16, tiled 512 px, LZW, UTM 33N
+    at 1 m, a nodata (0) collar on its left 5%; blocky land cover (64 px cells) plus noise,
+    written a strip of 512 rows at a time (never the whole scene in memory)."""
+    import rasterio
+    from rasterio.transform import Affine
+    cells = rng.integers(300, 3000, (4, side // 64 + 1, side // 64 + 1)).astype(np.uint16)
+    profile = dict(driver="GTiff", width=side, height=side, count=4, dtype="uint16", nodata=0,
+                   crs="EPSG:32633", transform=Affine(1.0, 0, 500000.0, 0, -1.0, 4500000.0),
+                   tiled=True, blockxsize=512, blockysize=512, compress="lzw", BIGTIFF="YES")
+    with rasterio.open(path, "w", **profile) as dst:
+        for top in range(0, side, 512):
+            rows = min(512, side - top)
+            y = (np.arange(top, top + rows) // 64)[:, None]
+            x = (np.arange(side) // 64)[None, :]
+            strip = cells[:, y, x] + rng.integers(0, 200, (4, rows, side), dtype=np.uint16)
+            strip[:, :, :side // 20] = 0
+            dst.write(strip, window=rasterio.windows.Window(0, top, side, rows))
+
+
+def search_geo_child(folder: str, device: str, encode_alone: bool) -> dict:
+    """(in a fresh process) `index` of the one GeoTIFF in `folder` with ViT-B/32 shapes: tiles,
+    seconds and the peak memory (VmHWM) beyond the process with the model loaded; then, if
+    `encode_alone`, the same kept tiles read beforehand and encoded alone (normalise + encoder, a
+    batch of 64 at a time, as `index` does)."""
+    from mrs_adapter.datasets import split_at_to_tensor
+    from mrs_adapter.search import index as search
+    from mrs_adapter.search.tiling import read_tiles
+
+    def status(key: str) -> int:  # kB -> bytes, from /proc/self/status (Linux)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+    torch.manual_seed(0)
+    model = CLIP(**VIT_B_32).eval().to(device)
+    identity = {"backbone": "random", "backbone_sha256": "bench", "activation": "quickgelu",
+                "method": "zero_shot", "checkpoint": None, "checkpoint_sha256": None}
+    with torch.no_grad():
+        search.encode_images(model, torch.zeros(64, 3, 224, 224), device)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS: the warm-up's transient peak is not counted
+    before = status("VmRSS")
+    result = search.build_index(folder, folder + "_index", model, transform(224), identity,
+                                device=device, log=lambda *a: None)
+    out = {"tiles": result["tiles"], "index_s": result["seconds"],
+           "peak_extra_bytes": status("VmHWM") - before}
+    if encode_alone:
+        decode, finish = split_at_to_tensor(transform(224))
+        scene = os.path.join(folder, os.listdir(folder)[0])
+        tiles, _ = read_tiles(scene, decode, 256, 192)  # uint8, (T, 3, 224, 224)
+
+        def encode():
+            for i in range(0, len(tiles), 64):
+                search.encode_images(model, finish(tiles[i:i + 64]), device)
+        out["encode_s"] = timed(encode, device)
+        out["encoded_tiles"] = len(tiles)
+    return out
+
+
+def search_geo_figures(args, tmp: str) -> dict:
+    """`index` over generated GeoTIFF scenes (--geo-sides): tiles/s against encoding the same
+    tiles alone on the largest, and peak memory growth at every side."""
+    rng, out = np.random.default_rng(0), {}
+    for side in args.geo_sides:
+        folder = os.path.join(tmp, f"geo_{side}")
+        os.makedirs(folder)
+        start = time.time()
+        write_geotiff_scene(os.path.join(folder, "scene.tif"), side, rng)
+        print(f"  wrote a {side} px GeoTIFF in {time.time() - start:.0f}s", file=sys.stderr)
+        largest = side == max(args.geo_sides)
+        child = last_json_line([sys.executable, __file__, "--_search_geo", folder,
+                                "--device", args.device] + (["--_encode_alone"] * largest))
+        out[f"search_geo_tiles_{side}px"] = child["tiles"]
+        out[f"search_geo_peak_mb_{side}px"] = child["peak_extra_bytes"] / 2 ** 20
+        out[f"search_geo_index_tiles_per_s_{side}px"] = child["tiles"] / child["index_s"]
+        if largest:
+            assert child["encoded_tiles"] == child["tiles"]
+            out["search_geo_encode_tiles_per_s"] = child["tiles"] / child["encode_s"]
+            out["search_geo_index_ratio_vs_encode"] = child["encode_s"] / child["index_s"]
+        os.remove(os.path.join(folder, "scene.tif"))
+    return out
+
+
 # ---- near copies (mrs_adapter/prepare/overlap.py): how the thresholds were chosen, its speed ----
 
 def jpeg(image: Image.Image, quality: int = 75) -> Image.Image:
@@ -559,7 +650,7 @@ def overlap_time(args) -> List[str]:
 
 # figures: {name: value}, printed as one table (and written to --json)
 FIGURES = {"encode": encode_ratios, "train": train_ratios, "eval": eval_overhead,
-           "recipe": recipe_projection, "search": search_figures}
+           "recipe": recipe_projection, "search": search_figures, "geo": search_geo_figures}
 # reports: lines printed as they are; only run when named in --only
 REPORTS = {"overlap-measure": overlap_measure, "overlap-time": overlap_time}
 
@@ -585,6 +676,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="256 px TIFFs indexed by the search bench")
     p.add_argument("--search-scene-sides", type=int, nargs="*", default=[2048, 4096],
                    help="sides, px, of the generated PNG scenes whose indexing memory is measured")
+    p.add_argument("--geo-sides", type=int, nargs="+", default=[10000, 20000],
+                   help="sides, px, of the generated 4-band uint16 GeoTIFFs (geo section)")
     p.add_argument("--overlap-images", type=int,
                    help="images (overlap-measure: 300; overlap-time: 10921, RSICD's count)")
     p.add_argument("--overlap-threads", type=int, default=2)
@@ -595,6 +688,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_search_query", help=argparse.SUPPRESS)
     p.add_argument("--_search_scene", help=argparse.SUPPRESS)
+    p.add_argument("--_search_geo", help=argparse.SUPPRESS)
+    p.add_argument("--_encode_alone", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -603,7 +698,7 @@ def selected(args, name: str) -> bool:
         return name in args.only
     # recipe: a projection for a GPU (the recipe on CPU would take days)
     return name in FIGURES and name not in args.skip and (
-        name != "recipe" or args.device.startswith("cuda"))
+        name != "recipe" or args.device.startswith("cuda")) and (name != "geo" or has_rasterio())
 
 
 def run_figures(args) -> dict:
@@ -631,6 +726,9 @@ def main(argv=None) -> dict:
         return {}
     if args._search_query:
         print(json.dumps(search_query_child(args._search_query)))
+        return {}
+    if args._search_geo:
+        print(json.dumps(search_geo_child(args._search_geo, args.device, args._encode_alone)))
         return {}
     if args._search_scene:
         print(json.dumps(search_scene_child(args._search_scene, args.device)))
