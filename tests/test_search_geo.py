@@ -234,11 +234,12 @@ def test_geoparquet_holds_the_geo_metadata_and_the_npy_embeddings(geo, tmp_path)
 
 
 def test_refined_query_equals_a_brute_force_ranking_of_the_formula(geo, tmp_path):
-    first = tmp_path / "first.json"
-    cli.main(["query", geo["out"], "a field", "--top", "10", "--json", str(first)])
+    first, features = tmp_path / "first.json", tmp_path / "first.geojson"
+    cli.main(["query", geo["out"], "a field", "--top", "10", "--json", str(first),
+              "--geojson", str(features)])
     jpeg = os.path.join(geo["images"], "jpeg.tif")
     hits = cli.main(["query", geo["out"], "a field", "--like", f"{first}:2,3",
-                     "--unlike", f"{first}:5", "--not", jpeg, "--top", "8"])
+                     "--unlike", f"{features}:5", "--not", jpeg, "--top", "8"])
     index = search_query.SearchIndex(geo["out"])
     emb = np.asarray(index.embeddings, np.float32)
     old = json.load(open(first))["hits"]
@@ -272,11 +273,14 @@ def test_within_min_score_and_map(geo, tmp_path):
     above = cli.main(["query", geo["out"], "a field", "--min-score", str(threshold)])
     assert [h["score"] for h in above] == [h["score"] for h in everything
                                            if h["score"] >= threshold]
-    picture = tmp_path / "hits.png"
-    cli.main(["query", geo["out"], "a field", "--top", "5", "--map", str(picture)])
+    picture, sheet = tmp_path / "hits.png", tmp_path / "sheet.png"
+    cli.main(["query", geo["out"], "a field", "--top", "5", "--map", str(picture),
+              "--sheet", str(sheet)])
     with Image.open(picture) as image:
         assert image.text["written_by"] == "mrs-adapter search.py output"
         assert image.width > 64
+    with Image.open(sheet) as image:  # the GeoTIFF hits' windows, read through rasterio
+        assert image.width > 5 * 128
 
 
 def test_without_rasterio_a_four_band_file_is_the_error_and_plain_images_index(
