@@ -414,6 +414,11 @@ def cli(argv: Optional[List[str]] = None) -> int:
         result = main(argv)
     except (OSError, ValueError, DownloadError, RasterioMissing) as e:  # OSError: also not found
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (atomic writes, parts)
+        print("interrupted: an index is as last committed, and the images embedded before the "
+              "last save stay in its parts/ for the next run; no output file was half-written",
+              file=sys.stderr)
+        raise SystemExit(130)
     return result if isinstance(result, int) else 0
 
 

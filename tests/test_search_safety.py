@@ -215,6 +215,20 @@ def test_unreadable_folder_and_broken_links_are_listed(tmp_path, weights, capsys
     assert sum(p.endswith("sub/c.png") for p, _ in entries(out)[0]) == 6  # kept, not removed
 
 
+# 10: a linked folder is followed (its images indexed), a link back up is a loop, listed
+def test_linked_folders_are_followed_and_link_loops_listed(tmp_path, weights, capsys):
+    elsewhere = make_images(tmp_path / "elsewhere", {"far.png": (40, 30)})
+    images = make_images(tmp_path / "images", {"a.png": (40, 30)})
+    os.symlink(elsewhere, os.path.join(images, "linked"))
+    os.symlink("..", os.path.join(images, "up"))
+    capsys.readouterr()
+    assert index(images, tmp_path / "index", weights) == 0
+    printed = capsys.readouterr().out
+    assert sorted(os.path.relpath(p, images) for p, _ in entries(tmp_path / "index")[0]) == \
+        ["a.png", os.path.join("linked", "far.png")]
+    assert "up/: symbolic link loop (a folder already listed)" in printed
+
+
 # 11: an embeddings file that does not hold the rows index.json records is named
 def test_embeddings_with_missing_rows_are_refused(tmp_path, weights, monkeypatch):
     images, out = make_images(tmp_path / "images"), tmp_path / "index"

@@ -1,6 +1,8 @@
 """The image folder of a search index: its image files, their size and mtime (a file whose pair
 is unchanged is not read again), and what could not be read: folders that cannot be listed and
 symbolic links that lead nowhere are listed with their reason, never skipped without a word.
+A linked folder is followed (data is often linked in), once: a link back to a folder already
+listed is a loop, listed and not followed.
 """
 import errno
 import os
@@ -10,15 +12,25 @@ EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 
 
 def list_images(root: str, problems: Optional[Dict[str, str]] = None) -> List[str]:
-    """Image files under `root`, recursively, as sorted '/'-separated paths relative to it; each
-    folder that cannot be listed goes into `problems` as 'folder/': its error."""
+    """Image files under `root`, recursively (linked folders followed once), as sorted
+    '/'-separated paths relative to it; each folder that cannot be listed, or a link back to one
+    already listed, goes into `problems` as 'folder/': its reason."""
     def unlisted(e: OSError):
         if problems is not None:
             rel = os.path.relpath(e.filename, root).replace(os.sep, "/")
             problems[rel + "/"] = f"folder not readable ({e.strerror})"
 
-    found = []
-    for folder, dirs, files in os.walk(root, onerror=unlisted):
+    top = os.path.realpath(root)
+    found, seen = [], {top}
+    for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=True):
+        for name in sorted(dirs):  # a linked folder is followed once: a link back is a loop
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in seen or top.startswith(real + os.sep):  # seen, or above the image folder
+                dirs.remove(name)
+                if problems is not None:
+                    rel = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+                    problems[rel + "/"] = "symbolic link loop (a folder already listed)"
+            seen.add(real)
         dirs.sort()
         for name in files:
             if name.lower().endswith(EXTENSIONS):
