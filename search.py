@@ -298,7 +298,8 @@ def run_query(args) -> List[Dict]:
                   f"{model.context_length - 2} tokens are used")
     positives, negatives = query_examples(args, index, model, preprocess)
     described = describe_query([p for p, _ in positives], [n for n, _ in negatives])
-    if len(positives) + len(negatives) > 1:
+    single = len(positives) + len(negatives) == 1
+    if not single:
         print(described)
     query = combine_query([e for _, e in positives], [e for _, e in negatives])
     hits = index.search(query, args.top, args.min_score, args.within)
@@ -309,7 +310,7 @@ def run_query(args) -> List[Dict]:
         box = f"  {h['box']}" if h["box"] else ""
         print(f"{h['rank']:>4}  {h['score']:.4f}  {h['path']}{box}")
     try:
-        write_hits(args, index, hits, described)
+        write_hits(args, index, hits, positives[0][0] if single else described)
     except OSError as e:
         if_disk_full(e, "that file was not written, and nothing it would replace is lost")
         raise

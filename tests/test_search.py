@@ -167,7 +167,7 @@ def test_query_equals_brute_force_ranking(setup, trained_checkpoint, tmp_path):
     hits = cli.main(["query", str(out), text, "--top", "10", "--json", str(tmp_path / "hits.json"),
                      "--sheet", str(tmp_path / "sheet.png")])
     written = json.load(open(tmp_path / "hits.json"))  # hits + where they are (none here)
-    assert written["query"] == f'query: text "{text}"' and written["hits"] == [
+    assert written["query"] == f'text "{text}"' and written["hits"] == [
         dict(h, crs=None, bounds=None, footprint=None) for h in hits]
     assert [h["rank"] for h in hits] == list(range(1, 11))
     by_entry = {(p, json.dumps(b)): s for s, p, b in expected}

@@ -6,9 +6,10 @@ query is one text or image embedding ranked against them by cosine similarity. T
 folder (store.py): index.json (model, files, tile boxes; the commit point) and
 embeddings-<n>.npy (float16, one row per tile, memory-mapped when queried). Runs save parts/
 every N images, so a killed run continues where it stopped, and a second run embeds only new
-or changed files. A large scene's tiles reach the encoder a batch at a time (memory: the
-decoded image and a few batches); files and folders that cannot be read are skipped and listed,
-and a run that would drop more than half of the index at once is refused without --prune.
+or changed files. A large scene's tiles reach the encoder a batch at a time (tiling.py: a
+GeoTIFF read a window per tile, a Pillow image decoded whole; then a few batches); files and
+folders that cannot be read are skipped and listed, and a run that would drop more than half of
+the index at once is refused without --prune.
 """
 import os
 import time
