@@ -134,14 +134,18 @@ def test_resume_compares_with_last_pt_when_config_json_is_gone(demo, finished_ru
 
 
 # 5: --overwrite removes the files a run writes and nothing else
-def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path, capsys):
     folder = tmp_path / "run"
     before = old_run(folder)
     (folder / "seed3").mkdir()
     for name in ("seed3/log.jsonl", "seed3/last.pt.k2j4h5l6.tmp", "seed2x/last.pt"):
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text("run")  # a run's files, a killed save's temporary one; not ours
+    capsys.readouterr()
     files.prepare_run_dir(str(folder), resume=False, overwrite=True)
+    said = capsys.readouterr().out  # what went and how much stayed, in one line
+    assert said.startswith("--overwrite: removed 6 file(s) a run wrote in")
+    assert "seed3/log.jsonl" in said and said.rstrip().endswith("kept 5 other file(s)")
     kept = {k: v for k, v in before.items()
             if k in ("results.xlsx", "seedlings/plan.txt", "seed2/notes.txt", "notes.txt")}
     assert tree(folder) == {**kept, "seed2x/last.pt": b"run"}

@@ -48,20 +48,23 @@ def written_by_a_run(name: str) -> bool:
                                     for f in RUN_FILES)
 
 
-def remove_run_files(folder: str, seeds: bool = True) -> None:
-    """(folder, seeds) -> None: what a run wrote in `folder` removed, and nothing else.
+def remove_run_files(folder: str, seeds: bool = True) -> List[str]:
+    """(folder, seeds) -> the paths removed, relative to `folder`: what a run wrote, nothing else.
 
     - Its run files; with `seeds`, also those of its seed<N>/ folders.
     - A seed folder that also holds a file of the user's stays, with that file.
     """
-    for name in os.listdir(folder):
+    removed = []
+    for name in sorted(os.listdir(folder)):
         full = os.path.join(folder, name)
         if os.path.isfile(full) and written_by_a_run(name):
             os.remove(full)
+            removed.append(name)
         elif seeds and re.fullmatch(r"seed\d+", name) and os.path.isdir(full):
-            remove_run_files(full, seeds=False)
+            removed += [f"{name}/{inner}" for inner in remove_run_files(full, seeds=False)]
             if not os.listdir(full):
                 os.rmdir(full)
+    return removed
 
 
 def prepare_run_dir(path: str, resume: bool, overwrite: bool) -> None:
@@ -76,7 +79,12 @@ def prepare_run_dir(path: str, resume: bool, overwrite: bool) -> None:
         raise FileExistsError(f"run folder {path} is not empty; pass --resume to continue that "
                               f"run, --overwrite to replace it, or another --output")
     if overwrite and os.path.isdir(path):
-        remove_run_files(path)
+        removed = remove_run_files(path)
+        kept = sum(len(names) for _, _, names in os.walk(path))
+        shown = ", ".join(removed[:6]) + (", ..." if len(removed) > 6 else "")
+        print(f"--overwrite: removed {len(removed)} file(s) a run wrote in {path}"
+              + (f" ({shown})" if removed else "")
+              + (f"; kept {kept} other file(s)" if kept else ""))
     os.makedirs(path, exist_ok=True)
 
 
