@@ -28,7 +28,9 @@ Measures (medians of interleaved repeats):
                                           count: bounded by the image and a batch, not the tiles
   search_geo_index_ratio_vs_encode        `search.py index` of a generated 4-band uint16 GeoTIFF
                                           (tiled, LZW, UTM, nodata collar; --geo-sides, the
-                                          largest) tiles/s / encoding its kept tiles alone
+                                          largest) tiles/s / encoding its kept tiles alone (wall;
+                                          _cpu: CPU seconds); encoder_share_<side>px: the time
+                                          inside the encoder / the index run's, measured in it
   search_geo_peak_mb_<side>px             peak memory `index` adds for that scene at each side:
                                           windows, so flat in the scene's size ([geo] extra)
   recipe_minutes_projected (CUDA)         the published RSITMD recipe (30 epochs x 17,160 pairs,
@@ -462,13 +464,26 @@ def search_geo_child(folder: str, device: str, encode_alone: bool) -> dict:
                 "method": "zero_shot", "checkpoint": None, "checkpoint_sha256": None}
     with torch.no_grad():
         search.encode_images(model, torch.zeros(64, 3, 224, 224), device)
+    in_encoder = [0.0, 0.0]  # wall s, CPU s spent inside the encoder while indexing
+    encode_images = search.encode_images
+
+    def counted(*args):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return encode_images(*args)
+        finally:
+            in_encoder[0] += time.perf_counter() - wall
+            in_encoder[1] += time.process_time() - cpu
+    search.encode_images = counted
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS: the warm-up's transient peak is not counted
-    before = status("VmRSS")
+    before, cpu = status("VmRSS"), time.process_time()
     result = search.build_index(folder, folder + "_index", model, transform(224), identity,
                                 device=device, log=lambda *a: None)
     out = {"tiles": result["tiles"], "index_s": result["seconds"],
-           "peak_extra_bytes": status("VmHWM") - before}
+           "index_cpu_s": time.process_time() - cpu, "in_encoder_s": in_encoder[0],
+           "in_encoder_cpu_s": in_encoder[1], "peak_extra_bytes": status("VmHWM") - before}
+    search.encode_images = encode_images
     if encode_alone:
         decode, finish = split_at_to_tensor(transform(224))
         scene = os.path.join(folder, os.listdir(folder)[0])
@@ -477,7 +492,9 @@ def search_geo_child(folder: str, device: str, encode_alone: bool) -> dict:
         def encode():
             for i in range(0, len(tiles), 64):
                 search.encode_images(model, finish(tiles[i:i + 64]), device)
+        cpu = time.process_time()
         out["encode_s"] = timed(encode, device)
+        out["encode_cpu_s"] = time.process_time() - cpu
         out["encoded_tiles"] = len(tiles)
     return out
 
@@ -498,10 +515,15 @@ def search_geo_figures(args, tmp: str) -> dict:
         out[f"search_geo_tiles_{side}px"] = child["tiles"]
         out[f"search_geo_peak_mb_{side}px"] = child["peak_extra_bytes"] / 2 ** 20
         out[f"search_geo_index_tiles_per_s_{side}px"] = child["tiles"] / child["index_s"]
+        # the encoder's share of the index run, measured inside it (the same load throughout)
+        out[f"search_geo_encoder_share_{side}px"] = child["in_encoder_s"] / child["index_s"]
         if largest:
             assert child["encoded_tiles"] == child["tiles"]
             out["search_geo_encode_tiles_per_s"] = child["tiles"] / child["encode_s"]
             out["search_geo_index_ratio_vs_encode"] = child["encode_s"] / child["index_s"]
+            # CPU seconds: less moved by other processes on a shared machine than wall time
+            out["search_geo_index_ratio_vs_encode_cpu"] = (child["encode_cpu_s"]
+                                                           / child["index_cpu_s"])
         os.remove(os.path.join(folder, "scene.tif"))
     return out
 
