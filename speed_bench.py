@@ -287,10 +287,6 @@ def search_query_child(path: str, repeats: int = 5) -> dict:
     `path`, and the peak memory it adds beyond the mapped file's pages (page cache, shared)."""
     from mrs_adapter.search.query import top_k
 
-    def status(key: str) -> int:  # kB -> bytes, from /proc/self/status (Linux)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
     torch.set_num_threads(2)
     embeddings = np.load(path, mmap_mode="r")
     query = np.random.default_rng(1).standard_normal(embeddings.shape[1]).astype(np.float32)
@@ -375,14 +371,16 @@ def search_query_figures(tmp: str, model: torch.nn.Module, rng: np.random.Genera
                 search_text_encode_ms=1000 * text_s)
 
 
+def status(key: str) -> int:
+    """kB -> bytes of `key` (VmRSS, VmHWM, ...) from /proc/self/status (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
 def search_scene_child(folder: str, device: str) -> dict:
     """(in a fresh process) `index` of the one scene in `folder`: its tiles, and the peak memory
     (VmHWM) beyond what the process held with the model loaded."""
     from mrs_adapter.search import index as search
-
-    def status(key: str) -> int:  # kB -> bytes, from /proc/self/status (Linux)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
     torch.manual_seed(0)
     model = CLIP(**VIT_B_32).eval().to(device)
@@ -453,10 +451,6 @@ def search_geo_child(folder: str, device: str, encode_alone: bool) -> dict:
     from mrs_adapter.datasets import split_at_to_tensor
     from mrs_adapter.search import index as search
     from mrs_adapter.search.tiling import read_tiles
-
-    def status(key: str) -> int:  # kB -> bytes, from /proc/self/status (Linux)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
     torch.manual_seed(0)
     model = CLIP(**VIT_B_32).eval().to(device)
