@@ -1,6 +1,7 @@
 from setuptools import find_packages, setup
 
 GEO = ["rasterio>=1.3", "pyarrow>=17"]  # pyarrow 17: ParquetWriter.add_key_value_metadata
+ANN = ["faiss-cpu>=1.7.3"]  # 1.7.3: SearchParametersIVF / SearchParametersHNSW (per-query nprobe)
 
 setup(
     name="mrs-adapter",
@@ -20,6 +21,9 @@ setup(
     # wheels bundle GDAL; tested with rasterio 1.4.4, GDAL 3.10) and GeoParquet export (pyarrow).
     # The paper's path and plain-image search need neither. [test] includes [geo], so CI runs
     # every geo test; pyproj is the tests' reprojection, independent of rasterio's.
-    extras_require={"geo": GEO, "test": ["pytest", "open_clip_torch", "ruff", "pyproj"] + GEO},
+    # [ann]: `search.py ann`, an approximate index for large archives (mrs_adapter/search/ann.py);
+    # without it queries are exact brute force. [test] includes it too.
+    extras_require={"geo": GEO, "ann": ANN,
+                    "test": ["pytest", "open_clip_torch", "ruff", "pyproj"] + GEO + ANN},
     license="MIT",
 )

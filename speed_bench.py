@@ -7,6 +7,7 @@
     python speed_bench.py --device cuda --json bench_gpu.json  # CUDA, bf16 autocast, the recipe
     python speed_bench.py --only overlap-measure               # near-copy distances, 300 scenes
     python speed_bench.py --only overlap-time                  # `overlap` on 10,921 JPEGs
+    python speed_bench.py --only scale [--scale-rows 10000000] # the ANN index at 1M (10M) rows
 
 Measures (medians of interleaved repeats):
   encode_{image,text}_ratio_vs_open_clip  our encoder's throughput / open_clip's, same weights
@@ -33,6 +34,12 @@ Measures (medians of interleaved repeats):
                                           inside the encoder / the index run's, measured in it
   search_geo_peak_mb_<side>px             peak memory `index` adds for that scene at each side:
                                           windows, so flat in the scene's size ([geo] extra)
+  search_ann_recall_at_20_<rows>,         the ANN index (search/ann.py) over --scale-rows generated
+  search_ann_query_ms_<rows>,             clustered embeddings (demo/embeddings.py; rows 1m or
+  search_ann_build_s_<rows>,              10m): recall@20 against brute force over 50 queries,
+  search_bytes_per_tile                   median ms of a query once embedded (speed_bench.ann_query:
+                                          ann.json, stat, open, search, exact re-score), build
+                                          seconds, embeddings + ANN bytes on disk per tile
   recipe_minutes_projected (CUDA)         the published RSITMD recipe (30 epochs x 17,160 pairs,
                                           validation every epoch, test) from a measured 1-epoch
                                           `train.py` run on synthetic data
@@ -54,6 +61,7 @@ Reports, run only when named in --only (they print lines, not figures):
                     --overlap-images, default 10,921: RSICD's.
 """
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -522,6 +530,63 @@ def search_geo_figures(args, tmp: str) -> dict:
     return out
 
 
+# ---- search at archive scale: the ANN index (mrs_adapter/search/ann.py) ----
+
+def rows_suffix(n: int) -> str:
+    """1000000 -> "1m", 10000000 -> "10m", 250000 -> "250k"."""
+    return f"{n // 10 ** 6}m" if n % 10 ** 6 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def ann_query(folder: str, parts: list, query: np.ndarray, k: int = 20):
+    """What `search.py query` does once the model has embedded the query: read ann.json, check
+    the parts it covers (stat), open the ANN (IVF lists memory-mapped), map the embeddings,
+    search, re-score the candidates exactly. Hits' paths and printing are not included."""
+    from mrs_adapter.search import ann
+    index, why = ann.open_ann(folder, parts)
+    if index is None:
+        raise RuntimeError(why)
+    return ann.search(index, ann.rows_getter(parts), query, k)
+
+
+def scale_figures(args, tmp: str) -> dict:
+    """--scale-rows clustered float16 embeddings (demo/embeddings.py: 1,000 weighted centres +
+    noise of norm 0.5, 512 dims): the ANN's build time, its recall@20 against query.top_k over
+    50 queries drawn as the rows are, the median ms of `ann_query`, and the bytes a tile takes
+    on disk (embeddings + ANN). 1M rows: 1 GB in `tmp`; 10M: 10 GB."""
+    from mrs_adapter.demo.embeddings import queries, write_embeddings
+    from mrs_adapter.search import ann
+    from mrs_adapter.search.query import top_k
+    n, dim, s = args.scale_rows, 512, rows_suffix(args.scale_rows)
+    folder = os.path.join(tmp, "scale_index")
+    os.makedirs(folder)
+    start = time.time()
+    npy = write_embeddings(os.path.join(folder, "embeddings-000001.npy"), n, dim)
+    print(f"[scale: {n:,} rows generated in {time.time() - start:.0f}s]", file=sys.stderr)
+    parts = [(npy, n)]
+    info = ann.build(folder, parts, log=lambda line: print(line, file=sys.stderr, flush=True))
+    emb, qs = np.load(npy, mmap_mode="r"), queries(50, dim)
+    exact, brute_ms = [], []
+    for q in qs:  # brute force first: it reads every row, the ANN queries then run warm
+        start = time.perf_counter()
+        exact.append(top_k(emb, q, 20)[0])
+        brute_ms.append(1000 * (time.perf_counter() - start))
+    recall, ms = [], []
+    for q, truth in zip(qs, exact):
+        start = time.perf_counter()
+        rows = ann_query(folder, parts, q)[0]
+        ms.append(1000 * (time.perf_counter() - start))
+        recall.append(len(np.intersect1d(rows, truth)) / 20)
+    on_disk = os.path.getsize(npy) + info["bytes"] + os.path.getsize(
+        os.path.join(folder, ann.ANN_JSON))
+    return {f"search_ann_kind_{s}": f"{info['kind']} {info['params']}",
+            f"search_ann_recall_at_20_{s}": float(np.mean(recall)),
+            f"search_ann_recall_at_20_min_{s}": float(np.min(recall)),
+            f"search_ann_query_ms_{s}": statistics.median(ms),
+            f"search_brute_query_ms_{s}": statistics.median(brute_ms),
+            f"search_ann_build_s_{s}": info["build_s"],
+            "search_bytes_per_tile": on_disk / n}
+
+
 # ---- near copies (mrs_adapter/prepare/overlap.py): how the thresholds were chosen, its speed ----
 
 def jpeg(image: Image.Image, quality: int = 75) -> Image.Image:
@@ -666,7 +731,8 @@ def overlap_time(args) -> List[str]:
 
 # figures: {name: value}, printed as one table (and written to --json)
 FIGURES = {"encode": encode_ratios, "train": train_ratios, "eval": eval_overhead,
-           "recipe": recipe_projection, "search": search_figures, "geo": search_geo_figures}
+           "recipe": recipe_projection, "search": search_figures, "geo": search_geo_figures,
+           "scale": scale_figures}
 # reports: lines printed as they are; only run when named in --only
 REPORTS = {"overlap-measure": overlap_measure, "overlap-time": overlap_time}
 
@@ -697,6 +763,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overlap-images", type=int,
                    help="images (overlap-measure: 300; overlap-time: 10921, RSICD's count)")
     p.add_argument("--overlap-threads", type=int, default=2)
+    p.add_argument("--scale-rows", type=int, default=1_000_000,
+                   help="generated embeddings of the scale section (10M: 10 GB in the temp folder)")
     sections = p.add_mutually_exclusive_group()
     sections.add_argument("--skip", nargs="*", default=[], choices=list(FIGURES))
     sections.add_argument("--only", nargs="+", choices=list(FIGURES) + list(REPORTS),
@@ -714,7 +782,9 @@ def selected(args, name: str) -> bool:
         return name in args.only
     # recipe: a projection for a GPU (the recipe on CPU would take days)
     return name in FIGURES and name not in args.skip and (
-        name != "recipe" or args.device.startswith("cuda")) and (name != "geo" or has_rasterio())
+        name != "recipe" or args.device.startswith("cuda")) and (
+        name != "geo" or has_rasterio()) and (
+        name != "scale" or importlib.util.find_spec("faiss") is not None)
 
 
 def run_figures(args) -> dict:
