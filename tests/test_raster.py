@@ -336,6 +336,33 @@ def test_grid_is_the_index_grid_at_full_resolution_and_reads_in_parts(files):
                for (_, p, _), (_, w, _) in zip(parts, whole))
 
 
+def test_tiles_of_a_wide_scene_go_band_by_band_each_read_as_in_grid_order(files, monkeypatch):
+    scene = open_scene(files["utm"])
+    grid = {box: (rgb, invalid) for box, rgb, invalid in tiles(scene, 128, 96)}
+    monkeypatch.setattr(raster, "BAND_PX", 200)  # 600 px wide: three bands
+    banded = tiles(scene, 128, 96)
+    lefts = [box[0] // 200 for box, _, _ in banded]
+    assert lefts == sorted(lefts) and len(set(lefts)) == 3  # band after band, left to right
+    for b in set(lefts):  # each band top to bottom
+        tops = [box[1] for (box, _, _), band in zip(banded, lefts) if band == b]
+        assert tops == sorted(tops)
+    assert [box for box, _, _ in banded] != list(grid)  # not the row-by-row order
+    assert sorted(box for box, _, _ in banded) == sorted(grid)  # every tile once
+    for box, rgb, invalid in banded:
+        assert invalid == grid[box][1]
+        assert rgb is None and grid[box][0] is None or (rgb == grid[box][0]).all()
+
+
+def test_block_cache_of_a_tiled_scene_is_flat_in_its_width(tmp_path):
+    def cache(width, **profile):
+        path = write(tmp_path / f"w{width}.tif", np.ones((4, 300, width), np.uint16), **profile)
+        with raster._opened(path) as src:
+            return raster._band_cache(src, raster.BAND_PX, 256)
+    tiled = dict(tiled=True, blockxsize=256, blockysize=256, compress="lzw")
+    assert cache(3000, **tiled) == cache(9000, **tiled)  # one band's blocks, any width
+    assert cache(9000) > cache(3000)  # full-width strips: a row of them, as wide as the file
+
+
 def test_gsd_twice_native_gives_about_a_quarter_of_the_tiles(files):
     native = open_scene(files["utm"], max_nodata=1.0)
     coarse = open_scene(files["utm"], gsd=20.0, max_nodata=1.0)

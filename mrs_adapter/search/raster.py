@@ -23,10 +23,12 @@ from .readers import pillow_would_misread, rasterio_missing
 Box = Tuple[int, int, int, int]  # (left, top, right, bottom) in full-resolution pixels
 SAMPLE_SIDE = 1024  # the stretch's sample: one read of at most 1024 px a side (~1M px a band),
 SAMPLE_GRID, SAMPLE_WINDOW = 8, 128  # or, without a small overview, 8 x 8 windows of 128 px
-# GDAL's block cache while reading tiles: two block rows of a 20,000 px wide 4-band 16-bit scene
-# (2 x 41 MB), so a row of tiles re-uses the blocks it shares with the row above; GDAL's default
-# (5% of the RAM) would let a large scene's decoded blocks pile up.
-CACHE_BYTES = 128 * 2 ** 20
+# GDAL's block cache. GDAL's default (5% of the RAM) lets a large scene's decoded blocks pile up,
+# so every read here runs under a cap: the sample and single windows under MIN_CACHE; the tiles,
+# read in vertical bands BAND_PX wide (reading_order), under what one band's blocks need
+# (_band_cache), so peak memory stays flat in the scene's size.
+MIN_CACHE = 16 * 2 ** 20
+BAND_PX = 2048
 
 
 def _rasterio(path: str):
@@ -40,13 +42,36 @@ def _rasterio(path: str):
 
 @contextmanager
 def _opened(path: str):
-    """The rasterio dataset, without rasterio's warning for a file with no georeferencing."""
+    """The rasterio dataset, without rasterio's warning for a file with no georeferencing, read
+    under a GDAL block cache of MIN_CACHE bytes (Scene.tiles raises it for its bands)."""
     rasterio = _rasterio(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        src = rasterio.open(path)
-    with src:
-        yield src
+    with rasterio.Env(GDAL_CACHEMAX=MIN_CACHE):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            src = rasterio.open(path)
+        with src:
+            yield src
+
+
+def reading_order(boxes: List[Optional[Box]], band: int) -> List[Optional[Box]]:
+    """`boxes` band by band: vertical bands `band` px wide, left to right, each top to bottom. A
+    row-by-row walk would keep two rows of blocks across the whole scene decoded; a band's walk
+    keeps those of one band, whatever the scene's width."""
+    if boxes == [None]:
+        return boxes
+    return sorted(boxes, key=lambda b: (b[0] // band, b[1], b[0]))
+
+
+def _band_cache(src, band: int, tile: int) -> int:
+    """Bytes of the blocks one band of tiles touches at once (`band` and `tile` in full-res px):
+    the blocks across the band by those down a tile plus one, of every band (pixel-interleaved
+    files decode them together) and a mask byte. A file of full-width strips (not tiled) needs a
+    whole row of strips: its cost grows with its width, which only a tiled file avoids."""
+    block_h, block_w = src.block_shapes[0]
+    across = min(src.width, (band // block_w + 2) * block_w)
+    down = min(src.height, (tile // block_h + 2) * block_h)
+    per_px = src.count * max(np.dtype(t).itemsize for t in src.dtypes) + 1
+    return max(MIN_CACHE, across * down * per_px)
 
 
 def stretch_to_uint8(values: np.ndarray, stretch: Sequence[Tuple[float, float]]) -> np.ndarray:
@@ -248,9 +273,10 @@ class Scene:
               ) -> Iterator[Tuple[Box, Optional[np.ndarray], float]]:
         """(box, rgb, invalid) for each tile of search/grid.py's grid (tile_boxes: a scene of at
         most 1.5 tiles a side whole, else `tile` px every `stride` px, the last row and column
-        flush with the edge) laid in OUTPUT px (after --gsd), read one window at a time; only
-        tiles start..stop-1 of the grid (len(tile_boxes(*output_size, tile, stride)) in all),
-        so that a caller can read a large scene in parts.
+        flush with the edge) laid in OUTPUT px (after --gsd), read one window at a time in
+        reading_order (bands BAND_PX wide, each top to bottom; a scene at most that wide: row by
+        row) under a cache of one band's blocks; only tiles start..stop-1 of that order
+        (len(tile_boxes(*output_size, tile, stride)) in all), so a caller can read in parts.
 
         box: (left, top, right, bottom) in full-resolution px of the file ((0, 0, width, height)
         for a scene tile_boxes keeps whole, where it says None). rgb: uint8 (h, w, 3)
@@ -262,16 +288,20 @@ class Scene:
         from rasterio.windows import Window
 
         out_w, out_h = self.output_size
+        band = max(1, round(BAND_PX * out_w / self.width))  # output px
+        boxes = reading_order(tile_boxes(out_w, out_h, tile, stride), band)[start:stop]
         with _opened(self.path) as src:
-            for out_box in tile_boxes(out_w, out_h, tile, stride)[start:stop]:
-                left, top, right, bottom = out_box or (0, 0, out_w, out_h)
-                box = (round(left * self.width / out_w), round(top * self.height / out_h),
-                       round(right * self.width / out_w), round(bottom * self.height / out_h))
-                window = Window(box[0], box[1], max(1, box[2] - box[0]), max(1, box[3] - box[1]))
-                with rasterio.Env(GDAL_CACHEMAX=CACHE_BYTES):
+            cache = _band_cache(src, BAND_PX, round(tile * self.height / out_h))
+            with rasterio.Env(GDAL_CACHEMAX=cache):
+                for out_box in boxes:
+                    left, top, right, bottom = out_box or (0, 0, out_w, out_h)
+                    box = (round(left * self.width / out_w), round(top * self.height / out_h),
+                           round(right * self.width / out_w), round(bottom * self.height / out_h))
+                    window = Window(box[0], box[1], max(1, box[2] - box[0]),
+                                    max(1, box[3] - box[1]))
                     rgb, invalid = self._read_shown(src, window, (bottom - top, right - left),
                                                     self.max_nodata, self._resampling())
-                yield box, rgb, invalid
+                    yield box, rgb, invalid
 
     def window(self, box: Box) -> np.ndarray:
         """(h, w, 3) uint8: the full-resolution pixels of `box`, shown as the tiles are."""
