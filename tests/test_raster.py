@@ -357,7 +357,7 @@ def test_block_cache_of_a_tiled_scene_is_flat_in_its_width(tmp_path):
     def cache(width, **profile):
         path = write(tmp_path / f"w{width}.tif", np.ones((4, 300, width), np.uint16), **profile)
         with raster._opened(path) as src:
-            return raster._band_cache(src, raster.BAND_PX, 256)
+            return raster._block_cache(src, raster.BAND_PX, 256)
     tiled = dict(tiled=True, blockxsize=256, blockysize=256, compress="lzw")
     assert cache(3000, **tiled) == cache(9000, **tiled)  # one band's blocks, any width
     assert cache(9000) > cache(3000)  # full-width strips: a row of them, as wide as the file

@@ -24,9 +24,10 @@ Box = Tuple[int, int, int, int]  # (left, top, right, bottom) in full-resolution
 SAMPLE_SIDE = 1024  # the stretch's sample: one read of at most 1024 px a side (~1M px a band),
 SAMPLE_GRID, SAMPLE_WINDOW = 8, 128  # or, without a small overview, 8 x 8 windows of 128 px
 # GDAL's block cache. GDAL's default (5% of the RAM) lets a large scene's decoded blocks pile up,
-# so every read here runs under a cap: the sample and single windows under MIN_CACHE; the tiles,
-# read in vertical bands BAND_PX wide (reading_order), under what one band's blocks need
-# (_band_cache), so peak memory stays flat in the scene's size.
+# so every read here runs under a cap (_block_cache): single windows under MIN_CACHE; the tiles,
+# read in vertical bands BAND_PX wide (reading_order), under what one band's blocks need, so peak
+# memory stays flat in the scene's size; a decimated read of a whole scene (the stretch's sample,
+# --map's overview) under a row of its blocks, else GDAL decodes each block once per output row.
 MIN_CACHE = 16 * 2 ** 20
 BAND_PX = 2048
 
@@ -62,14 +63,15 @@ def reading_order(boxes: List[Optional[Box]], band: int) -> List[Optional[Box]]:
     return sorted(boxes, key=lambda b: (b[0] // band, b[1], b[0]))
 
 
-def _band_cache(src, band: int, tile: int) -> int:
-    """Bytes of the blocks one band of tiles touches at once (`band` and `tile` in full-res px):
-    the blocks across the band by those down a tile plus one, of every band (pixel-interleaved
-    files decode them together) and a mask byte. A file of full-width strips (not tiled) needs a
+def _block_cache(src, across: int, down: int) -> int:
+    """Bytes of the blocks a read walking `across` x `down` full-res px touches at once (a band of
+    tiles: BAND_PX x a tile; a whole-scene read: the width x 0): the blocks across plus one by
+    those down plus one, of every band (pixel-interleaved files decode them together) and a mask
+    byte, at least MIN_CACHE. A file of full-width strips (not tiled) needs a
     whole row of strips: its cost grows with its width, which only a tiled file avoids."""
     block_h, block_w = src.block_shapes[0]
-    across = min(src.width, (band // block_w + 2) * block_w)
-    down = min(src.height, (tile // block_h + 2) * block_h)
+    across = min(src.width, (across // block_w + 2) * block_w)
+    down = min(src.height, (down // block_h + 2) * block_h)
     per_px = src.count * max(np.dtype(t).itemsize for t in src.dtypes) + 1
     return max(MIN_CACHE, across * down * per_px)
 
@@ -118,7 +120,9 @@ def _sample(src, bands: List[int], masked: bool) -> Tuple[np.ndarray, float, str
     if max(width, height) / max(src.overviews(bands[0]), default=1) <= 4 * SAMPLE_SIDE:
         scale = min(1.0, SAMPLE_SIDE / max(width, height))
         shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-        reads = [_read(src, bands, None, shape, masked=masked)]
+        from rasterio import Env
+        with Env(GDAL_CACHEMAX=_block_cache(src, width, 0)):
+            reads = [_read(src, bands, None, shape, masked=masked)]
         how = f"a {shape[1]} x {shape[0]} px read of the whole scene"
     else:
         from rasterio.windows import Window
@@ -291,7 +295,7 @@ class Scene:
         band = max(1, round(BAND_PX * out_w / self.width))  # output px
         boxes = reading_order(tile_boxes(out_w, out_h, tile, stride), band)[start:stop]
         with _opened(self.path) as src:
-            cache = _band_cache(src, BAND_PX, round(tile * self.height / out_h))
+            cache = _block_cache(src, BAND_PX, round(tile * self.height / out_h))
             with rasterio.Env(GDAL_CACHEMAX=cache):
                 for out_box in boxes:
                     left, top, right, bottom = out_box or (0, 0, out_w, out_h)
@@ -318,7 +322,8 @@ class Scene:
         full-res px, so a box times scale outlines its tile on the picture."""
         scale = min(1.0, max_side / max(self.width, self.height))
         shape = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
-        with _opened(self.path) as src:
+        rasterio = _rasterio(self.path)
+        with _opened(self.path) as src, rasterio.Env(GDAL_CACHEMAX=_block_cache(src, src.width, 0)):
             rgb, _ = self._read_shown(src, None, shape)
         return rgb, scale
 
