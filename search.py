@@ -6,6 +6,9 @@
     python search.py query INDEX_DIR --image my_scene.tif --json hits.json
     python search.py export INDEX_DIR --out emb.npy                            # + emb.manifest.json
 
+Archive scale (docs/search.md "Many processes, many machines"):
+    torchrun --nproc_per_node=4 search.py index IMAGES_DIR --out INDEX_DIR --clip ViT-B/32
+
 GeoTIFF / COG (pip install -e ".[geo]"; docs/geotiff.md): read by window, bands, stretch, nodata,
 coordinates; hits as GeoJSON, a map, refined queries (docs/search-outputs.md):
     python search.py index SCENES --out INDEX --clip ViT-B/32 --gsd 0.5 --bands 3 2 1
@@ -36,6 +39,7 @@ from mrs_adapter.atomic import (
     has_mark,
 )
 from mrs_adapter.datasets import default_workers
+from mrs_adapter.run import distributed
 from mrs_adapter.search import hits as hit_files
 from mrs_adapter.search import index as search
 from mrs_adapter.search import query as search_query
@@ -158,12 +162,12 @@ def check_device(device: str):
 def check_arguments(args):
     """Errors that need no model or image, each naming its flag, before anything is loaded or
     written; an output that exists must be one this script wrote."""
-    counts = {"index": ("batch_size", "save_every"), "query": ("top",), "export": ()}
-    for flag in counts[args.command]:
+    counts = {"index": ("batch_size", "save_every"), "query": ("top",)}
+    for flag in counts.get(args.command, ()):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a "
                              f"positive number")
-    if args.command != "export":
+    if args.command in ("index", "query"):
         check_device(args.device)
     if args.command == "index":
         if args.tile < 1 or not 0 < args.stride <= args.tile:
@@ -235,10 +239,14 @@ def if_disk_full(e: OSError, safe: str):
 
 
 def run_index(args) -> int:
+    """Under torchrun each process embeds a share of the files on its own device (cuda:<local
+    rank>); --batch-size and --workers are per process."""
+    args.device = distributed.start(args.device, None, search.MEET_TIMEOUT).device
     if args.workers is None:
         args.workers = default_workers(args.device)
-    model, preprocess, identity = search.load_model(args.checkpoint, args.clip, args.device,
-                                                    args.clip_activation, args.clip_sha256)
+    log = print if distributed.rank() == 0 else lambda *a: None  # which weights: said once
+    model, preprocess, identity = distributed.together(lambda: search.load_model(
+        args.checkpoint, args.clip, args.device, args.clip_activation, args.clip_sha256, log=log))
     try:
         result = search.build_index(args.images, args.out, model, preprocess, identity,
                                     args.tile, args.stride, args.batch_size, args.workers,
@@ -248,6 +256,9 @@ def run_index(args) -> int:
         if_disk_full(e, f"the index in {args.out} is as last committed, and the images embedded "
                         f"before the last save stay in its parts/ for the next run")
         raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0 if result["rows"] else 1
 
 
@@ -414,11 +425,13 @@ def cli(argv: Optional[List[str]] = None) -> int:
     try:
         result = main(argv)
     except (OSError, ValueError, DownloadError, RasterioMissing) as e:  # OSError: also not found
-        raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (atomic writes, parts)
-        print("interrupted: an index is as last committed, and the images embedded before the "
-              "last save stay in its parts/ for the next run; no output file was half-written",
-              file=sys.stderr)
+        # under torchrun every process fails alike (distributed.together); one says why
+        raise SystemExit(f"error: {e}" if distributed.reported_here(e) else 1)
+    except KeyboardInterrupt as e:  # Ctrl-C: nothing is half-written (atomic writes, parts)
+        if distributed.reported_here(e):
+            print("interrupted: an index is as last committed, and the images embedded before "
+                  "the last save stay in its parts/ for the next run; no output file was "
+                  "half-written", file=sys.stderr)
         raise SystemExit(130)
     return result if isinstance(result, int) else 0
 
