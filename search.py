@@ -8,6 +8,7 @@
 
 Archive scale (docs/search.md "Many processes, many machines"):
     torchrun --nproc_per_node=4 search.py index IMAGES_DIR --out INDEX_DIR --clip ViT-B/32
+    python search.py merge INDEX_NORTH INDEX_SOUTH --out INDEX_ALL   # indexes built separately
 
 GeoTIFF / COG (pip install -e ".[geo]"; docs/geotiff.md): read by window, bands, stretch, nodata,
 coordinates; hits as GeoJSON, a map, refined queries (docs/search-outputs.md):
@@ -44,6 +45,7 @@ from mrs_adapter.search import hits as hit_files
 from mrs_adapter.search import index as search
 from mrs_adapter.search import query as search_query
 from mrs_adapter.search.hit_map import draw_map
+from mrs_adapter.search.merge import merge_indexes
 from mrs_adapter.search.outputs import written_by_us
 from mrs_adapter.search.readers import RasterioMissing, choose_reader
 from mrs_adapter.search.refine import FORMULA, combine_query, describe_query
@@ -72,6 +74,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         s.add_argument("--clip-sha256", help="the sha256 the CLIP weights must have")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     index, query, export = sub.choices["index"], sub.choices["query"], sub.add_parser("export")
+    merge = sub.add_parser("merge", help="join indexes built separately into a new one",
+                           description="Join indexes built separately (other machines, a job "
+                                       "array) into a new index. They must share the model, "
+                                       "--tile, --stride and the GeoTIFF flags; the new index's "
+                                       "image folder is the deepest folder holding all of "
+                                       "theirs, and its paths are relative to it.")
+    merge.add_argument("indexes", nargs="+", metavar="INDEX",
+                       help="index folders written by `search.py index` (two or more)")
+    merge.add_argument("--out", required=True, help="the merged index: a new or empty folder")
     index.add_argument("images", help="folder of .tif/.tiff/.jpg/.jpeg/.png images (recursive)")
     index.add_argument("--out", required=True, help="index folder (created, or updated)")
     index.add_argument("--tile", type=int, default=search.TILE, help="tile side, px (256)")
@@ -98,6 +109,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("index needs --checkpoint best.pt or --clip NAME_OR_FILE (zero-shot)")
     if args.command == "query" and not (args.text or args.image or args.like):
         p.error("query needs a text, --image PATH or --like FILE:RANK")
+    if args.command == "merge" and len(args.indexes) < 2:
+        p.error("merge needs two or more index folders")
     if args.command == "export" and not (args.out or args.geoparquet):
         p.error("export needs --out EMB.npy or --geoparquet EMB.parquet (or both)")
     return args
@@ -183,6 +196,8 @@ def check_arguments(args):
         check_index_folder(args.out, args.images)
     elif args.command == "query":
         check_query(args)
+    elif args.command == "merge":
+        check_folder_writable(args.out, "--out")
     else:
         if args.out:
             check_output(args.out, "--out", search_query.is_export, "search.py export")
@@ -414,10 +429,20 @@ def run_export(args) -> int:
     return 0
 
 
+def run_merge(args) -> int:
+    try:
+        merged = merge_indexes(args.indexes, args.out)
+    except OSError as e:
+        if_disk_full(e, f"the indexes merged are unchanged, and {args.out} holds no index yet")
+        raise
+    return 0 if merged["rows"] else 1
+
+
 def main(argv: Optional[List[str]] = None):
     args = parse_args(argv)
     check_arguments(args)
-    return {"index": run_index, "query": run_query, "export": run_export}[args.command](args)
+    return {"index": run_index, "query": run_query, "export": run_export,
+            "merge": run_merge}[args.command](args)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:

@@ -1,6 +1,7 @@
 """search.py at archive scale (issue 23): `index` under torchrun (two gloo processes) equals one
 process, goes on incrementally and refuses another model with one error; a failure on one
-process stops both, and what both saved is reused. Tiny CLIPs and small generated images."""
+process stops both, and what both saved is reused; `merge` of two halves equals the whole and
+refuses indexes that disagree. Tiny CLIPs and small generated images."""
 import importlib.util
 import json
 import os
@@ -183,3 +184,51 @@ def test_a_failure_on_one_process_stops_both_and_their_parts_are_reused(tmp_path
     assert result["embedded"] == 2  # south/d.tif and south/e.png only
     assert index(images, tmp_path / "fresh", weights[0]) == 0
     assert_same_index(out, tmp_path / "fresh")
+
+
+def test_merge_of_two_halves_equals_the_whole(tmp_path, weights, capsys):
+    images = make_images(tmp_path / "images")
+    halves = [tmp_path / "north", tmp_path / "south"]
+    for half in halves:
+        assert index(os.path.join(images, half.name), half, weights[0]) == 0
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", *map(str, halves), "--out", str(merged)]) == 0
+    assert index(images, tmp_path / "whole", weights[0]) == 0
+    assert_same_index(merged, tmp_path / "whole")
+    assert json.load(open(merged / "index.json"))["images"] == os.path.abspath(images)
+    capsys.readouterr()
+    assert index(images, merged, weights[0]) == 0  # the merged index goes on like any other
+    assert "indexing 0 new or changed of 6 images" in capsys.readouterr().out
+
+
+def test_merge_refuses_indexes_that_disagree(tmp_path, weights):
+    images = make_images(tmp_path / "images")
+    north, south = os.path.join(images, "north"), os.path.join(images, "south")
+    a, other_model, other_tile = tmp_path / "a", tmp_path / "b1", tmp_path / "b2"
+    assert index(north, a, weights[0]) == 0
+    assert index(south, other_model, weights[1]) == 0
+    assert cli.main(["index", south, "--out", str(other_tile), "--clip", weights[0], "--tile",
+                     "32", "--stride", "32", "--workers", "0"]) == 0
+    out = tmp_path / "merged"
+
+    def refused(*indexes, match):
+        with pytest.raises(ValueError, match=match):
+            cli.main(["merge", *map(str, indexes), "--out", str(out)])
+        assert not os.path.exists(out) or not os.listdir(out) or os.listdir(out) == ["index.lock"]
+
+    refused(a, other_model, match=re.escape(f"index {other_model} was built with another model"))
+    refused(a, other_tile, match=re.escape(f"index {other_tile} was built with --tile 32, index "
+                                           f"{a} with --tile 64"))
+    changed = tmp_path / "changed"  # north/a.png rewritten, then the whole folder indexed
+    make_images(images, {"north/a.png": (41, 30)}, seed=3)
+    assert index(images, changed, weights[0]) == 0
+    refused(a, changed, match=re.escape(f"{os.path.join(images, 'north/a.png')} is in index {a} "
+                                        f"with size"))
+    b = tmp_path / "b"
+    assert index(south, b, weights[0]) == 0
+    os.makedirs(out)
+    open(out / "notes.txt", "w").close()  # the user's: never written over
+    with pytest.raises(ValueError, match="not written by search.py"):
+        cli.main(["merge", str(a), str(b), "--out", str(out)])
+    with pytest.raises(ValueError, match=re.escape(f"--out {b} holds an index")):
+        cli.main(["merge", str(a), str(b), "--out", str(b)])
