@@ -314,7 +314,7 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
 
 
 def _quiet(*args):
-    pass  # the progress of processes other than rank 0 (theirs is alike)
+    pass  # the progress lines of ranks other than 0: rank 0's stand for all (the shares balance)
 
 
 def _plan(held: contextlib.ExitStack, run: Dict, images: str, out: str, identity: Dict, tile: int,
