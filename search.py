@@ -6,6 +6,10 @@
     python search.py query INDEX_DIR --image my_scene.tif --json hits.json
     python search.py export INDEX_DIR --out emb.npy                            # + emb.manifest.json
 
+Archive scale (docs/search.md "Many processes, many machines"):
+    torchrun --nproc_per_node=4 search.py index IMAGES_DIR --out INDEX_DIR --clip ViT-B/32
+    python search.py merge INDEX_NORTH INDEX_SOUTH --out INDEX_ALL   # indexes built separately
+
 GeoTIFF / COG (pip install -e ".[geo]"; docs/geotiff.md): read by window, bands, stretch, nodata,
 coordinates; hits as GeoJSON, a map, refined queries (docs/search-outputs.md):
     python search.py index SCENES --out INDEX --clip ViT-B/32 --gsd 0.5 --bands 3 2 1
@@ -36,10 +40,12 @@ from mrs_adapter.atomic import (
     has_mark,
 )
 from mrs_adapter.datasets import default_workers
+from mrs_adapter.run import distributed
 from mrs_adapter.search import hits as hit_files
 from mrs_adapter.search import index as search
 from mrs_adapter.search import query as search_query
 from mrs_adapter.search.hit_map import draw_map
+from mrs_adapter.search.merge import merge_indexes
 from mrs_adapter.search.outputs import written_by_us
 from mrs_adapter.search.readers import RasterioMissing, choose_reader
 from mrs_adapter.search.refine import FORMULA, combine_query, describe_query
@@ -68,6 +74,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         s.add_argument("--clip-sha256", help="the sha256 the CLIP weights must have")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     index, query, export = sub.choices["index"], sub.choices["query"], sub.add_parser("export")
+    merge = sub.add_parser("merge", help="join indexes built separately into a new one",
+                           description="Join indexes built separately (other machines, a job "
+                                       "array) into a new index. They must share the model, "
+                                       "--tile, --stride and the GeoTIFF flags; the new index's "
+                                       "image folder is the deepest folder holding all of "
+                                       "theirs, and its paths are relative to it.")
+    merge.add_argument("indexes", nargs="+", metavar="INDEX",
+                       help="index folders written by `search.py index` (two or more)")
+    merge.add_argument("--out", required=True, help="the merged index: a new or empty folder")
     index.add_argument("images", help="folder of .tif/.tiff/.jpg/.jpeg/.png images (recursive)")
     index.add_argument("--out", required=True, help="index folder (created, or updated)")
     index.add_argument("--tile", type=int, default=search.TILE, help="tile side, px (256)")
@@ -94,6 +109,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("index needs --checkpoint best.pt or --clip NAME_OR_FILE (zero-shot)")
     if args.command == "query" and not (args.text or args.image or args.like):
         p.error("query needs a text, --image PATH or --like FILE:RANK")
+    if args.command == "merge" and len(args.indexes) < 2:
+        p.error("merge needs two or more index folders")
     if args.command == "export" and not (args.out or args.geoparquet):
         p.error("export needs --out EMB.npy or --geoparquet EMB.parquet (or both)")
     return args
@@ -158,12 +175,12 @@ def check_device(device: str):
 def check_arguments(args):
     """Errors that need no model or image, each naming its flag, before anything is loaded or
     written; an output that exists must be one this script wrote."""
-    counts = {"index": ("batch_size", "save_every"), "query": ("top",), "export": ()}
-    for flag in counts[args.command]:
+    counts = {"index": ("batch_size", "save_every"), "query": ("top",)}
+    for flag in counts.get(args.command, ()):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a "
                              f"positive number")
-    if args.command != "export":
+    if args.command in ("index", "query"):
         check_device(args.device)
     if args.command == "index":
         if args.tile < 1 or not 0 < args.stride <= args.tile:
@@ -179,6 +196,8 @@ def check_arguments(args):
         check_index_folder(args.out, args.images)
     elif args.command == "query":
         check_query(args)
+    elif args.command == "merge":
+        check_folder_writable(args.out, "--out")
     else:
         if args.out:
             check_output(args.out, "--out", search_query.is_export, "search.py export")
@@ -235,10 +254,14 @@ def if_disk_full(e: OSError, safe: str):
 
 
 def run_index(args) -> int:
+    """Under torchrun each process embeds a share of the files on its own device (cuda:<local
+    rank>); --batch-size and --workers are per process."""
+    args.device = distributed.start(args.device, None, search.MEET_TIMEOUT).device
     if args.workers is None:
         args.workers = default_workers(args.device)
-    model, preprocess, identity = search.load_model(args.checkpoint, args.clip, args.device,
-                                                    args.clip_activation, args.clip_sha256)
+    log = print if distributed.rank() == 0 else lambda *a: None  # which weights: said once
+    model, preprocess, identity = distributed.together(lambda: search.load_model(
+        args.checkpoint, args.clip, args.device, args.clip_activation, args.clip_sha256, log=log))
     try:
         result = search.build_index(args.images, args.out, model, preprocess, identity,
                                     args.tile, args.stride, args.batch_size, args.workers,
@@ -248,6 +271,9 @@ def run_index(args) -> int:
         if_disk_full(e, f"the index in {args.out} is as last committed, and the images embedded "
                         f"before the last save stay in its parts/ for the next run")
         raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0 if result["rows"] else 1
 
 
@@ -403,10 +429,20 @@ def run_export(args) -> int:
     return 0
 
 
+def run_merge(args) -> int:
+    try:
+        merged = merge_indexes(args.indexes, args.out)
+    except OSError as e:
+        if_disk_full(e, f"the indexes merged are unchanged, and {args.out} holds no index yet")
+        raise
+    return 0 if merged["rows"] else 1
+
+
 def main(argv: Optional[List[str]] = None):
     args = parse_args(argv)
     check_arguments(args)
-    return {"index": run_index, "query": run_query, "export": run_export}[args.command](args)
+    return {"index": run_index, "query": run_query, "export": run_export,
+            "merge": run_merge}[args.command](args)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
@@ -414,11 +450,13 @@ def cli(argv: Optional[List[str]] = None) -> int:
     try:
         result = main(argv)
     except (OSError, ValueError, DownloadError, RasterioMissing) as e:  # OSError: also not found
-        raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (atomic writes, parts)
-        print("interrupted: an index is as last committed, and the images embedded before the "
-              "last save stay in its parts/ for the next run; no output file was half-written",
-              file=sys.stderr)
+        # under torchrun every process fails alike (distributed.together); one says why
+        raise SystemExit(f"error: {e}" if distributed.reported_here(e) else 1)
+    except KeyboardInterrupt as e:  # Ctrl-C: nothing is half-written (atomic writes, parts)
+        if distributed.reported_here(e):
+            print("interrupted: an index is as last committed, and the images embedded before "
+                  "the last save stay in its parts/ for the next run; no output file was "
+                  "half-written", file=sys.stderr)
         raise SystemExit(130)
     return result if isinstance(result, int) else 0
 

@@ -8,6 +8,7 @@
     python speed_bench.py --only overlap-measure               # near-copy distances, 300 scenes
     python speed_bench.py --only overlap-time                  # `overlap` on 10,921 JPEGs
     python speed_bench.py --only scale [--scale-rows 10000000] # the ANN index at 1M (10M) rows
+    python speed_bench.py --only dist                          # index under torchrun, 2 gloo
 
 Measures (medians of interleaved repeats):
   encode_{image,text}_ratio_vs_open_clip  our encoder's throughput / open_clip's, same weights
@@ -40,6 +41,15 @@ Measures (medians of interleaved repeats):
   search_bytes_per_tile                   median ms of a query once embedded (speed_bench.ann_query:
                                           ann.json, stat, open, search, exact re-score), build
                                           seconds, embeddings + ANN bytes on disk per tile
+  search_dist_tiles_per_s_{1,2}proc,      `search.py index` wall tiles/s (build_index on rank 0:
+  search_dist_ratio,                      plan, header reads, embedding, commit) under torchrun
+  search_dist_scaling_vs_1thread          with --dist-procs gloo processes of 1 thread vs one
+                                          process of as many threads (_1proc) and of 1 thread
+                                          (_1proc_1thread), same --dist-images files; ratio:
+                                          2proc / 1proc, scaling: 2proc / 1proc_1thread, medians
+                                          of --dist-repeats interleaved rounds (on as many cores
+                                          as processes the ratio shows what sharing and
+                                          committing cost)
   recipe_minutes_projected (CUDA)         the published RSITMD recipe (30 epochs x 17,160 pairs,
                                           validation every epoch, test) from a measured 1-epoch
                                           `train.py` run on synthetic data
@@ -587,6 +597,72 @@ def scale_figures(args, tmp: str) -> dict:
             "search_bytes_per_tile": on_disk / n}
 
 
+# ---- search at archive scale: `index` shared by torchrun's processes (search/shard.py) ----
+
+def search_dist_child(folder: str, device: str) -> dict:
+    """(in a fresh process, or each of torchrun's) `index` of `folder`/images into a new index:
+    its tiles and the wall seconds of build_index on rank 0, from when every process has its
+    model (plan, header reads, embedding, the wait for the slowest, the commit)."""
+    from mrs_adapter.run import distributed
+    from mrs_adapter.search import index as search
+    device = distributed.start(device, None).device
+    torch.manual_seed(0)  # the same random ViT-B/32 in every process
+    model = CLIP(**VIT_B_32).eval().to(device)
+    identity = {"backbone": "random", "backbone_sha256": "bench", "activation": "quickgelu",
+                "method": "zero_shot", "checkpoint": None, "checkpoint_sha256": None}
+    out = os.path.join(folder, f"index_{os.getpid()}")
+    distributed.together(lambda: None)  # every process ready: the clock starts alike
+    start = time.perf_counter()
+    result = search.build_index(os.path.join(folder, "images"), out, model, transform(224),
+                                identity, device=device, log=lambda *a: None)
+    seconds = time.perf_counter() - start
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return {"tiles": result["tiles"], "seconds": seconds} if distributed.rank() == 0 else {}
+
+
+def dist_figures(args, tmp: str) -> dict:
+    """`index` under torchrun with --dist-procs gloo processes (1 thread each) against one process
+    with as many threads, and one of 1 thread, on the same files (--dist-images 256 px TIFFs +
+    two 1024 px scenes of 25 tiles: the shares must balance pixels); tiles/s of each,
+    interleaved --dist-repeats rounds, medians. On as many cores as processes the processes
+    share the cores one process's threads would use: the ratio shows what sharing and one
+    commit cost (or save: no threads waiting on each other); against 1 thread, how it scales."""
+    folder = os.path.join(tmp, "dist")
+    images = os.path.join(folder, "images")
+    os.makedirs(images)
+    rng = np.random.default_rng(0)
+    for i in range(args.dist_images):
+        write_tiff(os.path.join(images, f"{i:04d}.tif"), rng)
+    for i in range(2):
+        write_tiff(os.path.join(images, f"scene_{i}.tif"), rng, size=1024)
+    n = args.dist_procs
+    child = [__file__, "--_search_dist", folder, "--device", args.device]
+    variants = {  # name: (command, OMP_NUM_THREADS)
+        "1proc": ([sys.executable, *child], n),
+        f"{n}proc": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      f"--nproc_per_node={n}", *child], 1),
+        "1proc_1thread": ([sys.executable, *child], 1)}
+    rates = {name: [] for name in variants}
+    tiles = set()
+    for _ in range(args.dist_repeats):  # interleaved: a slow spell hits every variant
+        for name, (command, threads) in variants.items():
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            run = json.loads(subprocess.run(command, check=True, capture_output=True, text=True,
+                                            cwd=HERE, env=env).stdout.strip().splitlines()[-1])
+            rates[name].append(run["tiles"] / run["seconds"])
+            tiles.add(run["tiles"])
+    assert len(tiles) == 1, f"the variants indexed different tiles: {tiles}"
+    ratios = [s / o for s, o in zip(rates[f"{n}proc"], rates["1proc"])]
+    scaling = [s / o for s, o in zip(rates[f"{n}proc"], rates["1proc_1thread"])]
+    return {"search_dist_tiles": tiles.pop(),
+            **{f"search_dist_tiles_per_s_{name}": statistics.median(r)
+               for name, r in rates.items()},
+            "search_dist_ratio_pairs": [round(r, 3) for r in ratios],
+            "search_dist_ratio": statistics.median(ratios),
+            "search_dist_scaling_vs_1thread": statistics.median(scaling)}
+
+
 # ---- near copies (mrs_adapter/prepare/overlap.py): how the thresholds were chosen, its speed ----
 
 def jpeg(image: Image.Image, quality: int = 75) -> Image.Image:
@@ -732,7 +808,7 @@ def overlap_time(args) -> List[str]:
 # figures: {name: value}, printed as one table (and written to --json)
 FIGURES = {"encode": encode_ratios, "train": train_ratios, "eval": eval_overhead,
            "recipe": recipe_projection, "search": search_figures, "geo": search_geo_figures,
-           "scale": scale_figures}
+           "scale": scale_figures, "dist": dist_figures}
 # reports: lines printed as they are; only run when named in --only
 REPORTS = {"overlap-measure": overlap_measure, "overlap-time": overlap_time}
 
@@ -765,6 +841,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overlap-threads", type=int, default=2)
     p.add_argument("--scale-rows", type=int, default=1_000_000,
                    help="generated embeddings of the scale section (10M: 10 GB in the temp folder)")
+    p.add_argument("--dist-procs", type=int, default=2,
+                   help="torchrun processes of the dist section (gloo on the CPU)")
+    p.add_argument("--dist-repeats", type=int, default=3,
+                   help="interleaved rounds of the dist section's `index` runs (medians)")
+    p.add_argument("--dist-images", type=int, default=24,
+                   help="256 px TIFFs indexed by the dist section, beside two 1024 px scenes")
     sections = p.add_mutually_exclusive_group()
     sections.add_argument("--skip", nargs="*", default=[], choices=list(FIGURES))
     sections.add_argument("--only", nargs="+", choices=list(FIGURES) + list(REPORTS),
@@ -773,6 +855,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--_search_query", help=argparse.SUPPRESS)
     p.add_argument("--_search_scene", help=argparse.SUPPRESS)
     p.add_argument("--_search_geo", help=argparse.SUPPRESS)
+    p.add_argument("--_search_dist", help=argparse.SUPPRESS)
     p.add_argument("--_encode_alone", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -815,6 +898,11 @@ def main(argv=None) -> dict:
         return {}
     if args._search_geo:
         print(json.dumps(search_geo_child(args._search_geo, args.device, args._encode_alone)))
+        return {}
+    if args._search_dist:
+        figures = search_dist_child(args._search_dist, args.device)
+        if figures:  # rank 0's
+            print(json.dumps(figures))
         return {}
     if args._search_scene:
         print(json.dumps(search_scene_child(args._search_scene, args.device)))

@@ -7,7 +7,8 @@
   as on one device (docs/method.md §4).
 """
 import os
-from typing import Callable, NamedTuple, TypeVar
+from datetime import timedelta
+from typing import Callable, List, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,11 +26,14 @@ class Processes(NamedTuple):
     device: str
 
 
-def start(device: str, batch_size: int) -> Processes:
+def start(device: str, batch_size: Optional[int],
+          timeout: Optional[timedelta] = None) -> Processes:
     """(--device, global batch) -> Processes: torchrun's environment read, the device made current.
 
     - The process group is started when there are several processes.
     - Each then runs on cuda:<local rank> on CUDA.
+    - batch_size None: each process has its own batch (search.py index), nothing to divide.
+    - timeout: how long a collective waits for the slowest process (default torch's).
     """
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -39,13 +43,15 @@ def start(device: str, batch_size: int) -> Processes:
         # the CUDA-graph pool and autocast all use the current device, cuda:0 until told otherwise)
         torch.cuda.set_device(device)
     if world > 1:
-        if batch_size % world:  # before the process group: every process stops alike, none waits
+        # before the process group: every process stops alike, none waits
+        if batch_size is not None and batch_size % world:
             raise ValueError(f"--batch-size {batch_size} is the global batch; it must divide by "
                              f"the {world} processes")
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                **({"timeout": timeout} if timeout else {}))
     return Processes(world, rank, local_rank, device)
 
 
@@ -96,6 +102,28 @@ def reported_here(error: BaseException) -> bool:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def from_rank0(obj: T) -> T:
+    """Rank 0's `obj` on every process (a picklable object); without torchrun `obj`."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def everyone(obj: T) -> List[T]:
+    """[rank 0's obj, rank 1's, ...] on every process; without torchrun [obj]."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

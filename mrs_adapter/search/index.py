@@ -11,8 +11,10 @@ GeoTIFF read a window per tile, a Pillow image decoded whole; then a few batches
 folders that cannot be read are skipped and listed, and a run that would drop more than half of
 the index at once is refused without --prune.
 """
+import contextlib
 import os
 import time
+from datetime import timedelta
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -22,11 +24,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .. import clip
 from ..datasets import read_image, split_at_to_tensor
 from ..metrics import encode_batches
+from ..run import distributed
+from ..run.distributed import everyone, from_rank0, together
 from ..run.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
 from ..weights.download import sha256_of
 from .grid import STRIDE, TILE, tile_boxes  # noqa: F401 (tile_boxes: as before)
 from .readers import RasterioMissing
 from .scan import file_stats, list_images, unseen  # noqa: F401 (list_images: as before)
+from .shard import pixel_count, share_by_pixels
 from .store import (
     Part,
     check_index_folder,
@@ -40,6 +45,9 @@ from .store import (
 from .tiling import Chunk, RasterOptions, file_chunks, read_tiles  # noqa: F401 (read_tiles)
 
 SAVE_EVERY = 1000
+# Under torchrun the processes meet only before and after embedding their shares: the first to
+# finish (or fail) waits there for the last, so the wait may be long (torch's default: 30 min)
+MEET_TIMEOUT = timedelta(hours=24)
 
 
 def load_model(checkpoint: Optional[str] = None, clip_name: Optional[str] = None, device="cpu",
@@ -216,7 +224,7 @@ class _Scene:
 
 
 def _embed(images: str, todo: List[str], stats: Dict, skipped: Dict, model, preprocess,
-           part: Part, sources: Dict, settings: Dict, log) -> Tuple[Part, int]:
+           part: Part, settings: Dict, log) -> Tuple[Part, int]:
     """Embed the files `todo` into parts (saved every settings["save_every"] images); unreadable
     ones go into `skipped`. Returns the part being filled and the number of tiles embedded."""
     decode, finish = split_at_to_tensor(preprocess)  # workers decode + resize + crop; we normalise
@@ -249,7 +257,7 @@ def _embed(images: str, todo: List[str], stats: Dict, skipped: Dict, model, prep
             scenes.setdefault(i, _Scene()).add(chunk)
             finish_scenes(encoder.add(i, chunk.first, chunk.tiles) if chunk.boxes else ())
         if since_save >= settings["save_every"]:  # a killed run keeps these; a rerun goes on
-            part, since_save = part.save(sources), 0
+            part, since_save = part.save(), 0
         if time.time() - last > 2:
             _progress(done, len(todo), n_tiles, start, log)
             last = time.time()
@@ -268,7 +276,12 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
 
     prune: allow a run to drop more than half of the indexed images (see _check_losses).
     options: how rasterio shows GeoTIFFs (--bands, --gsd, --stretch, --max-nodata); recorded in
-    index.json, and an index answers for one setting."""
+    index.json, and an index answers for one setting.
+
+    Under torchrun (a process group started, distributed.start) every process calls it: rank 0
+    alone holds the lock, reads and writes index.json and commits; each process embeds its share
+    of the files (balanced by pixels, shard.py) into its own parts. Each step ends with every
+    process knowing its outcome (distributed.together): an error anywhere stops all, none waits."""
     if not os.path.isdir(images):
         raise FileNotFoundError(f"image folder not found: {images}")
     try:
@@ -276,35 +289,92 @@ def build_index(images: str, out: str, model, preprocess, identity: Dict, tile: 
     except OSError as e:
         raise ValueError(f"cannot list the image folder {images}: {e.strerror}") from None
     check_index_folder(out, images)
-    with index_lock(out, log):
-        manifest = open_index(out, images, identity, tile, stride, options.record())
-        problems = {}
-        stats = file_stats(images, problems)
-        stats.update(unseen(manifest, problems))
-        sources = reusable_rows(out, manifest, stats)  # every stored file's rows checked
-        _check_losses(manifest, stats, images, out, prune)
-        skipped = {rel: e for rel, e in manifest["skipped"].items()
-                   if stats.get(rel) == [e["size"], e["mtime_ns"]]}  # unreadable, unchanged since
-        todo = [rel for rel in stats if rel not in sources and rel not in skipped]
-        saved_before = bool(part_numbers(out))  # an interrupted run's parts: commit even if no news
-        log(f"indexing {len(todo)} new or changed of {len(stats)} images under {images} "
-            f"({len(sources)} already embedded, {len(skipped)} known unreadable)")
-        start = time.time()
+    rank, world = distributed.rank(), distributed.world_size()
+    with contextlib.ExitStack() as held:  # rank 0's index lock, until the commit
+        run = {}  # rank 0's: the manifest, the files and what is reused, until the commit
+        plan = from_rank0(together(lambda: _plan(held, run, images, out, identity, tile, stride,
+                                                 options, prune, log), every_rank=False))
+        mine = _my_share(images, plan["todo"], rank, world)
         settings = dict(tile=tile, stride=stride, batch_size=batch_size, workers=workers,
                         save_every=save_every, device=device, options=options)
-        part, n_tiles = _embed(images, todo, stats, skipped, model, preprocess,
-                               Part(out, next_part_number(out, manifest)), sources, settings, log)
-        part.save(sources)
+        start = time.time()
+
+        def embed():  # into parts plan["part"] + rank, + world, ...: no two processes collide
+            skipped = {}
+            part, n_tiles = _embed(images, mine, plan["stats"], skipped, model, preprocess,
+                                   Part(out, plan["part"] + rank, world), settings,
+                                   log if rank == 0 else _quiet)
+            part.save()
+            return skipped, n_tiles, len(mine)
+
+        shares = everyone(together(embed))  # here every process has saved all it embedded
         seconds = time.time() - start
-        _check_losses(manifest, sources, images, out, prune,
-                      " (what was embedded now is saved in its parts/ for the next run)")
-        deleted = [rel for rel in manifest["files"] if rel not in sources]
-        if todo or deleted or saved_before or skipped != manifest["skipped"]:
-            manifest = commit(out, manifest, sources, stats, skipped)
+        return from_rank0(together(lambda: _finish(run, shares, seconds, images, out, prune, log),
+                                   every_rank=False))
+
+
+def _quiet(*args):
+    pass  # the progress lines of ranks other than 0: rank 0's stand for all (the shares balance)
+
+
+def _plan(held: contextlib.ExitStack, run: Dict, images: str, out: str, identity: Dict, tile: int,
+          stride: int, options: RasterOptions, prune: bool, log) -> Dict:
+    """Rank 0: take the lock, open (or create) the index, find the new or changed files; the
+    plan every process needs: {todo, their [size, mtime_ns], the first part number}."""
+    held.enter_context(index_lock(out, log))
+    manifest = open_index(out, images, identity, tile, stride, options.record())
+    problems = {}
+    stats = file_stats(images, problems)
+    stats.update(unseen(manifest, problems))
+    sources = reusable_rows(out, manifest, stats)  # every stored file's rows checked
+    _check_losses(manifest, stats, images, out, prune)
+    skipped = {rel: e for rel, e in manifest["skipped"].items()
+               if stats.get(rel) == [e["size"], e["mtime_ns"]]}  # unreadable, unchanged since
+    todo = [rel for rel in stats if rel not in sources and rel not in skipped]
+    world = distributed.world_size()
+    log(f"indexing {len(todo)} new or changed of {len(stats)} images under {images} "
+        f"({len(sources)} already embedded, {len(skipped)} known unreadable)"
+        + (f", shared by pixels among {world} processes" if world > 1 and todo else ""))
+    run.update(manifest=manifest, stats=stats, problems=problems, skipped=skipped, todo=todo,
+               saved_before=bool(part_numbers(out)))  # an interrupted run's: commit even if no news
+    return {"todo": todo, "stats": {rel: stats[rel] for rel in todo},
+            "part": next_part_number(out, manifest)}
+
+
+def _my_share(images: str, todo: List[str], rank: int, world: int) -> List[str]:
+    """This process's files of `todo`: every process reads the headers of every world-th file,
+    then all deal out the same shares (shard.share_by_pixels)."""
+    if world == 1:
+        return todo
+    counted = together(lambda: [pixel_count(os.path.join(images, rel))
+                                for rel in todo[rank::world]])
+    pixels = [0] * len(todo)
+    for r, counts in enumerate(everyone(counted)):
+        pixels[r::world] = counts
+    return [todo[i] for i in share_by_pixels(pixels, world)[rank]]
+
+
+def _finish(run: Dict, shares: List, seconds: float, images: str, out: str, prune: bool,
+            log) -> Dict:
+    """Rank 0, once every process has saved its parts: read them all back, commit, summarise."""
+    manifest, stats, todo = run["manifest"], run["stats"], run["todo"]
+    skipped = dict(run["skipped"])
+    for new, _, _ in shares:
+        skipped.update(new)
+    sources = reusable_rows(out, manifest, stats)  # the committed index and every saved part
+    _check_losses(manifest, sources, images, out, prune,
+                  " (what was embedded now is saved in its parts/ for the next run)")
+    deleted = [rel for rel in manifest["files"] if rel not in sources]
+    if todo or deleted or run["saved_before"] or skipped != manifest["skipped"]:
+        manifest = commit(out, manifest, sources, stats, skipped)
     embedded = sum(1 for rel in todo if rel not in skipped)
-    _summary(out, manifest, embedded, deleted, skipped, problems, log)
-    return {"embedded": embedded, "tiles": n_tiles, "deleted": deleted, "rows": manifest["rows"],
-            "skipped": dict({rel: e["error"] for rel, e in skipped.items()}, **problems),
+    if len(shares) > 1 and todo:
+        log("shares: " + ", ".join(f"rank {r} {files} images ({tiles} tiles)"
+                                   for r, (_, tiles, files) in enumerate(shares)))
+    _summary(out, manifest, embedded, deleted, skipped, run["problems"], log)
+    return {"embedded": embedded, "tiles": sum(tiles for _, tiles, _ in shares),
+            "deleted": deleted, "rows": manifest["rows"],
+            "skipped": dict({rel: e["error"] for rel, e in skipped.items()}, **run["problems"]),
             "seconds": seconds, "images_per_s": len(todo) / max(seconds, 1e-9)}
 
 

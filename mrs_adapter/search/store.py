@@ -40,14 +40,14 @@ PER_TILE = ("bounds", "footprints")
 DEFAULT_RASTER = {"bands": None, "gsd": None, "stretch": None, "max_nodata": 0.5}
 
 
-def check_same_model(recorded: Dict, identity: Dict, where: str):
+def check_same_model(recorded: Dict, identity: Dict, where: str, uses: str = "this run uses",
+                     advice: str = "Use that model, or another index folder"):
     """Refuse to mix embeddings of two models: an index answers only queries of its own model."""
     differ = [k for k in SAME_MODEL if recorded.get(k) != identity.get(k)]
     if differ:
         was = ", ".join(f"{k}: {recorded.get(k)}" for k in differ)
         now = ", ".join(f"{k}: {identity.get(k)}" for k in differ)
-        raise ValueError(f"{where} was built with another model ({was}); this run uses {now}. "
-                         f"Use that model, or another index folder")
+        raise ValueError(f"{where} was built with another model ({was}); {uses} {now}. {advice}")
 
 
 def _damaged(path: str, what: str) -> ValueError:
@@ -229,24 +229,39 @@ def open_index(out: str, images: str, identity: Dict, tile: int, stride: int,
     --gsd, --stretch, --max-nodata; an index written before they existed used the defaults)."""
     manifest = read_manifest(out)
     if manifest is None:
-        manifest = {"written_by": WRITTEN_BY, "model": identity, "images": os.path.abspath(images),
-                    "tile": tile, "stride": stride, "dim": None, "rows": 0, "embeddings": None,
-                    "generation": 0, "next_part": 0, "files": {}, "skipped": {}, "raster": raster}
+        manifest = new_manifest(identity, images, tile, stride, raster)
         write_json(os.path.join(out, "index.json"), manifest)
         return manifest
     check_same_model(manifest["model"], identity, f"index {out}")
-    for key, value in (("images", os.path.abspath(images)), ("tile", tile), ("stride", stride)):
-        if manifest[key] != value:
-            raise ValueError(f"index {out} was built with {key} {manifest[key]}, not {value}; "
-                             f"use the same {key}, or another --out")
-    recorded = manifest.get("raster", DEFAULT_RASTER)
-    for key in DEFAULT_RASTER:
-        if recorded.get(key) != raster[key]:
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(f"index {out} was built with {flag} {_flag_value(recorded.get(key))}"
-                             f", not {_flag_value(raster[key])}; use the same {flag}, or another "
-                             f"--out")
+    if manifest["images"] != os.path.abspath(images):
+        raise ValueError(f"index {out} was built with images {manifest['images']}, not "
+                         f"{os.path.abspath(images)}; use the same images, or another --out")
+    different = differing_setting(manifest, tile, stride, raster)
+    if different:
+        flag, was, now = different
+        raise ValueError(f"index {out} was built with {flag} {was}, not {now}; use the same "
+                         f"{flag}, or another --out")
     return manifest
+
+
+def new_manifest(identity: Dict, images: str, tile: int, stride: int, raster: Dict) -> Dict:
+    """The manifest of an index that holds nothing yet."""
+    return {"written_by": WRITTEN_BY, "model": identity, "images": os.path.abspath(images),
+            "tile": tile, "stride": stride, "dim": None, "rows": 0, "embeddings": None,
+            "generation": 0, "next_part": 0, "files": {}, "skipped": {}, "raster": raster}
+
+
+def differing_setting(manifest: Dict, tile: int, stride: int,
+                      raster: Dict) -> Optional[Tuple[str, str, str]]:
+    """(flag, its value in `manifest`, the value given) of the first tiling or GeoTIFF setting
+    (--tile, --stride, --bands, --gsd, --stretch, --max-nodata) that differs, else None; an index
+    written before the GeoTIFF flags existed used their defaults."""
+    recorded = dict(DEFAULT_RASTER, **manifest.get("raster", {}), tile=manifest["tile"],
+                    stride=manifest["stride"])
+    for key, value in dict(tile=tile, stride=stride, **raster).items():
+        if recorded.get(key) != value:
+            return "--" + key.replace("_", "-"), _flag_value(recorded.get(key)), _flag_value(value)
+    return None
 
 
 def _flag_value(value) -> str:
@@ -275,10 +290,13 @@ def reusable_rows(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple[str,
 
 
 class Part:
-    """Rows embedded since the last save; `save` writes them as parts/part-<n>.npy + .json."""
+    """Rows embedded since the last save; `save` writes them as parts/part-<n>.npy + .json. The
+    parts of one process are numbered number, number + step, ...: under torchrun process r of W
+    starts at first + r with step W, so the processes' parts never share a number."""
 
-    def __init__(self, out: str, number: int):
-        self.out, self.number, self.rows, self.files, self.n_rows = out, number, [], {}, 0
+    def __init__(self, out: str, number: int, step: int = 1):
+        self.out, self.number, self.step = out, number, step
+        self.rows, self.files, self.n_rows = [], {}, 0
 
     def add(self, rel: str, stat: list, entry: Dict, rows: Optional[np.ndarray]):
         """File `rel` of [size, mtime_ns] `stat`: its entry (boxes, ...) and (len(boxes), E)
@@ -288,15 +306,15 @@ class Part:
             self.rows.append(rows)
             self.n_rows += len(rows)
 
-    def save(self, sources: Dict) -> "Part":
-        if self.files:
-            rows = np.concatenate(self.rows) if self.rows else np.empty((0, 0), np.float16)
-            npy = part_path(self.out, self.number, "npy")
-            write_npy(npy, [rows], len(rows), rows.shape[1])
-            write_json(part_path(self.out, self.number, "json"),  # last: marks the part complete
-                       {"files": self.files, "rows": len(rows)})
-            sources.update({rel: (npy, e["first"], e) for rel, e in self.files.items()})
-        return Part(self.out, self.number + 1) if self.files else self
+    def save(self) -> "Part":
+        """Write what was added (if anything); the next part to fill."""
+        if not self.files:
+            return self
+        rows = np.concatenate(self.rows) if self.rows else np.empty((0, 0), np.float16)
+        write_npy(part_path(self.out, self.number, "npy"), [rows], len(rows), rows.shape[1])
+        write_json(part_path(self.out, self.number, "json"),  # last: marks the part complete
+                   {"files": self.files, "rows": len(rows)})
+        return Part(self.out, self.number + self.step, self.step)
 
 
 def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) -> Dict:
