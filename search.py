@@ -41,6 +41,7 @@ from mrs_adapter.atomic import (
 )
 from mrs_adapter.datasets import default_workers
 from mrs_adapter.run import distributed
+from mrs_adapter.search import ann
 from mrs_adapter.search import hits as hit_files
 from mrs_adapter.search import index as search
 from mrs_adapter.search import query as search_query
@@ -49,7 +50,12 @@ from mrs_adapter.search.merge import merge_indexes
 from mrs_adapter.search.outputs import written_by_us
 from mrs_adapter.search.readers import RasterioMissing, choose_reader
 from mrs_adapter.search.refine import FORMULA, combine_query, describe_query
-from mrs_adapter.search.store import DEFAULT_RASTER, check_index_folder, check_same_model
+from mrs_adapter.search.store import (
+    DEFAULT_RASTER,
+    check_index_folder,
+    check_same_model,
+    index_lock,
+)
 from mrs_adapter.search.tiling import RasterOptions, picture
 from mrs_adapter.tokenizer import token_count
 from mrs_adapter.weights.download import DownloadError
@@ -83,6 +89,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     merge.add_argument("indexes", nargs="+", metavar="INDEX",
                        help="index folders written by `search.py index` (two or more)")
     merge.add_argument("--out", required=True, help="the merged index: a new or empty folder")
+    ann_cmd = sub.add_parser("ann", help="build or extend an approximate (FAISS) index of an index",
+                             description="Build an approximate nearest-neighbour index (FAISS: "
+                                         "HNSW below 100,000 rows, IVF-PQ from there; pip install "
+                                         "-e \".[ann]\") in the index folder, for queries of "
+                                         "large indexes; its candidates are re-scored exactly. "
+                                         "Rerun after an `index` run: it says whether it extends "
+                                         "or rebuilds. docs/scale.md")
+    ann_cmd.add_argument("index", help="index folder written by `search.py index`")
+    ann_cmd.add_argument("--kind", choices=("hnsw", "ivfpq"),
+                         help="the ANN kind (default: chosen by the number of rows)")
     index.add_argument("images", help="folder of .tif/.tiff/.jpg/.jpeg/.png images (recursive)")
     index.add_argument("--out", required=True, help="index folder (created, or updated)")
     index.add_argument("--tile", type=int, default=search.TILE, help="tile side, px (256)")
@@ -156,6 +172,8 @@ def add_query_flags(query):
     query.add_argument("--geojson", help="write the hits as an RFC 7946 FeatureCollection")
     query.add_argument("--map", help="draw the hits' outlines on each scene's overview (PNG)")
     query.add_argument("--sheet", help="draw the query and its hits with scores into this PNG")
+    query.add_argument("--exact", action="store_true",
+                       help="score every row, even where the index has a current ANN index")
 
 
 def check_device(device: str):
@@ -198,6 +216,10 @@ def check_arguments(args):
         check_query(args)
     elif args.command == "merge":
         check_folder_writable(args.out, "--out")
+    elif args.command == "ann":
+        if not os.path.isfile(os.path.join(args.index, "index.json")):
+            raise FileNotFoundError(f"no search index in {args.index} (expected "
+                                    f"{args.index}/index.json; make one with `search.py index`)")
     else:
         if args.out:
             check_output(args.out, "--out", search_query.is_export, "search.py export")
@@ -274,6 +296,11 @@ def run_index(args) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    info, _ = ann.read_info(args.out)
+    why = info and result["rows"] and ann.stale(info, search_query.SearchIndex(args.out).parts())
+    if distributed.rank() == 0 and why:
+        print(f"note: the ANN index of {args.out} is {why}; queries score every row until "
+              f"`search.py ann {args.out}` rebuilds it")
     return 0 if result["rows"] else 1
 
 
@@ -328,7 +355,9 @@ def run_query(args) -> List[Dict]:
     if not single:
         print(described)
     query = combine_query([e for _, e in positives], [e for _, e in negatives])
-    hits = index.search(query, args.top, args.min_score, args.within)
+    hits = index.search(query, args.top, args.min_score, args.within, args.exact)
+    if index.how:
+        print(index.how)
     if not hits:
         print("no hit" + (" in the --within box (only georeferenced tiles can be in it)"
                           if args.within else " at or above --min-score"))
@@ -429,6 +458,25 @@ def run_export(args) -> int:
     return 0
 
 
+def run_ann(args) -> int:
+    """Build the ANN index of args.index, or extend the current one with the rows it lacks, under
+    the index's lock (no `index` run commits meanwhile)."""
+    index = search_query.SearchIndex(args.index)
+    parts = index.parts()
+    del index  # its memory map: the build maps the file itself
+    with index_lock(args.index):
+        info, _ = ann.read_info(args.index)
+        if info is not None and not ann.stale(info, parts) and args.kind in (None, info["kind"]):
+            info = ann.extend(args.index, parts)
+            print(f"ANN index of {args.index}: {info['kind']}, {info['rows']:,} rows, current")
+        else:
+            if info is not None:
+                print(f"rebuilding the ANN index of {args.index}: "
+                      + (ann.stale(info, parts) or f"--kind {args.kind}"))
+            ann.build(args.index, parts, kind=args.kind)
+    return 0
+
+
 def run_merge(args) -> int:
     try:
         merged = merge_indexes(args.indexes, args.out)
@@ -442,7 +490,7 @@ def main(argv: Optional[List[str]] = None):
     args = parse_args(argv)
     check_arguments(args)
     return {"index": run_index, "query": run_query, "export": run_export,
-            "merge": run_merge}[args.command](args)
+            "merge": run_merge, "ann": run_ann}[args.command](args)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:

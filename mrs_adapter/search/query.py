@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..atomic import has_mark, write_json
 from ..datasets import read_image
 from ..tokenizer import tokenize
+from . import ann
 from .hits import within_mask
 from .index import encode_images
 from .outputs import written_by_us
@@ -99,7 +100,7 @@ class SearchIndex:
             except FileNotFoundError:  # an index run may have committed a newer one just now
                 if attempt:
                     raise
-        self.folder, self.manifest = folder, manifest
+        self.folder, self.manifest, self.how = folder, manifest, ""
         files = {rel: e for rel, e in manifest["files"].items() if e["boxes"]}  # rows held
         self.paths = sorted(files, key=lambda r: files[r]["first"])
         self.firsts = np.array([files[r]["first"] for r in self.paths])
@@ -148,18 +149,42 @@ class SearchIndex:
             return None
         return e["first"] + e["boxes"].index(box)
 
+    def parts(self) -> List[Tuple[str, int]]:
+        """[(embeddings .npy, rows)]: what an ANN index (ann.py) covers and is checked against."""
+        return [(os.path.join(self.folder, self.manifest["embeddings"]), self.manifest["rows"])]
+
     def search(self, query: np.ndarray, k: int = 20, min_score: Optional[float] = None,
-               within=None) -> List[Dict]:
+               within=None, exact: bool = False) -> List[Dict]:
         """The hits of `query` (E,): the top k, or every row scoring >= min_score; only rows
-        whose footprint meets the lon/lat box `within` (west, south, east, north) when given."""
+        whose footprint meets the lon/lat box `within` (west, south, east, north) when given.
+
+        A top k without `within` goes through the folder's ANN index (ann.py) when there is one
+        and it is current, its candidates re-scored exactly; otherwise, or with `exact`, every
+        row is scored. self.how says which, and why (empty: exact, with nothing to say)."""
         keep = None if within is None else self.footprint_mask(within)
         if keep is not None and not keep.any():
             return []
-        if min_score is None:
-            rows, scores = top_k(self.embeddings, query, k, keep=keep)
-        else:
+        if min_score is not None:
             rows, scores = at_least(self.embeddings, query, min_score, keep=keep)
+        else:
+            index = None if exact or keep is not None else self._ann()
+            if index is None:
+                rows, scores = top_k(self.embeddings, query, k, keep=keep)
+            else:
+                rows, scores = ann.search(index, lambda r: self.embeddings[r], query, k)
         return [self.hit(row, r + 1, s) for r, (row, s) in enumerate(zip(rows, scores))]
+
+    def _ann(self):
+        """The current ANN index, or None; sets self.how (a missing ANN is mentioned only where
+        one would pay: from ann.HNSW_MAX_ROWS rows)."""
+        index, why = ann.open_ann(self.folder, self.parts())
+        if index is not None:
+            self.how = (f"ANN ({index.info['kind']}, built for {index.rows:,} rows): "
+                        f"its candidates re-scored exactly" + (f"; {why}" if why else ""))
+        elif os.path.exists(os.path.join(self.folder, ann.ANN_JSON)) or \
+                self.manifest["rows"] >= ann.HNSW_MAX_ROWS:
+            self.how = f"exact search of all {self.manifest['rows']:,} rows: {why}"
+        return index
 
 
 def is_hits_file(path: str) -> bool:

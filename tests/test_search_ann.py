@@ -1,0 +1,106 @@
+"""`search.py ann` and the query's use of it (issue 23): the ANN's hits, re-scored, are the brute
+force's; an `index` run that rewrites the embeddings makes it stale, which the query says and
+searches exactly, and `ann` rebuilds; a killed build and a missing faiss leave queries working.
+Tiny CLIPs and small generated images."""
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrs_adapter.search import ann
+from mrs_adapter.search import query as search_query
+
+pytest.importorskip("faiss")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+_spec = importlib.util.spec_from_file_location("search_cli_ann", os.path.join(ROOT, "search.py"))
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+TILE = ["--tile", "32", "--stride", "24", "--workers", "0", "--batch-size", "16"]
+
+
+@pytest.fixture
+def built(tmp_path, make_tiny_clip):
+    weights = str(tmp_path / "tiny.pt")
+    torch.save(make_tiny_clip(0).state_dict(), weights)
+    images, rng = tmp_path / "images", np.random.default_rng(0)
+    images.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (120, 150, 3), dtype=np.uint8)).save(
+            images / f"{i}.png")
+    out = tmp_path / "index"
+    assert cli.main(["index", str(images), "--out", str(out), "--clip", weights, *TILE]) == 0
+    return images, str(out), weights
+
+
+def queries(index, n=5, seed=1):
+    q = np.random.default_rng(seed).standard_normal((n, index.embeddings.shape[1]))
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def ranked(hits):
+    return [(h["path"], h["box"]) for h in hits], np.array([h["score"] for h in hits])
+
+
+def test_ann_hits_rescored_equal_brute_force(built, capsys):
+    _, out, _ = built
+    assert cli.main(["ann", out]) == 0
+    assert "ann.json" in os.listdir(out)
+    index = search_query.SearchIndex(out)
+    assert len(index.embeddings) > 4 * 10  # more rows than the 4 x k candidates proposed
+    for q in queries(index):
+        fast = index.search(q, 10)
+        assert index.how.startswith("ANN (hnsw")
+        exact = search_query.SearchIndex(out).search(q, 10, exact=True)
+        (fast_keys, fast_scores), (keys, scores) = ranked(fast), ranked(exact)
+        assert fast_keys == keys  # every true top-10 row was proposed (a few hundred rows)
+        np.testing.assert_allclose(fast_scores, scores, atol=1e-6)
+
+
+def test_index_run_makes_it_stale_query_says_so_and_ann_rebuilds(built, capsys):
+    images, out, weights = built
+    assert cli.main(["ann", out]) == 0
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(images / "new.png")
+    capsys.readouterr()
+    assert cli.main(["index", str(images), "--out", out, "--clip", weights, *TILE]) == 0
+    assert "the ANN index of" in capsys.readouterr().out  # the index run says it
+    index = search_query.SearchIndex(out)
+    q = queries(index, 1)[0]
+    stale_hits = index.search(q, 10)
+    assert "exact search" in index.how and "replaced by" in index.how
+    assert ranked(stale_hits)[0] == ranked(search_query.SearchIndex(out).search(
+        q, 10, exact=True))[0]
+    assert cli.main(["ann", out]) == 0
+    assert "rebuilding the ANN index" in capsys.readouterr().out
+    index = search_query.SearchIndex(out)
+    index.search(q, 10)
+    assert index.how.startswith("ANN")
+
+
+def test_killed_build_and_missing_faiss_leave_queries_working(built, monkeypatch, capsys):
+    _, out, _ = built
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ann, "_add", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["ann", out])
+    monkeypatch.undo()
+    assert not [n for n in os.listdir(out) if n.startswith("ann")]  # nothing half-written
+    index = search_query.SearchIndex(out)
+    q = queries(index, 1)[0]
+    expected = ranked(index.search(q, 5, exact=True))[0]
+    assert ranked(index.search(q, 5))[0] == expected and index.how == ""  # small: exact, quietly
+
+    assert cli.main(["ann", out]) == 0
+    monkeypatch.setitem(sys.modules, "faiss", None)  # faiss's import blocked
+    index = search_query.SearchIndex(out)
+    assert ranked(index.search(q, 5))[0] == expected
+    assert "exact search" in index.how and 'pip install -e ".[ann]"' in index.how
+    with pytest.raises(SystemExit) as exit_:  # `ann` itself: one line naming the install
+        cli.cli(["ann", out])
+    assert str(exit_.value).startswith("error: ") and str(exit_.value).endswith(
+        'needs faiss: pip install -e ".[ann]"')
