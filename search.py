@@ -297,10 +297,16 @@ def run_index(args) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     info, _ = ann.read_info(args.out)
-    why = info and result["rows"] and ann.stale(info, search_query.SearchIndex(args.out).parts())
-    if distributed.rank() == 0 and why:
-        print(f"note: the ANN index of {args.out} is {why}; queries score every row until "
-              f"`search.py ann {args.out}` rebuilds it")
+    if distributed.rank() == 0 and info and result["rows"]:
+        parts = search_query.SearchIndex(args.out).parts()
+        why, rows = ann.stale(info, parts), sum(n for _, n in parts)
+        if why:
+            print(f"note: the ANN index of {args.out} is {why}; queries score every row until "
+                  f"`search.py ann {args.out}` rebuilds it")
+        elif rows > info["rows"]:
+            print(f"note: the ANN index of {args.out} covers {info['rows']:,} of {rows:,} rows; "
+                  f"queries score the new ones exactly until `search.py ann {args.out}` adds "
+                  f"them")
     return 0 if result["rows"] else 1
 
 

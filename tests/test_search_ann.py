@@ -60,13 +60,41 @@ def test_ann_hits_rescored_equal_brute_force(built, capsys):
         np.testing.assert_allclose(fast_scores, scores, atol=1e-6)
 
 
-def test_index_run_makes_it_stale_query_says_so_and_ann_rebuilds(built, capsys):
+def test_an_index_run_that_adds_files_keeps_the_ann_and_ann_extends_it(built, capsys):
     images, out, weights = built
     assert cli.main(["ann", out]) == 0
-    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(images / "new.png")
+    before = search_query.SearchIndex(out)
+    rows_before = len(before.embeddings)
+    old_rows = np.array(before.embeddings)
+    del before
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (60, 60, 3), dtype=np.uint8)).save(
+        images / "0a_new.png")  # sorts before every other file
     capsys.readouterr()
     assert cli.main(["index", str(images), "--out", out, "--clip", weights, *TILE]) == 0
-    assert "the ANN index of" in capsys.readouterr().out  # the index run says it
+    assert f"covers {rows_before:,} of" in capsys.readouterr().out
+    index = search_query.SearchIndex(out)
+    np.testing.assert_array_equal(index.embeddings[:rows_before], old_rows)  # kept their places
+    assert index.entry(rows_before)[0].endswith("0a_new.png")  # the new file's rows after them
+    q = np.asarray(index.embeddings[rows_before], np.float32)  # the new tile itself: its best hit
+    hits = index.search(q, 10)
+    assert "scored exactly" in index.how  # the ANN, and the new rows beside it
+    assert ranked(hits)[0] == ranked(search_query.SearchIndex(out).search(q, 10, exact=True))[0]
+    assert hits[0]["path"].endswith("0a_new.png")
+    mtime = os.stat(os.path.join(out, "ann.json")).st_mtime_ns
+    assert cli.main(["ann", out]) == 0
+    assert "rebuilding" not in capsys.readouterr().out  # extended, not rebuilt
+    assert os.stat(os.path.join(out, "ann.json")).st_mtime_ns != mtime
+    index = search_query.SearchIndex(out)
+    index.search(q, 10)
+    assert index.how.startswith("ANN") and "newer" not in index.how
+
+
+def test_an_index_run_that_removes_a_file_makes_it_stale_and_ann_rebuilds(built, capsys):
+    images, out, weights = built
+    assert cli.main(["ann", out]) == 0
+    os.remove(images / "0.png")  # the first file: every row after it moves
+    assert cli.main(["index", str(images), "--out", out, "--clip", weights, *TILE]) == 0
+    assert "rebuilds it" in capsys.readouterr().out  # the index run says it
     index = search_query.SearchIndex(out)
     q = queries(index, 1)[0]
     stale_hits = index.search(q, 10)

@@ -279,7 +279,8 @@ def stale(info: Dict, parts: Sequence[Tuple[str, int]]) -> str:
             return f"stale: {name} is missing"
         if (st.st_size, st.st_mtime_ns) != (c["size"], c["mtime_ns"]):
             return f"stale: {name} changed (size or mtime) since the ANN index was built"
-        if rows != c["rows"]:
+        grown = c.get("prefix") and i == len(covered) - 1 and rows > c["rows"]
+        if rows != c["rows"] and not grown:  # a prefix (follow): rows appended after it are new
             return f"stale: {name} holds {rows:,} rows, the ANN index covers {c['rows']:,}"
     return ""
 
@@ -365,6 +366,27 @@ def search(ann: Ann, get, query: np.ndarray, k: int) -> Tuple[np.ndarray, np.nda
     ids = ann.index.search(q, want, params=params)[1][0] if want else np.empty(0, np.int64)
     rows = np.concatenate([np.unique(ids[ids >= 0]), np.arange(ann.rows, ann.total)])
     return exact(get, rows, q[0], k)
+
+
+def current(folder: str, parts: Sequence[Tuple[str, int]]) -> bool:
+    """Whether `folder` has an ANN index that is current for `parts` (not stale)."""
+    info, _ = read_info(folder)
+    return info is not None and not stale(info, parts)
+
+
+def follow(folder: str, path: str, kept_rows: int) -> bool:
+    """After a commit whose new embeddings file `path` starts with `kept_rows` rows of the file
+    the ANN covered (store.commit), while it was current: tie the ANN to the first rows of `path`
+    (True), so the rows after them are scored exactly and `extend` adds them; False where the
+    ANN covers more than those rows (it stays stale: rebuild)."""
+    info, _ = read_info(folder)
+    if info is None or len(info["parts"]) != 1 or info["rows"] > kept_rows:
+        return False
+    st = os.stat(path)
+    write_json(os.path.join(folder, ANN_JSON), dict(info, parts=[{
+        "name": os.path.basename(path), "rows": info["rows"], "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns, "prefix": True}]))
+    return True
 
 
 def extend(folder: str, parts: Sequence[Tuple[str, int]], log=print) -> Dict:

@@ -28,6 +28,7 @@ from ..run import distributed
 from ..run.distributed import everyone, from_rank0, together
 from ..run.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
 from ..weights.download import sha256_of
+from . import ann
 from .grid import STRIDE, TILE, tile_boxes  # noqa: F401 (tile_boxes: as before)
 from .readers import RasterioMissing
 from .scan import file_stats, list_images, unseen  # noqa: F401 (list_images: as before)
@@ -366,7 +367,12 @@ def _finish(run: Dict, shares: List, seconds: float, images: str, out: str, prun
                   " (what was embedded now is saved in its parts/ for the next run)")
     deleted = [rel for rel in manifest["files"] if rel not in sources]
     if todo or deleted or run["saved_before"] or skipped != manifest["skipped"]:
+        committed = manifest["embeddings"] and [(os.path.join(out, manifest["embeddings"]),
+                                                  manifest["rows"])]
+        had_ann = bool(committed) and ann.current(out, committed)
         manifest = commit(out, manifest, sources, stats, skipped)
+        if had_ann and manifest["embeddings"]:  # the rows it covers kept their places: keep it
+            ann.follow(out, os.path.join(out, manifest["embeddings"]), manifest["kept_rows"])
     embedded = sum(1 for rel in todo if rel not in skipped)
     if len(shares) > 1 and todo:
         log("shares: " + ", ".join(f"rank {r} {files} images ({tiles} tiles)"

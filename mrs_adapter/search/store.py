@@ -318,9 +318,22 @@ class Part:
 
 
 def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) -> Dict:
-    """Write all rows, sorted by path, to a new embeddings-<n>.npy, then index.json naming it (the
-    commit point: a crash before it leaves the previous index), then remove what it replaced."""
-    order = sorted(sources)
+    """Write all rows to a new embeddings-<n>.npy, then index.json naming it (the commit point: a
+    crash before it leaves the previous index), then remove what it replaced.
+
+    The rows of files kept from the committed embeddings come first, in their order, then the
+    others sorted by path: where nothing before them went, the new file starts with the old
+    one's rows (`kept_rows` of them), so an ANN index over those stays valid (ann.follow) and
+    only the new rows need adding."""
+    committed = os.path.join(out, manifest["embeddings"]) if manifest["embeddings"] else None
+    kept = sorted((rel for rel in sources if sources[rel][0] == committed),
+                  key=lambda rel: sources[rel][1])
+    order = kept + sorted(rel for rel in sources if sources[rel][0] != committed)
+    kept_rows = 0
+    for rel in kept:
+        if sources[rel][1] != kept_rows:  # a file before it was removed or changed
+            break
+        kept_rows += len(sources[rel][2]["boxes"])
     files, first = {}, 0
     for rel in order:
         entry = sources[rel][2]
@@ -338,7 +351,8 @@ def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) 
                 if n and n != name and os.path.exists(os.path.join(out, n))]
     manifest = dict(manifest, dim=dim, rows=first, embeddings=name, generation=generation,
                     files=files, skipped=skipped, next_part=next_part_number(out, manifest),
-                    replaced=replaced)  # removed next; if this run is killed first, by the next
+                    replaced=replaced,  # removed next; if this run is killed first, by the next
+                    kept_rows=kept_rows if name else 0)
     write_json(os.path.join(out, "index.json"), manifest)
     del maps
     _remove_replaced(out, manifest)
