@@ -9,6 +9,7 @@
 Archive scale (docs/search.md "Many processes, many machines"):
     torchrun --nproc_per_node=4 search.py index IMAGES_DIR --out INDEX_DIR --clip ViT-B/32
     python search.py merge INDEX_NORTH INDEX_SOUTH --out INDEX_ALL   # indexes built separately
+    python search.py ann INDEX_ALL      # FAISS index (pip install -e ".[ann]"); docs/scale.md
 
 GeoTIFF / COG (pip install -e ".[geo]"; docs/geotiff.md): read by window, bands, stretch, nodata,
 coordinates; hits as GeoJSON, a map, refined queries (docs/search-outputs.md):
