@@ -12,6 +12,7 @@ folders that cannot be read are skipped and listed, and a run that would drop mo
 the index at once is refused without --prune.
 """
 import contextlib
+import ctypes
 import os
 import time
 from datetime import timedelta
@@ -163,8 +164,29 @@ class _Encoder:
             n, self.count = n - k, self.count - k
         x = self.finish(torch.cat(pieces))
         rows = encode_images(self.model, x, self.device).astype(np.float16)
+        del x, pieces
+        _return_freed_memory()
         starts = np.cumsum([0] + [k for _, _, k in owners])
         return [(i, first, rows[a:a + k]) for (i, first, k), a in zip(owners, starts)]
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")  # glibc (Linux); elsewhere nothing to do
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _return_freed_memory():
+    """Give the heap's free pages back to the system after each batch (glibc's malloc_trim).
+    glibc keeps freed blocks of up to 32 MB in the heap once a block that large was freed (its
+    dynamic mmap threshold), and a run's tile, band and batch arrays then fragment it: a process
+    that indexed a 20,000 px scene held ~90 MB more than one that indexed a 10,000 px scene."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def _progress(done: int, total: int, tiles: int, start: float, log):
