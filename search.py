@@ -10,6 +10,7 @@ Archive scale (docs/search.md "Many processes, many machines"):
     torchrun --nproc_per_node=4 search.py index IMAGES_DIR --out INDEX_DIR --clip ViT-B/32
     python search.py merge INDEX_NORTH INDEX_SOUTH --out INDEX_ALL   # indexes built separately
     python search.py ann INDEX_ALL      # FAISS index (pip install -e ".[ann]"); docs/scale.md
+    python search.py migrate OLD_INDEX  # an index of an earlier version: tile records to columns
 
 GeoTIFF / COG (pip install -e ".[geo]"; docs/geotiff.md): read by window, bands, stretch, nodata,
 coordinates; hits as GeoJSON, a map, refined queries (docs/search-outputs.md):
@@ -56,6 +57,7 @@ from mrs_adapter.search.store import (
     check_index_folder,
     check_same_model,
     index_lock,
+    migrate,
 )
 from mrs_adapter.search.tiling import RasterOptions, picture
 from mrs_adapter.tokenizer import token_count
@@ -100,6 +102,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ann_cmd.add_argument("index", help="index folder written by `search.py index`")
     ann_cmd.add_argument("--kind", choices=("hnsw", "ivfpq"),
                          help="the ANN kind (default: chosen by the number of rows)")
+    migrate = sub.add_parser("migrate", help="move an earlier index's tile records into columns",
+                             description="Convert an index written before the tile columns "
+                                         "(every tile's box, bounds and footprint in index.json, "
+                                         "read whole by every query) to the columns beside its "
+                                         "embeddings; nothing is embedded again, and a killed "
+                                         "migrate can be run again.")
+    migrate.add_argument("index", help="index folder written by an earlier `search.py index`")
     index.add_argument("images", help="folder of .tif/.tiff/.jpg/.jpeg/.png images (recursive)")
     index.add_argument("--out", required=True, help="index folder (created, or updated)")
     index.add_argument("--tile", type=int, default=search.TILE, help="tile side, px (256)")
@@ -217,11 +226,11 @@ def check_arguments(args):
         check_query(args)
     elif args.command == "merge":
         check_folder_writable(args.out, "--out")
-    elif args.command == "ann":
+    elif args.command in ("ann", "migrate"):
         if not os.path.isfile(os.path.join(args.index, "index.json")):
             raise FileNotFoundError(f"no search index in {args.index} (expected "
                                     f"{args.index}/index.json; make one with `search.py index`)")
-    else:
+    else:  # export
         if args.out:
             check_output(args.out, "--out", search_query.is_export, "search.py export")
             check_output(search_query.manifest_path(args.out), "--out (its manifest)",
@@ -387,8 +396,7 @@ def write_hits(args, index, hits: List[Dict], described: str):
         unplaced = hit_files.write_geojson(args.geojson, hits, described)
         print(f"wrote {args.geojson}" + (f" ({unplaced} hit(s) without georeferencing: null "
                                          f"geometry)" if unplaced else ""))
-    records = {h["path"]: index.manifest["files"][index_rel(index, h["path"])].get("raster")
-               for h in hits}
+    records = {h["path"]: index.raster_record(index_rel(index, h["path"])) for h in hits}
     if args.sheet:
         title = " ".join(args.text) or f"image: {os.path.basename((args.image or ['?'])[0])}"
         contact_sheet(title, (args.image or [None])[0], hits, args.sheet, records)
@@ -493,11 +501,20 @@ def run_merge(args) -> int:
     return 0 if merged["rows"] else 1
 
 
+def run_migrate(args) -> int:
+    try:
+        migrate(args.index)
+    except OSError as e:
+        if_disk_full(e, f"index {args.index} is as it was (index.json is written last)")
+        raise
+    return 0
+
+
 def main(argv: Optional[List[str]] = None):
     args = parse_args(argv)
     check_arguments(args)
     return {"index": run_index, "query": run_query, "export": run_export,
-            "merge": run_merge, "ann": run_ann}[args.command](args)
+            "merge": run_merge, "ann": run_ann, "migrate": run_migrate}[args.command](args)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:

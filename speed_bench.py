@@ -8,6 +8,7 @@
     python speed_bench.py --only overlap-measure               # near-copy distances, 300 scenes
     python speed_bench.py --only overlap-time                  # `overlap` on 10,921 JPEGs
     python speed_bench.py --only scale [--scale-rows 10000000] # the ANN index at 1M (10M) rows
+    python speed_bench.py --only tiles [--scale-rows 10000000] # the tile store at 1M (10M) rows
     python speed_bench.py --only dist                          # index under torchrun, 2 gloo
 
 Measures (medians of interleaved repeats):
@@ -38,9 +39,17 @@ Measures (medians of interleaved repeats):
   search_ann_recall_at_20_<rows>,         the ANN index (search/ann.py) over --scale-rows generated
   search_ann_query_ms_<rows>,             clustered embeddings (demo/embeddings.py; rows 1m or
   search_ann_build_s_<rows>,              10m): recall@20 against brute force over 50 queries,
-  search_bytes_per_tile                   median ms of a query once embedded (speed_bench.ann_query:
-                                          ann.json, stat, open, search, exact re-score), build
-                                          seconds, embeddings + ANN bytes on disk per tile
+  search_bytes_per_tile,                  median ms of a query once embedded (speed_bench.ann_query:
+  search_query_end_to_end_ms_<rows>       ann.json, stat, open, search, exact re-score; end to end:
+                                          SearchIndex opened over index.json and tile columns of
+                                          10,000 px sheets, search, the hits' records), build
+                                          seconds, embeddings + ANN bytes on disk per tile (_index_:
+                                          all the folder's)
+  search_store_query_ms_<rows>,           an index of --scale-rows tiles of 10,000 px GeoTIFF
+  search_store_within_s_<rows>,           sheets (index.json's per-file records, the columns;
+  search_columns_bytes_per_tile,          embeddings a sparse file): a query's cost beside scoring,
+  search_index_json_bytes_per_file        the index opened and 20 hits' records read (median of
+                                          20); --within over every footprint; bytes a tile, a file
   search_dist_tiles_per_s_{1,2}proc,      `search.py index` wall tiles/s (build_index on rank 0:
   search_dist_ratio,                      plan, header reads, embedding, commit) under torchrun
   search_dist_scaling_vs_1thread          with --dist-procs gloo processes of 1 thread vs one
@@ -71,6 +80,7 @@ Reports, run only when named in --only (they print lines, not figures):
                     --overlap-images, default 10,921: RSICD's.
 """
 import argparse
+import glob
 import importlib.util
 import io
 import json
@@ -83,7 +93,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -561,18 +571,22 @@ def ann_query(folder: str, parts: list, query: np.ndarray, k: int = 20):
 def scale_figures(args, tmp: str) -> dict:
     """--scale-rows clustered float16 embeddings (demo/embeddings.py: 1,000 weighted centres +
     noise of norm 0.5, 512 dims): the ANN's build time, its recall@20 against query.top_k over
-    50 queries drawn as the rows are, the median ms of `ann_query`, and the bytes a tile takes
+    50 queries drawn as the rows are, the median ms of `ann_query` and of a query end to end
+    once embedded (the index opened, index.json and the tile columns of 10,000 px sheets as
+    write_archive_index lays them, the ANN, the 20 hits' records), and the bytes a tile takes
     on disk (embeddings + ANN). 1M rows: 1 GB in `tmp`; 10M: 10 GB."""
     from mrs_adapter.demo.embeddings import queries, write_embeddings
     from mrs_adapter.search import ann
-    from mrs_adapter.search.query import top_k
+    from mrs_adapter.search.query import SearchIndex, top_k
     n, dim, s = args.scale_rows, 512, rows_suffix(args.scale_rows)
     folder = os.path.join(tmp, "scale_index")
     os.makedirs(folder)
     start = time.time()
     npy = write_embeddings(os.path.join(folder, "embeddings-000001.npy"), n, dim)
     print(f"[scale: {n:,} rows generated in {time.time() - start:.0f}s]", file=sys.stderr)
-    parts = [(npy, n)]
+    write_archive_index(folder, n, None)  # index.json and the tile columns around the rows
+    parts = SearchIndex(folder).parts()
+    assert parts == [(npy, n)]
     info = ann.build(folder, parts, log=lambda line: print(line, file=sys.stderr, flush=True))
     emb, qs = np.load(npy, mmap_mode="r"), queries(50, dim)
     exact, brute_ms = [], []
@@ -580,21 +594,120 @@ def scale_figures(args, tmp: str) -> dict:
         start = time.perf_counter()
         exact.append(top_k(emb, q, 20)[0])
         brute_ms.append(1000 * (time.perf_counter() - start))
-    recall, ms = [], []
+    recall, ms, end_to_end = [], [], []
     for q, truth in zip(qs, exact):
         start = time.perf_counter()
         rows = ann_query(folder, parts, q)[0]
         ms.append(1000 * (time.perf_counter() - start))
         recall.append(len(np.intersect1d(rows, truth)) / 20)
+        start = time.perf_counter()  # as `search.py query` once the query is embedded
+        index = SearchIndex(folder)
+        hits = index.search(q, 20)
+        end_to_end.append(1000 * (time.perf_counter() - start))
+        assert index.how.startswith("ANN") and [index.row_of(h["path"], h["box"])
+                                                for h in hits] == rows.tolist()
     on_disk = os.path.getsize(npy) + info["bytes"] + os.path.getsize(
         os.path.join(folder, ann.ANN_JSON))
     return {f"search_ann_kind_{s}": f"{info['kind']} {info['params']}",
             f"search_ann_recall_at_20_{s}": float(np.mean(recall)),
             f"search_ann_recall_at_20_min_{s}": float(np.min(recall)),
             f"search_ann_query_ms_{s}": statistics.median(ms),
+            f"search_query_end_to_end_ms_{s}": statistics.median(end_to_end),
             f"search_brute_query_ms_{s}": statistics.median(brute_ms),
             f"search_ann_build_s_{s}": info["build_s"],
-            "search_bytes_per_tile": on_disk / n}
+            "search_bytes_per_tile": on_disk / n,
+            "search_index_bytes_per_tile": sum(  # + the tile columns and index.json
+                os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)) / n}
+
+
+# ---- search at archive scale: the tile store (mrs_adapter/search/tile_store.py) ----
+
+SCENE_SIDE = 10_000  # px: the archive's GeoTIFF scenes (at 1 m, 10 km sheets)
+
+
+def write_archive_index(folder: str, n: int, record: Optional[dict]) -> int:
+    """An index folder of `n` tiles laid out as `index` writes one over GeoTIFF scenes of
+    SCENE_SIDE px (256 px tiles every 192: 2,704 a scene; per-file entries, and `record`, a real
+    scene's raster record, as each file's in the raster records file; None: none), the columns
+    written; the embeddings are folder/embeddings-000001.npy where it exists (the scale
+    section's), else a sparse file (its pages never written, so never read). Returns the number
+    of files."""
+    from mrs_adapter.search import store, tile_store
+    from mrs_adapter.search.grid import tile_boxes
+    grid = np.array(tile_boxes(SCENE_SIDE, SCENE_SIDE, 256, 192), np.int32)
+    per_scene, files = len(grid), {}
+    npy = os.path.join(folder, "embeddings-000001.npy")
+    if not os.path.exists(npy):
+        np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(n, 512)).flush()
+
+    def scene_columns(k: int, count: int) -> dict:  # scene k: a 10 km square on a 1 m grid
+        x0, y0 = 400_000 + 10_000 * (k % 50), 4_500_000 - 10_000 * (k // 50)
+        box = grid[:count].astype(np.float64)
+        bounds = np.stack([x0 + box[:, 0], y0 - box[:, 3], x0 + box[:, 2], y0 - box[:, 1]], 1)
+        lon, lat = 9 + (bounds[:, [0, 2]] - 400_000) / 84_000, 40.6 + (bounds[:, [1, 3]]
+                                                                        - 4_500_000) / 111_000
+        ring = np.stack([lon[:, [0, 1, 1, 0, 0]], lat[:, [0, 0, 1, 1, 0]]], -1)
+        return {"box": grid[:count], "bounds": bounds, "footprint": ring}
+    counts = [min(per_scene, n - first) for first in range(0, n, per_scene)]
+    for name in tile_store.names(True):
+        tile_store.write_column(tile_store.column_path(npy, name), name,
+                                (scene_columns(k, c)[name] for k, c in enumerate(counts)), n)
+    for k, count in enumerate(counts):
+        files[f"sheets/{k // 1000:03d}/sheet_{k:06d}.tif"] = {
+            "size": 1_200_000_000, "mtime_ns": 1_700_000_000_000_000_000 + k,
+            "first": k * per_scene, "tiles": count, "reader": "rasterio",
+            "crs": "EPSG:32632", "dropped": per_scene - count}
+    if record is not None:  # as commit writes them
+        write_json(tile_store.records_path(npy), {rel: record for rel in files})
+    manifest = dict(store.new_manifest({"backbone": "ViT-B/32", "backbone_sha256": "0" * 64,
+                                        "activation": "quickgelu", "method": "zero_shot",
+                                        "checkpoint": None, "checkpoint_sha256": None},
+                                       folder, 256, 192, store.DEFAULT_RASTER),
+                    dim=512, rows=n, embeddings=os.path.basename(npy), generation=1,
+                    columns=tile_store.names(True), rasters=record is not None, files=files)
+    write_json(os.path.join(folder, "index.json"), manifest)
+    return len(files)
+
+
+def tiles_figures(args, tmp: str) -> dict:
+    """--scale-rows tiles of 10,000 px GeoTIFF sheets (write_archive_index; the per-file record
+    is the demo GeoTIFF's, as `index` records it): what a query costs beside scoring rows, the
+    index opened (index.json read and checked, embeddings and columns mapped) and its 20 hits'
+    records read (median of 20 queries, each opening the index anew, as `search.py query`
+    does); --within over every row's footprint; bytes a tile of the columns, of index.json."""
+    from mrs_adapter.demo.geotiff import write_mosaic
+    from mrs_adapter.search.query import SearchIndex
+    from mrs_adapter.search.raster import open_scene
+    n, s = args.scale_rows, rows_suffix(args.scale_rows)
+    write_mosaic(os.path.join(tmp, "sheet.tif"), 2, 2)
+    record = open_scene(os.path.join(tmp, "sheet.tif"), None, None, None, 0.5).record()
+    folder = os.path.join(tmp, "tiles_index")
+    os.makedirs(folder)
+    start = time.time()
+    n_files = write_archive_index(folder, n, record)
+    print(f"[tiles: {n:,} tiles of {n_files:,} sheets written in {time.time() - start:.0f}s]",
+          file=sys.stderr)
+    rng, ms = np.random.default_rng(0), []
+    for _ in range(20):
+        rows = rng.choice(n, 20, replace=False)
+        start = time.perf_counter()
+        index = SearchIndex(folder)
+        hits = [index.hit(int(row), r + 1, 0.0) for r, row in enumerate(rows)]
+        ms.append(1000 * (time.perf_counter() - start))
+        assert all(h["footprint"] is not None for h in hits)
+    start = time.perf_counter()
+    kept = index.footprint_mask((9.5, 40.0, 10.0, 40.5))
+    within_s = time.perf_counter() - start
+    columns = sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "*.*.npy")))
+    index_json = os.path.getsize(os.path.join(folder, "index.json"))
+    rasters = os.path.getsize(glob.glob(os.path.join(folder, "*.rasters.json"))[0])
+    return {f"search_store_query_ms_{s}": statistics.median(ms),
+            f"search_store_within_s_{s}": within_s,
+            f"search_store_within_kept_{s}": int(kept.sum()),
+            "search_columns_bytes_per_tile": columns / n,
+            f"search_index_json_bytes_{s}": index_json,
+            "search_index_json_bytes_per_file": index_json / n_files,
+            "search_raster_records_bytes_per_file": rasters / n_files}
 
 
 # ---- search at archive scale: `index` shared by torchrun's processes (search/shard.py) ----
@@ -808,7 +921,7 @@ def overlap_time(args) -> List[str]:
 # figures: {name: value}, printed as one table (and written to --json)
 FIGURES = {"encode": encode_ratios, "train": train_ratios, "eval": eval_overhead,
            "recipe": recipe_projection, "search": search_figures, "geo": search_geo_figures,
-           "scale": scale_figures, "dist": dist_figures}
+           "scale": scale_figures, "tiles": tiles_figures, "dist": dist_figures}
 # reports: lines printed as they are; only run when named in --only
 REPORTS = {"overlap-measure": overlap_measure, "overlap-time": overlap_time}
 
@@ -866,7 +979,7 @@ def selected(args, name: str) -> bool:
     # recipe: a projection for a GPU (the recipe on CPU would take days)
     return name in FIGURES and name not in args.skip and (
         name != "recipe" or args.device.startswith("cuda")) and (
-        name != "geo" or has_rasterio()) and (
+        name not in ("geo", "tiles") or has_rasterio()) and (
         name != "scale" or importlib.util.find_spec("faiss") is not None)
 
 

@@ -92,9 +92,12 @@ def manifest(out):
 
 
 def rows_of(out, rel):
+    """The file's index.json entry with its tiles' boxes (from the columns) and its raster
+    record, and its rows."""
     index = search_query.SearchIndex(str(out))
-    e = index.manifest["files"][rel]
-    return e, np.asarray(index.embeddings[e["first"]:e["first"] + len(e["boxes"])], np.float32)
+    e = dict(index.manifest["files"][rel], boxes=index.boxes(rel),
+             raster=index.raster_record(rel))
+    return e, np.asarray(index.embeddings[e["first"]:e["first"] + e["tiles"]], np.float32)
 
 
 def expected_row(model, data, valid, box, bands, stretch, fill):
@@ -158,7 +161,7 @@ def test_summary_counts_collar_tiles_and_files_without_coordinates(geo, tmp_path
     printed = capsys.readouterr().out
     files = manifest(out)["files"]
     dropped = sum(e["dropped"] for e in files.values())
-    assert files["empty.tif"]["boxes"] == [] and files["empty.tif"]["dropped"] == 16
+    assert files["empty.tif"]["tiles"] == 0 and files["empty.tif"]["dropped"] == 16
     assert f"{dropped} tile(s) more than 0.5 nodata left out" in printed
     assert "1 of 4 file(s) without georeferencing (pixel boxes only)" in printed  # plain.tif
 
@@ -209,7 +212,7 @@ def test_gsd_twice_native_gives_about_a_quarter_of_the_tiles(geo, tmp_path):
     for gsd in ([], ["--gsd", "20"]):
         out = tmp_path / f"gsd{len(gsd)}"
         cli.main(["index", str(images), "--out", str(out), "--clip", geo["weights"], *TILE, *gsd])
-        counts.append(len(manifest(out)["files"]["big.tif"]["boxes"]))
+        counts.append(manifest(out)["files"]["big.tif"]["tiles"])
     assert counts[0] == len(tile_boxes(560, 600, 64, 48))
     assert 0.15 < counts[1] / counts[0] < 0.35
     assert manifest(tmp_path / "gsd2")["raster"]["gsd"] == 20

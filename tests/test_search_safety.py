@@ -102,8 +102,10 @@ def test_commit_removes_only_the_files_the_index_wrote(tmp_path, weights):
     (out / "parts" / "part-000123.npy.notmine.tmp").write_text("mine")  # not atomic_write's
     os.remove(os.path.join(images, "a.png"))  # a change: the rerun commits generation 2
     assert index(images, out, weights) == 0
-    assert sorted(os.listdir(out)) == ["embeddings-000002.npy", "embeddings-mine.npy",
-                                       "index.json", "index.lock", "parts"]
+    assert sorted(os.listdir(out)) == ["embeddings-000002.box.npy", "embeddings-000002.npy",
+                                       "embeddings-000002.rasters.json",  # d.tif's reading
+                                       "embeddings-mine.npy", "index.json", "index.lock",
+                                       "parts"]
     assert sorted(os.listdir(out / "parts")) == ["notes.txt", "part-000123.npy.notmine.tmp"]
     assert np.load(out / "embeddings-mine.npy").tolist() == [1, 1, 1]
 
@@ -247,6 +249,16 @@ def test_embeddings_with_missing_rows_are_refused(tmp_path, weights, monkeypatch
     with pytest.raises(ValueError, match="embeddings-000001.npy: not a whole .npy file"):
         cli.main(["query", str(out), "a road"])
     np.save(emb, rows)
+    boxes = out / "embeddings-000001.box.npy"  # the tiles' boxes (tile_store.py)
+    whole = np.load(boxes)
+    np.save(boxes, whole[:9])
+    with pytest.raises(ValueError, match=r"embeddings-000001.box.npy: it holds \(9, 4\) int32, "
+                                         r"but .*index.json records 10 rows"):
+        cli.main(["query", str(out), "a road"])
+    os.remove(boxes)
+    with pytest.raises(FileNotFoundError, match=r"embeddings-000001.box.npy is missing"):
+        index(images, out, weights)
+    np.save(boxes, whole)
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # the run stops after its parts are saved, before the commit
@@ -255,7 +267,7 @@ def test_embeddings_with_missing_rows_are_refused(tmp_path, weights, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         index(images, out, weights, "--save-every", "1")
     monkeypatch.undo()
-    part = glob.glob(str(out / "parts" / "part-*.npy"))[0]
+    part = glob.glob(str(out / "parts" / "part-??????.npy"))[0]
     np.save(part, np.load(part)[:0])
     with pytest.raises(ValueError, match=os.path.basename(part) + ".*records 1 rows"):
         index(images, out, weights)
@@ -365,8 +377,10 @@ def test_a_hand_edited_index_json_is_named(tmp_path, weights):
              (dict(good, files=dict(good["files"], **{first: {"size": 1}})),
               f"the entry of '{first}' should be"),
              (dict(good, files=dict(good["files"], **{first: dict(good["files"][first],
-                                                                  boxes=[[1, 2]])})),
-              f"the boxes of '{first}'"),
+                                                                  tiles=-1)})),
+              f"the entry of '{first}' should be"),
+             (dict(good, columns=["box", "bounds"]), "columns should be"),
+             (dict(good, format=3), "is of format 3; this search.py reads format 2"),
              (dict(good, rows=12), "its files hold 10 rows, but it says rows: 12"),
              (dict(good, replaced=["../images/a.png"]), "other files than embeddings")]
     for edit, message in edits:

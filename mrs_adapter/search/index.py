@@ -3,8 +3,9 @@
 Every image (or, for large scenes, every tile) is embedded once by CLIP's image tower, with or
 without a trained PETL method, exactly as eval.py embeds test images (docs/method.md §6); a
 query is one text or image embedding ranked against them by cosine similarity. The index is a
-folder (store.py): index.json (model, files, tile boxes; the commit point) and
-embeddings-<n>.npy (float16, one row per tile, memory-mapped when queried). Runs save parts/
+folder (store.py): index.json (model, files; the commit point), embeddings-<n>.npy (float16,
+one row per tile, memory-mapped when queried) and the tiles' boxes and places in columns beside
+it (tile_store.py). Runs save parts/
 every N images, so a killed run continues where it stopped, and a second run embeds only new
 or changed files. A large scene's tiles reach the encoder a batch at a time (tiling.py: a
 GeoTIFF read a window per tile, a Pillow image decoded whole; then a few batches); files and
@@ -29,7 +30,7 @@ from ..run import distributed
 from ..run.distributed import everyone, from_rank0, together
 from ..run.rebuild import apply_checkpoint, load_backbone, read_train_checkpoint
 from ..weights.download import sha256_of
-from . import ann
+from . import ann, tile_store
 from .grid import STRIDE, TILE, tile_boxes  # noqa: F401 (tile_boxes: as before)
 from .readers import RasterioMissing
 from .scan import file_stats, list_images, unseen  # noqa: F401 (list_images: as before)
@@ -227,16 +228,16 @@ class _Scene:
 
     def entry(self) -> Dict:
         """The file's index entry beside size, mtime_ns and first (store.ENTRY)."""
-        georeferenced = any(p is not None for p in self.places)
-        entry = {"boxes": [None if b is None else list(b) for b in self.boxes],
-                 "reader": self.info["reader"], "crs": self.info["crs"],
-                 "dropped": self.info["dropped"],
-                 "bounds": [p and p["bounds"] for p in self.places] if georeferenced else None,
-                 "footprints": [p and p["footprint"] for p in self.places]
-                 if georeferenced else None}
+        entry = {"tiles": len(self.boxes), "reader": self.info["reader"],
+                 "crs": self.info["crs"], "dropped": self.info["dropped"]}
         if "raster" in self.info:
             entry["raster"] = self.info["raster"]
         return entry
+
+    def columns(self) -> Dict[str, np.ndarray]:
+        """Its tiles' records (tile_store.py): boxes, and bounds and footprints where placed."""
+        placed = any(p is not None for p in self.places)
+        return tile_store.from_records(self.boxes, self.places if placed else None)
 
     def stacked(self) -> Optional[np.ndarray]:
         """(kept tiles, E) float16, or None for a file with no tile kept (all nodata)."""
@@ -263,7 +264,7 @@ def _embed(images: str, todo: List[str], stats: Dict, skipped: Dict, model, prep
                 scenes[i].put(rows)
         for i in [i for i, scene in scenes.items() if scene.done]:
             scene = scenes.pop(i)
-            part.add(todo[i], stats[todo[i]], scene.entry(), scene.stacked())
+            part.add(todo[i], stats[todo[i]], scene.entry(), scene.stacked(), scene.columns())
             done, n_tiles, since_save = done + 1, n_tiles + len(scene.boxes), since_save + 1
 
     for i, chunk, error in loader:

@@ -17,12 +17,15 @@ from .store import (
     check_index_folder,
     check_same_model,
     commit,
+    damaged,
     differing_setting,
     index_lock,
     new_manifest,
     open_rows,
     read_manifest,
+    with_rasters,
 )
+from .tile_store import open_columns
 
 
 def read_inputs(indexes: List[str]) -> List[Dict]:
@@ -64,10 +67,12 @@ def merge_indexes(indexes: List[str], out: str, log=print) -> Dict:
     sources, stats, skipped, owner = {}, {}, {}, {}
     for folder, manifest in zip(indexes, manifests):
         npy = os.path.join(folder, manifest["embeddings"] or "")
-        if manifest["embeddings"]:  # mapped now: its file stays readable until the commit
-            open_rows(npy, manifest["rows"], manifest["dim"], os.path.join(folder, "index.json"))
+        if manifest["embeddings"]:  # checked now: the files are read by the commit
+            listed_in = os.path.join(folder, "index.json")
+            open_rows(npy, manifest["rows"], manifest["dim"], listed_in)
+            open_columns(npy, manifest["rows"], manifest["columns"], listed_in, damaged)
         prefix = os.path.relpath(manifest["images"], images).replace(os.sep, "/")
-        recorded = dict(manifest["skipped"], **manifest["files"])
+        recorded = dict(manifest["skipped"], **with_rasters(folder, manifest))
         for rel, e in recorded.items():
             path, stat = rel if prefix == "." else f"{prefix}/{rel}", [e["size"], e["mtime_ns"]]
             if stats.setdefault(path, stat) != stat:
@@ -77,7 +82,7 @@ def merge_indexes(indexes: List[str], out: str, log=print) -> Dict:
                                  f"of one file; index it again in one of them, then merge")
             owner.setdefault(path, folder)
             if rel in manifest["files"]:
-                sources.setdefault(path, (npy, e["first"], e))
+                sources.setdefault(path, (npy, e["first"], e, tuple(manifest["columns"])))
             else:
                 skipped.setdefault(path, e)
     skipped = {path: e for path, e in skipped.items() if path not in sources}

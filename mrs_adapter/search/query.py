@@ -18,7 +18,8 @@ from .hits import within_mask
 from .index import encode_images
 from .outputs import written_by_us
 from .readers import choose_reader
-from .store import open_rows, read_manifest, write_npy
+from .store import damaged, open_rows, read_manifest, read_rasters, write_npy
+from .tile_store import NO_BOX, box_of, open_columns, place_of
 from .tiling import RasterOptions, picture
 
 HIT = ("rank", "score", "path", "box")  # one hit of a query, as --json writes it
@@ -80,8 +81,9 @@ def at_least(embeddings: np.ndarray, query: np.ndarray, min_score: float, block:
 
 
 class SearchIndex:
-    """An index folder opened for queries: embeddings memory-mapped, rows mapped to their file,
-    box and place (crs, bounds, WGS84 footprint)."""
+    """An index folder opened for queries: embeddings and the tiles' columns memory-mapped, rows
+    mapped to their file (index.json's per-file records), box and place (crs, bounds, WGS84
+    footprint). A query reads index.json and, of the columns, its hits' rows only."""
 
     def __init__(self, folder: str):
         for attempt in range(2):
@@ -92,62 +94,77 @@ class SearchIndex:
                                         f"index`)")
             if not manifest["rows"]:
                 raise ValueError(f"index {folder} holds no images")
+            npy, listed_in = (os.path.join(folder, manifest["embeddings"]),
+                              os.path.join(folder, "index.json"))
             try:
-                self.embeddings = open_rows(os.path.join(folder, manifest["embeddings"]),
-                                            manifest["rows"], manifest["dim"],
-                                            os.path.join(folder, "index.json"))
+                self.embeddings = open_rows(npy, manifest["rows"], manifest["dim"], listed_in)
+                self.columns = open_columns(npy, manifest["rows"], manifest["columns"],
+                                            listed_in, damaged)
                 break
             except FileNotFoundError:  # an index run may have committed a newer one just now
                 if attempt:
                     raise
-        self.folder, self.manifest, self.how = folder, manifest, ""
-        files = {rel: e for rel, e in manifest["files"].items() if e["boxes"]}  # rows held
-        self.paths = sorted(files, key=lambda r: files[r]["first"])
-        self.firsts = np.array([files[r]["first"] for r in self.paths])
+        self.folder, self.manifest, self.how, self._rasters = folder, manifest, "", None
+        rels, files = list(manifest["files"]), manifest["files"].values()
+        held = np.flatnonzero([e["tiles"] > 0 for e in files])  # the files with rows
+        firsts = np.array([e["first"] for e in files], np.int64)[held]
+        order = np.argsort(firsts, kind="stable")
+        self.paths, self.firsts = [rels[i] for i in held[order]], firsts[order]
 
-    def _locate(self, row: int) -> Tuple[str, Dict, int]:
-        j = int(np.searchsorted(self.firsts, row, side="right")) - 1
-        rel = self.paths[j]
-        return rel, self.manifest["files"][rel], int(row - self.firsts[j])
+    def _locate(self, row: int) -> Tuple[str, Dict]:
+        rel = self.paths[int(np.searchsorted(self.firsts, row, side="right")) - 1]
+        return rel, self.manifest["files"][rel]
 
     def entry(self, row: int) -> Tuple[str, Optional[List[int]]]:
         """(image path, box or None) of embedding row `row`."""
-        rel, e, t = self._locate(row)
-        return os.path.join(self.manifest["images"], rel), e["boxes"][t]
+        rel, _ = self._locate(row)
+        return os.path.join(self.manifest["images"], rel), box_of(self.columns["box"][row])
 
     def hit(self, row: int, rank: int, score: float) -> Dict:
         """The hit of `row` (hits.HIT_KEYS): rank, score, path, box, crs, bounds, footprint."""
-        rel, e, t = self._locate(row)
-        placed = e.get("footprints") is not None and e["footprints"][t] is not None
+        rel, e = self._locate(row)
+        bounds, footprint = place_of(self.columns, row)
         return {"rank": rank, "score": float(score),
-                "path": os.path.join(self.manifest["images"], rel), "box": e["boxes"][t],
-                "crs": e.get("crs") if placed else None,
-                "bounds": e["bounds"][t] if placed else None,
-                "footprint": e["footprints"][t] if placed else None}
+                "path": os.path.join(self.manifest["images"], rel),
+                "box": box_of(self.columns["box"][row]),
+                "crs": e.get("crs") if footprint is not None else None,
+                "bounds": bounds, "footprint": footprint}
 
-    def footprint_mask(self, box) -> np.ndarray:
-        """(rows,) bool: the rows whose footprint meets the lon/lat box (--within)."""
+    def raster_record(self, rel: str) -> Optional[Dict]:
+        """How the GeoTIFF `rel` was read (raster.Scene.record()), or None (a plain image); the
+        records are read on the first call (tile_store.records_path)."""
+        if self._rasters is None:
+            self._rasters = read_rasters(self.folder, self.manifest)
+        return self._rasters.get(rel)
+
+    def boxes(self, rel: str) -> List[Optional[List[int]]]:
+        """The boxes of the tiles of file `rel` (relative to the image folder), in row order."""
+        e = self.manifest["files"][rel]
+        return [box_of(b) for b in self.columns["box"][e["first"]:e["first"] + e["tiles"]]]
+
+    def footprint_mask(self, box, block: int = 1 << 16) -> np.ndarray:
+        """(rows,) bool: the rows whose footprint meets the lon/lat box (--within); the footprint
+        column is read a block of rows at a time."""
         keep = np.zeros(len(self.embeddings), bool)
-        rings, rows = [], []
-        for rel in self.paths:
-            e = self.manifest["files"][rel]
-            for t, ring in enumerate(e.get("footprints") or []):
-                if ring is not None:
-                    rings.append(ring if len(ring) == 5 else ring[:4] + [ring[0]])
-                    rows.append(e["first"] + t)
-        if rings:
-            keep[rows] = within_mask(np.asarray(rings, np.float64), box)
+        rings = self.columns.get("footprint")
+        for start in range(0, len(keep) if rings is not None else 0, block):
+            chunk = np.asarray(rings[start:start + block])
+            placed = ~np.isnan(chunk[:, 0, 0])
+            if placed.any():
+                keep[start:start + block][placed] = within_mask(chunk[placed], box)
         return keep
 
     def row_of(self, path: str, box) -> Optional[int]:
-        """The row of the tile `box` of image `path` (as a hit names them), or None."""
+        """The row of the tile `box` of image `path` (as a hit names it), or None."""
         root = self.manifest["images"]
         rel = os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
         e = self.manifest["files"].get(rel)
-        box = None if box is None else list(box)
-        if e is None or box not in e["boxes"]:
+        if e is None or not e["tiles"]:
             return None
-        return e["first"] + e["boxes"].index(box)
+        boxes = self.columns["box"][e["first"]:e["first"] + e["tiles"]]
+        wanted = np.full(4, NO_BOX) if box is None else np.asarray(box)
+        found = np.flatnonzero((boxes == wanted).all(1))
+        return int(e["first"] + found[0]) if len(found) else None
 
     def parts(self) -> List[Tuple[str, int]]:
         """[(embeddings .npy, rows)]: what an ANN index (ann.py) covers and is checked against."""

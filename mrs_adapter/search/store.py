@@ -1,8 +1,10 @@
 """The search index folder on disk (index.py builds it, query.py reads it).
 
 index.json names the model, the image folder, the tiling and every file with its first row and
-tile boxes; it is the commit point: `commit` writes a new embeddings-<n>.npy first and index.json
-last, so a crash leaves the previous index whole. A run in progress saves parts/part-<n>.npy and
+number of tiles; the tiles' records (boxes, bounds, footprints) are columns beside the
+embeddings (tile_store.py). index.json is the commit point: `commit` writes a new
+embeddings-<n>.npy and its columns first and index.json last, so a crash leaves the previous
+index whole. A run in progress saves parts/part-<n>.npy and
 .json every N images (the .json last: a part without it is incomplete and ignored), so a killed
 run continues where it stopped. A run holds index.lock; the commit removes only files the index
 wrote: the embeddings it replaced and the parts it absorbed, never anything else in the folder.
@@ -17,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..atomic import atomic_write, write_json
+from . import tile_store
+from .tile_store import column_path, open_columns
 
 try:
     import fcntl
@@ -27,16 +31,18 @@ SAME_MODEL = ("backbone_sha256", "activation", "method", "checkpoint_sha256")
 WRITTEN_BY = "mrs-adapter search"
 LOCK = "index.lock"
 # Temporary files of atomic_write (<name>.<8 random characters>.tmp) that a killed run leaves
-MINE = re.compile(r"^(index\.json|embeddings-\d{6}\.npy|part-\d{6}\.(npy|json))(\.\w{8}\.tmp)?$")
+MINE = re.compile(r"^(index\.json|(embeddings|part)-\d{6}(\.(box|bounds|footprint))?\.npy"
+                  r"|part-\d{6}\.json|embeddings-\d{6}\.rasters\.json)(\.\w{8}\.tmp)?$")
 EMBEDDINGS = re.compile(r"^embeddings-\d{6}\.npy$")
 _NONE = type(None)
-FIELDS = {"written_by": str, "model": dict, "images": str, "tile": int, "stride": int,
-          "dim": (int, _NONE), "rows": int, "embeddings": (str, _NONE), "generation": int,
-          "next_part": int, "files": dict, "skipped": dict}
-ENTRY = {"size": int, "mtime_ns": int, "first": int, "boxes": list}
-# An entry may also hold: reader ("pillow" / "rasterio"), crs, dropped (tiles over --max-nodata),
-# raster (raster.Scene.record()) and PER_TILE lists.
-PER_TILE = ("bounds", "footprints")
+FORMAT = 2  # 1: every tile's box, bounds and footprint in index.json; 2: in columns
+FIELDS = {"written_by": str, "format": int, "model": dict, "images": str, "tile": int,
+          "stride": int, "dim": (int, _NONE), "rows": int, "embeddings": (str, _NONE),
+          "columns": list, "rasters": bool, "generation": int, "next_part": int, "files": dict,
+          "skipped": dict}
+ENTRY = {"size": int, "mtime_ns": int, "first": int, "tiles": int}
+# An entry may also hold: reader ("pillow" / "rasterio"), crs, dropped (tiles over --max-nodata)
+# and raster (raster.Scene.record()).
 DEFAULT_RASTER = {"bands": None, "gsd": None, "stretch": None, "max_nodata": 0.5}
 
 
@@ -50,33 +56,45 @@ def check_same_model(recorded: Dict, identity: Dict, where: str, uses: str = "th
         raise ValueError(f"{where} was built with another model ({was}); {uses} {now}. {advice}")
 
 
-def _damaged(path: str, what: str) -> ValueError:
+def damaged(path: str, what: str) -> ValueError:
     return ValueError(f"{path}: {what}; it was edited or damaged: restore it, or build the index "
                       f"again into a new folder")
 
 
 def check_files(path: str, files, rows: int):
-    """Each entry of `files` is {size, mtime_ns, first, boxes} (a box: null or 4 integers), and
-    the entries' rows, in order of `first`, run from 0 to `rows` without gap or overlap."""
-    for rel, e in files.items():
-        if not isinstance(e, dict) or any(not isinstance(e.get(k), t) for k, t in ENTRY.items()):
-            raise _damaged(path, f"the entry of {rel!r} should be {{size, mtime_ns, first, boxes}}"
-                                 f", found {e!r:.200}")
-        if any(b is not None and (not isinstance(b, list) or len(b) != 4) for b in e["boxes"]):
-            raise _damaged(path, f"the boxes of {rel!r} should be null or [left, top, right, "
-                                 f"bottom] each, found {e['boxes']!r:.200}")
-        for key in PER_TILE:  # a GeoTIFF's: one per box, or null for a file without coordinates
-            if e.get(key) is not None and (not isinstance(e[key], list)
-                                           or len(e[key]) != len(e["boxes"])):
-                raise _damaged(path, f"the {key} of {rel!r} should be null or one per box "
-                                     f"({len(e['boxes'])}), found {e[key]!r:.200}")
-    expected = 0
-    for rel, e in sorted(files.items(), key=lambda item: item[1]["first"]):
-        if e["first"] != expected:
-            raise _damaged(path, f"{rel!r} starts at row {e['first']}, expected {expected}")
-        expected += len(e["boxes"])
-    if expected != rows:
-        raise _damaged(path, f"its files hold {expected} rows, but it says rows: {rows}")
+    """Each entry of `files` is {size, mtime_ns, first, tiles}, and the entries' rows, in order
+    of `first`, run from 0 to `rows` without gap or overlap. Every query runs this over every
+    file: the common case (all well) is one pass of plain comparisons."""
+    def whole(e) -> bool:
+        return type(e) is dict and type(e.get("size")) is int and \
+            type(e.get("mtime_ns")) is int and type(e.get("first")) is int and \
+            type(e.get("tiles")) is int and e["tiles"] >= 0
+    if not all(whole(e) for e in files.values()):
+        rel, e = next((rel, e) for rel, e in files.items() if not whole(e))
+        raise damaged(path, f"the entry of {rel!r} should be {{size, mtime_ns, first, tiles}}, "
+                            f"found {e!r:.200}")
+    _check_rows(path, files, rows, [e["tiles"] for e in files.values()])
+
+
+def _check_rows(path: str, files, rows: int, counts: List[int]):
+    """The files' rows (first, counts), in order of first, run from 0 to `rows`."""
+    firsts = np.array([e["first"] for e in files.values()], np.int64)
+    counts = np.array(counts, np.int64)
+    order = np.argsort(firsts, kind="stable")
+    expected = np.concatenate([[0], np.cumsum(counts[order])])
+    wrong = np.flatnonzero(firsts[order] != expected[:-1])
+    if len(wrong):
+        i, names = order[wrong[0]], list(files)
+        raise damaged(path, f"{names[i]!r} starts at row {firsts[i]}, expected "
+                            f"{expected[wrong[0]]}")
+    if expected[-1] != rows:
+        raise damaged(path, f"its files hold {expected[-1]} rows, but it says rows: {rows}")
+
+
+def _check_columns_listed(path: str, columns):
+    if columns not in (tile_store.names(False), tile_store.names(True)):
+        raise damaged(path, f"columns should be {tile_store.names(False)} or "
+                             f"{tile_store.names(True)}, found {columns!r:.100}")
 
 
 def read_json(path: str):
@@ -84,32 +102,69 @@ def read_json(path: str):
         try:
             return json.load(f)
         except ValueError as e:  # also a UnicodeDecodeError
-            raise _damaged(path, f"not valid JSON ({e})") from None
+            raise damaged(path, f"not valid JSON ({e})") from None
 
 
-def read_manifest(folder: str) -> Optional[Dict]:
-    """index.json of `folder`, checked key by key (None if there is none)."""
+def read_manifest(folder: str, format_1: bool = False) -> Optional[Dict]:
+    """index.json of `folder`, checked key by key (None if there is none). An index of format 1
+    (every tile's record in index.json, before the columns) is refused, naming the command that
+    converts it, unless `format_1` (migrate reads it so; then its "format" says which)."""
     path = os.path.join(folder, "index.json")
     if not os.path.isfile(path):
         return None
     manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("written_by") != WRITTEN_BY:
         raise ValueError(f"{path} is not a search index written by search.py")
-    for key, kind in FIELDS.items():
+    version = manifest.setdefault("format", 1)
+    if version == 1 and not format_1:
+        raise ValueError(f"index {folder} was written by an earlier search.py, with every tile's "
+                         f"record in index.json; run `python search.py migrate {folder}` once to "
+                         f"move them into columns (nothing is embedded again), then run this "
+                         f"command again")
+    if version not in (1, FORMAT):
+        raise ValueError(f"{path} is of format {version!r}; this search.py reads format "
+                         f"{FORMAT} (and migrates 1): use the mrs-adapter that wrote it")
+    fields = FIELDS if version == FORMAT else {k: v for k, v in FIELDS.items()
+                                               if k not in ("columns", "rasters")}
+    for key, kind in fields.items():
         if not isinstance(manifest.get(key), kind):
-            raise _damaged(path, f"{key!r} is {manifest.get(key)!r:.100}, expected "
+            raise damaged(path, f"{key!r} is {manifest.get(key)!r:.100}, expected "
                                  f"{getattr(kind, '__name__', 'a number or null')}")
     missing = [k for k in SAME_MODEL + ("backbone", "checkpoint") if k not in manifest["model"]]
     if missing:
-        raise _damaged(path, f"its model lacks {missing}")
+        raise damaged(path, f"its model lacks {missing}")
     replaced = manifest.get("replaced", [])
     names = [manifest["embeddings"] or "embeddings-000000.npy"] + (
         replaced if isinstance(replaced, list) else [replaced])
     if not all(isinstance(n, str) and EMBEDDINGS.match(n) for n in names):  # files it may remove
-        raise _damaged(path, f"embeddings / replaced name other files than embeddings-<n>.npy: "
+        raise damaged(path, f"embeddings / replaced name other files than embeddings-<n>.npy: "
                              f"{names!r:.200}")
-    check_files(path, manifest["files"], manifest["rows"])
+    if version == 1:
+        check_files_format_1(path, manifest["files"], manifest["rows"])
+    else:
+        _check_columns_listed(path, manifest["columns"])
+        check_files(path, manifest["files"], manifest["rows"])
     return manifest
+
+
+def check_files_format_1(path: str, files, rows: int):
+    """check_files for format 1: entries {size, mtime_ns, first, boxes (null or 4 integers
+    each)}, with bounds and footprints null or one per box."""
+    fields = dict(ENTRY, boxes=list)
+    del fields["tiles"]
+    for rel, e in files.items():
+        if not isinstance(e, dict) or any(not isinstance(e.get(k), t) for k, t in fields.items()):
+            raise damaged(path, f"the entry of {rel!r} should be {{size, mtime_ns, first, boxes}}"
+                                 f", found {e!r:.200}")
+        if any(b is not None and (not isinstance(b, list) or len(b) != 4) for b in e["boxes"]):
+            raise damaged(path, f"the boxes of {rel!r} should be null or [left, top, right, "
+                                 f"bottom] each, found {e['boxes']!r:.200}")
+        for key in ("bounds", "footprints"):
+            if e.get(key) is not None and (not isinstance(e[key], list)
+                                           or len(e[key]) != len(e["boxes"])):
+                raise damaged(path, f"the {key} of {rel!r} should be null or one per box "
+                                     f"({len(e['boxes'])}), found {e[key]!r:.200}")
+    _check_rows(path, files, rows, [len(e["boxes"]) for e in files.values()])
 
 
 def open_rows(path: str, rows: int, dim: Optional[int], listed_in: str) -> np.ndarray:
@@ -121,10 +176,10 @@ def open_rows(path: str, rows: int, dim: Optional[int], listed_in: str) -> np.nd
         raise FileNotFoundError(f"{path} is missing, though {listed_in} lists it; build the index "
                                 f"again into a new folder") from None
     except (ValueError, OSError) as e:  # a truncated file: "mmap length is greater than ..."
-        raise _damaged(path, f"not a whole .npy file ({e})") from None
+        raise damaged(path, f"not a whole .npy file ({e})") from None
     if (embeddings.ndim != 2 or embeddings.shape[0] != rows or embeddings.dtype != np.float16
             or rows and dim is not None and embeddings.shape[1] != dim):  # 0 rows: any width
-        raise _damaged(path, f"it holds {embeddings.shape} {embeddings.dtype}, but {listed_in} "
+        raise damaged(path, f"it holds {embeddings.shape} {embeddings.dtype}, but {listed_in} "
                              f"records {rows} rows of {dim} float16")
     return embeddings
 
@@ -212,7 +267,8 @@ def saved_parts(folder: str, after: int) -> List[Tuple[int, Dict]]:
             part = read_json(path)
             if not isinstance(part, dict) or not isinstance(part.get("files"), dict) \
                     or not isinstance(part.get("rows"), int):
-                raise _damaged(path, "expected {files, rows}")
+                raise damaged(path, "expected {files, rows, columns}")
+            _check_columns_listed(path, part.get("columns"))
             check_files(path, part["files"], part["rows"])
             parts.append((number, part))
     return parts
@@ -246,9 +302,11 @@ def open_index(out: str, images: str, identity: Dict, tile: int, stride: int,
 
 def new_manifest(identity: Dict, images: str, tile: int, stride: int, raster: Dict) -> Dict:
     """The manifest of an index that holds nothing yet."""
-    return {"written_by": WRITTEN_BY, "model": identity, "images": os.path.abspath(images),
-            "tile": tile, "stride": stride, "dim": None, "rows": 0, "embeddings": None,
-            "generation": 0, "next_part": 0, "files": {}, "skipped": {}, "raster": raster}
+    return {"written_by": WRITTEN_BY, "format": FORMAT, "model": identity,
+            "images": os.path.abspath(images), "tile": tile, "stride": stride, "dim": None,
+            "rows": 0, "embeddings": None, "columns": tile_store.names(False), "rasters": False,
+            "generation": 0,
+            "next_part": 0, "files": {}, "skipped": {}, "raster": raster}
 
 
 def differing_setting(manifest: Dict, tile: int, stride: int,
@@ -270,40 +328,68 @@ def _flag_value(value) -> str:
     return " ".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
 
 
-def reusable_rows(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple[str, int, Dict]]:
+def reusable_rows(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple]:
     """Files already embedded whose size and mtime are unchanged: path -> (npy file, first row,
-    entry); from the committed index, then from the parts of an interrupted run (newer wins).
-    Every embeddings file must hold the rows its json records."""
+    entry, its columns' names); from the committed index, then from the parts of an interrupted
+    run (newer wins). Every embeddings file and its columns must hold the rows its json records."""
     stored = []
     if manifest["embeddings"]:
         stored.append((os.path.join(out, manifest["embeddings"]), manifest["rows"],
-                       manifest["files"], os.path.join(out, "index.json")))
-    stored += [(part_path(out, n, "npy"), part["rows"], part["files"], part_path(out, n, "json"))
-               for n, part in saved_parts(out, manifest["next_part"])]
+                       with_rasters(out, manifest), manifest["columns"],
+                       os.path.join(out, "index.json")))
+    stored += [(part_path(out, n, "npy"), part["rows"], part["files"], part["columns"],
+                part_path(out, n, "json")) for n, part in saved_parts(out, manifest["next_part"])]
     sources = {}
-    for npy, rows, files, listed_in in stored:
+    for npy, rows, files, columns, listed_in in stored:
         open_rows(npy, rows, manifest["dim"], listed_in)
+        open_columns(npy, rows, columns, listed_in, damaged)
         for rel, e in files.items():
             if stats.get(rel) == [e["size"], e["mtime_ns"]]:
-                sources[rel] = (npy, e["first"], e)
+                sources[rel] = (npy, e["first"], e, tuple(columns))
     return sources
 
 
+def read_rasters(folder: str, manifest: Dict) -> Dict[str, Dict]:
+    """{path: raster record} of the index's GeoTIFFs (tile_store.records_path), checked."""
+    if not manifest["rasters"]:
+        return {}
+    path = tile_store.records_path(os.path.join(folder, manifest["embeddings"]))
+    try:
+        records = read_json(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing, though {folder}/index.json lists it; build "
+                                f"the index again into a new folder") from None
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()) \
+            or not set(records) <= set(manifest["files"]):
+        raise damaged(path, "expected {path of an indexed file: its raster record}")
+    return records
+
+
+def with_rasters(folder: str, manifest: Dict) -> Dict[str, Dict]:
+    """The manifest's file entries, each GeoTIFF's with its raster record, as parts hold them."""
+    records = read_rasters(folder, manifest)
+    return {rel: dict(e, raster=records[rel]) if rel in records else e
+            for rel, e in manifest["files"].items()}
+
+
 class Part:
-    """Rows embedded since the last save; `save` writes them as parts/part-<n>.npy + .json. The
-    parts of one process are numbered number, number + step, ...: under torchrun process r of W
-    starts at first + r with step W, so the processes' parts never share a number."""
+    """Rows embedded since the last save; `save` writes them as parts/part-<n>.npy, its columns
+    (tile_store.py) and part-<n>.json. The parts of one process are numbered number,
+    number + step, ...: under torchrun process r of W starts at first + r with step W, so the
+    processes' parts never share a number."""
 
     def __init__(self, out: str, number: int, step: int = 1):
         self.out, self.number, self.step = out, number, step
-        self.rows, self.files, self.n_rows = [], {}, 0
+        self.rows, self.columns, self.files, self.n_rows = [], [], {}, 0
 
-    def add(self, rel: str, stat: list, entry: Dict, rows: Optional[np.ndarray]):
-        """File `rel` of [size, mtime_ns] `stat`: its entry (boxes, ...) and (len(boxes), E)
-        rows (None when no tile was kept)."""
+    def add(self, rel: str, stat: list, entry: Dict, rows: Optional[np.ndarray],
+            columns: Dict[str, np.ndarray]):
+        """File `rel` of [size, mtime_ns] `stat`: its entry (tiles, reader, ...), (tiles, E) rows
+        (None when no tile was kept) and its tiles' columns (tile_store.from_records)."""
         self.files[rel] = dict(entry, size=stat[0], mtime_ns=stat[1], first=self.n_rows)
         if rows is not None and len(rows):
             self.rows.append(rows)
+            self.columns.append(columns)
             self.n_rows += len(rows)
 
     def save(self) -> "Part":
@@ -311,15 +397,21 @@ class Part:
         if not self.files:
             return self
         rows = np.concatenate(self.rows) if self.rows else np.empty((0, 0), np.float16)
-        write_npy(part_path(self.out, self.number, "npy"), [rows], len(rows), rows.shape[1])
+        npy = part_path(self.out, self.number, "npy")
+        write_npy(npy, [rows], len(rows), rows.shape[1])
+        names = tile_store.names(any("footprint" in c for c in self.columns))
+        tile_store.write_columns(npy, {name: np.concatenate(
+            [c.get(name, tile_store.empty(name, len(c["box"]))) for c in self.columns]
+            or [tile_store.empty(name, 0)]) for name in names})
         write_json(part_path(self.out, self.number, "json"),  # last: marks the part complete
-                   {"files": self.files, "rows": len(rows)})
+                   {"files": self.files, "rows": len(rows), "columns": names})
         return Part(self.out, self.number + self.step, self.step)
 
 
 def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) -> Dict:
-    """Write all rows to a new embeddings-<n>.npy, then index.json naming it (the commit point: a
-    crash before it leaves the previous index), then remove what it replaced.
+    """Write all rows to a new embeddings-<n>.npy and its columns, then index.json naming them
+    (the commit point: a crash before it leaves the previous index), then remove what they
+    replaced. `sources`: path -> (npy, first row, entry, its columns' names), reusable_rows'.
 
     The rows of files kept from the committed embeddings come first, in their order, then the
     others sorted by path: where nothing before them went, the new file starts with the old
@@ -333,28 +425,43 @@ def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) 
     for rel in kept:
         if sources[rel][1] != kept_rows:  # a file before it was removed or changed
             break
-        kept_rows += len(sources[rel][2]["boxes"])
+        kept_rows += sources[rel][2]["tiles"]
     files, first = {}, 0
     for rel in order:
         entry = sources[rel][2]
         files[rel] = dict(entry, size=stats[rel][0], mtime_ns=stats[rel][1], first=first)
-        first += len(entry["boxes"])
-    maps = {npy: np.load(npy, mmap_mode="r") for npy in {sources[rel][0] for rel in order}}
+        first += entry["tiles"]
+    npys = {sources[rel][0]: sources[rel][3] for rel in order}
+    maps = {npy: np.load(npy, mmap_mode="r") for npy in npys}
+    columns = {npy: {name: np.load(column_path(npy, name), mmap_mode="r") for name in names}
+               for npy, names in npys.items()}
     dim = manifest["dim"] or next((m.shape[1] for m in maps.values() if len(m)), None)
     generation = manifest["generation"] + 1
     name = f"embeddings-{generation:06d}.npy" if dim else None
+    names = tile_store.names(any("footprint" in c for c in npys.values()))
     if name:
-        chunks = (maps[npy][start:start + len(entry["boxes"])]
-                  for npy, start, entry in (sources[rel] for rel in order))
-        write_npy(os.path.join(out, name), chunks, first, dim)
+        pieces = [(npy, start, entry["tiles"]) for npy, start, entry, _ in
+                  (sources[rel] for rel in order)]
+        write_npy(os.path.join(out, name), (maps[npy][a:a + n] for npy, a, n in pieces), first,
+                  dim)
+        for column in names:
+            tile_store.write_column(
+                column_path(os.path.join(out, name), column), column,
+                (columns[npy][column][a:a + n] if column in columns[npy]
+                 else tile_store.empty(column, n) for npy, a, n in pieces), first)
+    files, records = tile_store.split_records(files)
+    if name and records:
+        write_json(tile_store.records_path(os.path.join(out, name)), records)
     replaced = [n for n in [manifest["embeddings"]] + manifest.get("replaced", [])
                 if n and n != name and os.path.exists(os.path.join(out, n))]
-    manifest = dict(manifest, dim=dim, rows=first, embeddings=name, generation=generation,
-                    files=files, skipped=skipped, next_part=next_part_number(out, manifest),
+    manifest = dict(manifest, dim=dim, rows=first, embeddings=name, columns=names,
+                    rasters=bool(name and records),
+                    generation=generation, files=files, skipped=skipped,
+                    next_part=next_part_number(out, manifest),
                     replaced=replaced,  # removed next; if this run is killed first, by the next
                     kept_rows=kept_rows if name else 0)
     write_json(os.path.join(out, "index.json"), manifest)
-    del maps
+    del maps, columns
     _remove_replaced(out, manifest)
     return manifest
 
@@ -365,7 +472,8 @@ def _remove_replaced(out: str, manifest: Dict):
     next_part), and the temporary files of writes a killed run left (the lock is held: no write
     of another run is under way)."""
     for name in manifest["replaced"]:
-        if os.path.exists(os.path.join(out, name)):
+        tile_store.remove_columns(os.path.join(out, name))
+        if os.path.exists(os.path.join(out, name)):  # last: a name still listed may have columns
             os.remove(os.path.join(out, name))
     for name in sorted(os.listdir(out)):
         if name.endswith(".tmp") and MINE.match(name):
@@ -376,3 +484,52 @@ def _remove_replaced(out: str, manifest: Dict):
         if MINE.match(name) and name.startswith("part-") and (
                 name.endswith(".tmp") or int(name[5:11]) < manifest["next_part"]):
             os.remove(os.path.join(parts, name))
+
+
+def migrate(folder: str, log=print) -> Dict:
+    """`search.py migrate`: convert an index of format 1 (every tile's box, bounds and footprint
+    in index.json) to format 2 (columns, tile_store.py). The columns of its embeddings file and
+    of each saved part of an interrupted run are written, each part's json rewritten, index.json
+    last (the commit point). Nothing is embedded again; a killed migrate leaves an index of
+    format 1 (with the parts it converted) and can be run again. Returns the manifest."""
+    index_json = os.path.join(folder, "index.json")
+    with index_lock(folder, log):
+        manifest = read_manifest(folder, format_1=True)
+        if manifest is None:
+            raise FileNotFoundError(f"no search index in {folder} (expected {index_json})")
+        if manifest["format"] == FORMAT:
+            log(f"index {folder} is of format {FORMAT} already: nothing to do")
+            return manifest
+        before = os.path.getsize(index_json)
+        for number in part_numbers(folder):
+            path = part_path(folder, number, "json")
+            part = read_json(path)
+            if number < manifest["next_part"] or isinstance(part, dict) and "columns" in part:
+                continue  # absorbed by the commit (removed by the next), or converted already
+            if not isinstance(part, dict) or not isinstance(part.get("files"), dict) \
+                    or not isinstance(part.get("rows"), int):
+                raise damaged(path, "expected {files, rows}")
+            check_files_format_1(path, part["files"], part["rows"])
+            columns = tile_store.columns_of_entries(part["files"])
+            npy = part_path(folder, number, "npy")
+            open_rows(npy, part["rows"], manifest["dim"], path)
+            tile_store.write_columns(npy, columns)
+            write_json(path, {"files": {rel: tile_store.entry_of_format_1(e)
+                                        for rel, e in part["files"].items()},
+                              "rows": part["rows"], "columns": list(columns)})
+        columns = tile_store.columns_of_entries(manifest["files"])
+        files, records = tile_store.split_records(
+            {rel: tile_store.entry_of_format_1(e) for rel, e in manifest["files"].items()})
+        if manifest["embeddings"]:
+            npy = os.path.join(folder, manifest["embeddings"])
+            open_rows(npy, manifest["rows"], manifest["dim"], index_json)
+            tile_store.write_columns(npy, columns)
+            if records:
+                write_json(tile_store.records_path(npy), records)
+        manifest = dict(manifest, format=FORMAT, columns=list(columns), files=files,
+                        rasters=bool(manifest["embeddings"] and records))
+        write_json(index_json, manifest)
+    log(f"index {folder}: the records of {manifest['rows']} tiles of {len(manifest['files'])} "
+        f"files moved from index.json into columns ({', '.join(columns)}); index.json "
+        f"{before:,} -> {os.path.getsize(index_json):,} bytes")
+    return manifest
