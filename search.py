@@ -396,7 +396,8 @@ def write_hits(args, index, hits: List[Dict], described: str):
         unplaced = hit_files.write_geojson(args.geojson, hits, described)
         print(f"wrote {args.geojson}" + (f" ({unplaced} hit(s) without georeferencing: null "
                                          f"geometry)" if unplaced else ""))
-    records = {h["path"]: index.raster_record(index_rel(index, h["path"])) for h in hits}
+    records = {h["path"]: index.raster_record(index_rel(index, h["path"]))  # read for pictures
+               for h in hits} if args.sheet or args.map else {}
     if args.sheet:
         title = " ".join(args.text) or f"image: {os.path.basename((args.image or ['?'])[0])}"
         contact_sheet(title, (args.image or [None])[0], hits, args.sheet, records)

@@ -248,3 +248,18 @@ def test_migrate_converts_an_interrupted_runs_parts(built, tmp_path, monkeypatch
         for row_a, row_b in zip(range(ea["first"], ea["first"] + ea["tiles"]),
                                 range(eb["first"], eb["first"] + eb["tiles"])):
             assert a.hit(row_a, 1, 0)["footprint"] == b.hit(row_b, 1, 0)["footprint"]
+
+
+def test_raster_records_are_read_only_to_draw_hits(built, tmp_path):
+    """How each GeoTIFF was read is kept apart from index.json: a plain query never reads it,
+    --map does (and names the file when it is gone)."""
+    _, _, out = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    records, = glob.glob(str(copy / "embeddings-*.rasters.json"))
+    assert '"valid_fraction"' not in (copy / "index.json").read_text()  # a record's key
+    os.remove(records)
+    assert len(cli.main(["query", str(copy), "a green field", "--top", "3"])) == 3
+    with pytest.raises(SystemExit, match=rf"{records} is missing, though .*index.json lists it"):
+        cli.cli(["query", str(copy), "a green field", "--map", str(tmp_path / "map.png")])
+    assert not os.path.exists(tmp_path / "map.png")

@@ -357,8 +357,9 @@ def read_rasters(folder: str, manifest: Dict) -> Dict[str, Dict]:
     try:
         records = read_json(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing, though {folder}/index.json lists it; build "
-                                f"the index again into a new folder") from None
+        raise FileNotFoundError(f"{path} is missing, though {folder}/index.json lists it: if an "
+                                f"`index` run has just committed, run this command again; "
+                                f"otherwise build the index again into a new folder") from None
     if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()) \
             or not set(records) <= set(manifest["files"]):
         raise damaged(path, "expected {path of an indexed file: its raster record}")
