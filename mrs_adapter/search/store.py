@@ -4,9 +4,9 @@ index.json names the model, the image folder, the tiling and every file with its
 number of tiles; the tiles' records (boxes, bounds, footprints) are columns beside the
 embeddings (tile_store.py). index.json is the commit point: `commit` writes a new
 embeddings-<n>.npy and its columns first and index.json last, so a crash leaves the previous
-index whole. A run in progress saves parts/part-<n>.npy and
-.json every N images (the .json last: a part without it is incomplete and ignored), so a killed
-run continues where it stopped. A run holds index.lock; the commit removes only files the index
+index whole. A run in progress saves parts/part-<n>.npy, its columns and part-<n>.json every N
+images (the .json last: a part without it is incomplete and ignored), so a killed run continues
+where it stopped. A run holds index.lock; the commit removes only files the index
 wrote: the embeddings it replaced and the parts it absorbed, never anything else in the folder.
 """
 import contextlib
@@ -41,8 +41,9 @@ FIELDS = {"written_by": str, "format": int, "model": dict, "images": str, "tile"
           "columns": list, "rasters": bool, "generation": int, "next_part": int, "files": dict,
           "skipped": dict}
 ENTRY = {"size": int, "mtime_ns": int, "first": int, "tiles": int}
-# An entry may also hold: reader ("pillow" / "rasterio"), crs, dropped (tiles over --max-nodata)
-# and raster (raster.Scene.record()).
+# An entry may also hold: reader ("pillow" / "rasterio"), crs, dropped (tiles over --max-nodata);
+# in a part's .json also raster (raster.Scene.record()), which a commit moves to the records file
+# (tile_store.records_path).
 DEFAULT_RASTER = {"bands": None, "gsd": None, "stretch": None, "max_nodata": 0.5}
 
 
@@ -305,8 +306,7 @@ def new_manifest(identity: Dict, images: str, tile: int, stride: int, raster: Di
     return {"written_by": WRITTEN_BY, "format": FORMAT, "model": identity,
             "images": os.path.abspath(images), "tile": tile, "stride": stride, "dim": None,
             "rows": 0, "embeddings": None, "columns": tile_store.names(False), "rasters": False,
-            "generation": 0,
-            "next_part": 0, "files": {}, "skipped": {}, "raster": raster}
+            "generation": 0, "next_part": 0, "files": {}, "skipped": {}, "raster": raster}
 
 
 def differing_setting(manifest: Dict, tile: int, stride: int,
@@ -434,8 +434,8 @@ def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) 
         first += entry["tiles"]
     npys = {sources[rel][0]: sources[rel][3] for rel in order}
     maps = {npy: np.load(npy, mmap_mode="r") for npy in npys}
-    columns = {npy: {name: np.load(column_path(npy, name), mmap_mode="r") for name in names}
-               for npy, names in npys.items()}
+    columns = {npy: {c: np.load(column_path(npy, c), mmap_mode="r") for c in present}
+               for npy, present in npys.items()}
     dim = manifest["dim"] or next((m.shape[1] for m in maps.values() if len(m)), None)
     generation = manifest["generation"] + 1
     name = f"embeddings-{generation:06d}.npy" if dim else None
@@ -456,9 +456,8 @@ def commit(out: str, manifest: Dict, sources: Dict, stats: Dict, skipped: Dict) 
     replaced = [n for n in [manifest["embeddings"]] + manifest.get("replaced", [])
                 if n and n != name and os.path.exists(os.path.join(out, n))]
     manifest = dict(manifest, dim=dim, rows=first, embeddings=name, columns=names,
-                    rasters=bool(name and records),
-                    generation=generation, files=files, skipped=skipped,
-                    next_part=next_part_number(out, manifest),
+                    rasters=bool(name and records), generation=generation, files=files,
+                    skipped=skipped, next_part=next_part_number(out, manifest),
                     replaced=replaced,  # removed next; if this run is killed first, by the next
                     kept_rows=kept_rows if name else 0)
     write_json(os.path.join(out, "index.json"), manifest)
