@@ -157,6 +157,12 @@ def test_the_columns_answer_the_hits_index_json_answered_on_the_demo(built, tmp_
                                      447000 + 0.5 * right, 4520000 - 0.5 * top]
             assert hit["crs"] == "EPSG:32633"
         assert index.row_of(hit["path"], hit["box"]) == row
+    # many hits at once (each column read once, its pages asked for together): in their order,
+    # the last row of the mapping among them
+    rows = np.random.default_rng(0).permutation(len(index.embeddings))[:50].tolist() + [
+        len(index.embeddings) - 1]
+    assert index.hits(rows, np.arange(len(rows)), 3) == [
+        index.hit(row, 3 + i, i) for i, row in enumerate(rows)]
 
 
 def test_an_index_of_the_earlier_format_is_refused_then_migrated(built, tmp_path, capsys):

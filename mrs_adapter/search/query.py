@@ -19,7 +19,7 @@ from .index import encode_images
 from .outputs import written_by_us
 from .readers import choose_reader
 from .store import damaged, open_rows, read_manifest, read_rasters, write_npy
-from .tile_store import NO_BOX, box_of, open_columns, place_of
+from .tile_store import NO_BOX, box_of, open_columns, place_of, will_need
 from .tiling import RasterOptions, picture
 
 HIT = ("rank", "score", "path", "box")  # one hit of a query, as --json writes it
@@ -122,13 +122,33 @@ class SearchIndex:
 
     def hit(self, row: int, rank: int, score: float) -> Dict:
         """The hit of `row` (hits.HIT_KEYS): rank, score, path, box, crs, bounds, footprint."""
-        rel, e = self._locate(row)
-        bounds, footprint = place_of(self.columns, row)
-        return {"rank": rank, "score": float(score),
-                "path": os.path.join(self.manifest["images"], rel),
-                "box": box_of(self.columns["box"][row]),
-                "crs": e.get("crs") if footprint is not None else None,
-                "bounds": bounds, "footprint": footprint}
+        return self.hits([row], [score], rank)[0]
+
+    def hits(self, rows, scores, first_rank: int = 1) -> List[Dict]:
+        """The hits of `rows` (with their `scores`), ranked from `first_rank`: each column read
+        once for all of them, its pages asked of the kernel together (tile_store.will_need)."""
+        rows = np.asarray(rows, np.int64)
+        order = np.argsort(rows, kind="stable")
+        records = {}
+        for name, column in self.columns.items():
+            will_need(column, rows[order])
+            records[name] = np.empty((len(rows), *column.shape[1:]), column.dtype)
+            records[name][order] = column[rows[order]]
+        found = []
+        for i, (row, score) in enumerate(zip(rows, scores)):
+            rel, e = self._locate(row)
+            bounds, footprint = place_of(records, i)
+            found.append({"rank": first_rank + i, "score": float(score),
+                          "path": os.path.join(self.manifest["images"], rel),
+                          "box": box_of(records["box"][i]),
+                          "crs": e.get("crs") if footprint is not None else None,
+                          "bounds": bounds, "footprint": footprint})
+        return found
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """(n, E) float16 embeddings of `rows` (ascending), their pages asked for together."""
+        will_need(self.embeddings, rows)
+        return self.embeddings[rows]
 
     def raster_record(self, rel: str) -> Optional[Dict]:
         """How the GeoTIFF `rel` was read (raster.Scene.record()), or None (a plain image); the
@@ -188,8 +208,8 @@ class SearchIndex:
             if index is None:
                 rows, scores = top_k(self.embeddings, query, k, keep=keep)
             else:
-                rows, scores = ann.search(index, lambda r: self.embeddings[r], query, k)
-        return [self.hit(row, r + 1, s) for r, (row, s) in enumerate(zip(rows, scores))]
+                rows, scores = ann.search(index, self.rows, query, k)
+        return self.hits(rows, scores)
 
     def _ann(self):
         """The current ANN index, or None; sets self.how (a missing ANN is mentioned only where
@@ -294,7 +314,8 @@ def export_geoparquet(folder: str, out: str, batch: int = 65536) -> int:
 
     def batches():
         for start in range(0, len(emb), batch):
-            hits = [index.hit(row, 0, 0.0) for row in range(start, min(start + batch, len(emb)))]
+            rows = np.arange(start, min(start + batch, len(emb)))
+            hits = index.hits(rows, np.zeros(len(rows)))
             yield {"path": [h["path"] for h in hits], "box": [h["box"] for h in hits],
                    "footprint": [h["footprint"] for h in hits],
                    "embedding": np.asarray(emb[start:start + batch], dtype=np.float32)}
