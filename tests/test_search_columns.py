@@ -269,3 +269,28 @@ def test_raster_records_are_read_only_to_draw_hits(built, tmp_path):
     with pytest.raises(SystemExit, match=rf"{records} is missing, though .*index.json lists it"):
         cli.cli(["query", str(copy), "a green field", "--map", str(tmp_path / "map.png")])
     assert not os.path.exists(tmp_path / "map.png")
+
+
+def test_will_need_asks_for_the_pages_the_rows_lie_on():
+    """The pages of rows 0, 3 and 9 of 1,024-byte rows after a 128-byte header: row 0 on page 0,
+    row 3 (bytes 3,200-4,223) across pages 0 and 1, row 9 (9,344-10,367) on page 2."""
+    import mmap
+
+    from mrs_adapter.search.tile_store import will_need
+
+    class Mapping:
+        def __init__(self):
+            self.asked = []
+
+        def madvise(self, option, start, length):
+            self.asked.append((option, start, length))
+
+    class Mapped:  # what np.memmap exposes of itself
+        offset, strides, _mmap = 128, (1024,), Mapping()
+
+    page = mmap.PAGESIZE
+    if page != 4096:
+        pytest.skip("the expected pages assume 4 KiB pages")
+    will_need(Mapped, np.array([0, 3, 9]))
+    assert Mapped._mmap.asked == [(mmap.MADV_WILLNEED, p * page, page) for p in (0, 1, 2)]
+    will_need(np.zeros((4, 4)), np.array([1]))  # an array in memory: nothing to ask
