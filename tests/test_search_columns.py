@@ -273,7 +273,8 @@ def test_raster_records_are_read_only_to_draw_hits(built, tmp_path):
 
 def test_will_need_asks_for_the_pages_the_rows_lie_on():
     """The pages of rows 0, 3 and 9 of 1,024-byte rows after a 128-byte header: row 0 on page 0,
-    row 3 (bytes 3,200-4,223) across pages 0 and 1, row 9 (9,344-10,367) on page 2."""
+    row 3 (bytes 3,200-4,223) across pages 0 and 1, row 9 (9,344-10,367) on page 2; asked for a
+    run of adjacent pages at a time."""
     import mmap
 
     from mrs_adapter.search.tile_store import will_need
@@ -291,6 +292,13 @@ def test_will_need_asks_for_the_pages_the_rows_lie_on():
     page = mmap.PAGESIZE
     if page != 4096:
         pytest.skip("the expected pages assume 4 KiB pages")
-    will_need(Mapped, np.array([0, 3, 9]))
-    assert Mapped._mmap.asked == [(mmap.MADV_WILLNEED, p * page, page) for p in (0, 1, 2)]
+    def pages_asked(rows):
+        Mapped._mmap.asked = []
+        will_need(Mapped, np.array(rows))
+        assert all(option == mmap.MADV_WILLNEED for option, _, _ in Mapped._mmap.asked)
+        return sorted(p for _, start, length in Mapped._mmap.asked
+                      for p in range(start // page, (start + length) // page))
+    assert pages_asked([9, 0, 3]) == [0, 1, 2]
+    assert pages_asked([0, 9]) == [0, 2]  # not the page between them
+    assert len(Mapped._mmap.asked) == 2  # a call per run of adjacent pages
     will_need(np.zeros((4, 4)), np.array([1]))  # an array in memory: nothing to ask
