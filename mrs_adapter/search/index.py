@@ -236,8 +236,7 @@ class _Scene:
 
     def columns(self) -> Dict[str, np.ndarray]:
         """Its tiles' records (tile_store.py): boxes, and bounds and footprints where placed."""
-        placed = any(p is not None for p in self.places)
-        return tile_store.from_records(self.boxes, self.places if placed else None)
+        return tile_store.from_records(self.boxes, self.places)
 
     def stacked(self) -> Optional[np.ndarray]:
         """(kept tiles, E) float16, or None for a file with no tile kept (all nodata)."""

@@ -17,15 +17,14 @@ from .store import (
     check_index_folder,
     check_same_model,
     commit,
-    damaged,
     differing_setting,
     index_lock,
     new_manifest,
+    open_columns,
     open_rows,
     read_manifest,
     with_rasters,
 )
-from .tile_store import open_columns
 
 
 def read_inputs(indexes: List[str]) -> List[Dict]:
@@ -70,7 +69,7 @@ def merge_indexes(indexes: List[str], out: str, log=print) -> Dict:
         if manifest["embeddings"]:  # checked now: the files are read by the commit
             listed_in = os.path.join(folder, "index.json")
             open_rows(npy, manifest["rows"], manifest["dim"], listed_in)
-            open_columns(npy, manifest["rows"], manifest["columns"], listed_in, damaged)
+            open_columns(npy, manifest["rows"], manifest["columns"], listed_in)
         prefix = os.path.relpath(manifest["images"], images).replace(os.sep, "/")
         recorded = dict(manifest["skipped"], **with_rasters(folder, manifest))
         for rel, e in recorded.items():

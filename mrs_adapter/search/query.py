@@ -18,8 +18,8 @@ from .hits import within_mask
 from .index import encode_images
 from .outputs import written_by_us
 from .readers import choose_reader
-from .store import damaged, open_rows, read_manifest, read_rasters, write_npy
-from .tile_store import NO_BOX, box_of, open_columns, place_of, will_need
+from .store import open_columns, open_rows, read_manifest, read_rasters, write_npy
+from .tile_store import NO_BOX, box_of, place_of, will_need
 from .tiling import RasterOptions, picture
 
 HIT = ("rank", "score", "path", "box")  # one hit of a query, as --json writes it
@@ -99,7 +99,7 @@ class SearchIndex:
             try:
                 self.embeddings = open_rows(npy, manifest["rows"], manifest["dim"], listed_in)
                 self.columns = open_columns(npy, manifest["rows"], manifest["columns"],
-                                            listed_in, damaged)
+                                            listed_in)
                 break
             except FileNotFoundError:  # an index run may have committed a newer one just now
                 if attempt:

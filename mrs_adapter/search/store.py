@@ -14,13 +14,13 @@ import glob
 import json
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..atomic import atomic_write, write_json
 from . import tile_store
-from .tile_store import column_path, open_columns
+from .tile_store import column_path
 
 try:
     import fcntl
@@ -168,21 +168,42 @@ def check_files_format_1(path: str, files, rows: int):
     _check_rows(path, files, rows, [len(e["boxes"]) for e in files.values()])
 
 
-def open_rows(path: str, rows: int, dim: Optional[int], listed_in: str) -> np.ndarray:
-    """The (rows, dim) float16 embeddings in `path`, memory-mapped; an error naming the file if it
-    holds anything else (say, fewer rows than `listed_in` records: part of the index unsearched)."""
+def _mapped(path: str, listed_in: str) -> np.ndarray:
+    """The .npy `path` memory-mapped; an error naming it where it is missing or not whole."""
     try:
-        embeddings = np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="r")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing, though {listed_in} lists it; build the index "
                                 f"again into a new folder") from None
     except (ValueError, OSError) as e:  # a truncated file: "mmap length is greater than ..."
         raise damaged(path, f"not a whole .npy file ({e})") from None
+
+
+def open_rows(path: str, rows: int, dim: Optional[int], listed_in: str) -> np.ndarray:
+    """The (rows, dim) float16 embeddings in `path`, memory-mapped; an error naming the file if it
+    holds anything else (say, fewer rows than `listed_in` records: part of the index unsearched)."""
+    embeddings = _mapped(path, listed_in)
     if (embeddings.ndim != 2 or embeddings.shape[0] != rows or embeddings.dtype != np.float16
             or rows and dim is not None and embeddings.shape[1] != dim):  # 0 rows: any width
         raise damaged(path, f"it holds {embeddings.shape} {embeddings.dtype}, but {listed_in} "
                              f"records {rows} rows of {dim} float16")
     return embeddings
+
+
+def open_columns(npy: str, rows: int, present: Sequence[str],
+                 listed_in: str) -> Dict[str, np.ndarray]:
+    """The tile columns `present` (tile_store.COLUMNS) of the embeddings file `npy`,
+    memory-mapped; an error naming the file where one holds other than `rows` rows of its shape
+    and dtype."""
+    columns = {}
+    for name in present:
+        path, (shape, dtype) = column_path(npy, name), tile_store.COLUMNS[name]
+        values = _mapped(path, listed_in)
+        if values.shape != (rows, *shape) or values.dtype != np.dtype(dtype):
+            raise damaged(path, f"it holds {values.shape} {values.dtype}, but {listed_in} records "
+                                f"{rows} rows of {shape} {np.dtype(dtype)}")
+        columns[name] = values
+    return columns
 
 
 def write_npy(path: str, chunks, n_rows: int, dim: int):
@@ -342,7 +363,7 @@ def reusable_rows(out: str, manifest: Dict, stats: Dict) -> Dict[str, Tuple]:
     sources = {}
     for npy, rows, files, columns, listed_in in stored:
         open_rows(npy, rows, manifest["dim"], listed_in)
-        open_columns(npy, rows, columns, listed_in, damaged)
+        open_columns(npy, rows, columns, listed_in)
         for rel, e in files.items():
             if stats.get(rel) == [e["size"], e["mtime_ns"]]:
                 sources[rel] = (npy, e["first"], e, tuple(columns))
@@ -400,12 +421,10 @@ class Part:
         rows = np.concatenate(self.rows) if self.rows else np.empty((0, 0), np.float16)
         npy = part_path(self.out, self.number, "npy")
         write_npy(npy, [rows], len(rows), rows.shape[1])
-        names = tile_store.names(any("footprint" in c for c in self.columns))
-        tile_store.write_columns(npy, {name: np.concatenate(
-            [c.get(name, tile_store.empty(name, len(c["box"]))) for c in self.columns]
-            or [tile_store.empty(name, 0)]) for name in names})
+        columns = tile_store.concatenate(self.columns)
+        tile_store.write_columns(npy, columns)
         write_json(part_path(self.out, self.number, "json"),  # last: marks the part complete
-                   {"files": self.files, "rows": len(rows), "columns": names})
+                   {"files": self.files, "rows": len(rows), "columns": list(columns)})
         return Part(self.out, self.number + self.step, self.step)
 
 

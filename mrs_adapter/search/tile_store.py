@@ -72,6 +72,14 @@ def from_records(boxes: Sequence[Optional[Sequence[int]]],
     return columns
 
 
+def concatenate(pieces: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """The columns of several files' tiles (from_records' results) one after the other; bounds
+    and footprint where any piece has them, "none" rows for the pieces without."""
+    placed = any("footprint" in p for p in pieces)
+    return {name: np.concatenate([p.get(name, empty(name, len(p["box"]))) for p in pieces]
+                                 or [empty(name, 0)]) for name in names(placed)}
+
+
 def box_of(row: np.ndarray) -> Optional[List[int]]:
     """A box column row as a hit names it: [left, top, right, bottom], or None (whole image)."""
     return None if row[0] == NO_BOX else [int(v) for v in row]
@@ -140,41 +148,17 @@ def write_columns(npy: str, columns: Dict[str, np.ndarray]):
         write_column(column_path(npy, name), name, [values], len(values))
 
 
-def open_columns(npy: str, rows: int, present: Sequence[str], listed_in: str,
-                 damaged) -> Dict[str, np.ndarray]:
-    """The columns `present` of the embeddings file `npy`, memory-mapped and checked: each must
-    hold `rows` rows of its shape and dtype (else `damaged(path, what)`, an error to raise)."""
-    columns = {}
-    for name in present:
-        path, (shape, dtype) = column_path(npy, name), COLUMNS[name]
-        try:
-            values = np.load(path, mmap_mode="r")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} is missing, though {listed_in} lists it; build the "
-                                    f"index again into a new folder") from None
-        except (ValueError, OSError) as e:
-            raise damaged(path, f"not a whole .npy file ({e})") from None
-        if values.shape != (rows, *shape) or values.dtype != np.dtype(dtype):
-            raise damaged(path, f"it holds {values.shape} {values.dtype}, but {listed_in} records "
-                                f"{rows} rows of {shape} {np.dtype(dtype)}")
-        columns[name] = values
-    return columns
-
-
 def columns_of_entries(files: Dict[str, Dict]) -> Dict[str, np.ndarray]:
     """Format 1 -> columns: the boxes, bounds and footprints lists of `files` entries (rel ->
     {first, boxes, [bounds, footprints]}), in row order."""
-    ordered = sorted(files.values(), key=lambda e: e["first"])
     pieces = []
-    for e in ordered:
+    for e in sorted(files.values(), key=lambda e: e["first"]):
         places = None
         if e.get("footprints") is not None:
             places = [None if fp is None else {"bounds": b, "footprint": fp}
                       for b, fp in zip(e["bounds"], e["footprints"])]
         pieces.append(from_records(e["boxes"], places))
-    placed = any("footprint" in p for p in pieces)
-    return {name: np.concatenate([p.get(name, empty(name, len(p["box"]))) for p in pieces])
-            if pieces else empty(name, 0) for name in names(placed)}
+    return concatenate(pieces)
 
 
 def entry_of_format_1(e: Dict) -> Dict:
