@@ -44,6 +44,25 @@ def built(demo, tmp_path_factory):
     return str(images), backbone, str(out)
 
 
+def entries_as_format_1(files, npy, columns):
+    """Turn index or part entries (rel -> {first, tiles, ...}) of the embeddings file `npy` into
+    what format 1 held: every tile's box, bounds and footprint as lists in its file's entry."""
+    box = np.load(npy[:-4] + ".box.npy")
+    if "footprint" in columns:
+        bounds = np.load(npy[:-4] + ".bounds.npy")
+        footprint = np.load(npy[:-4] + ".footprint.npy")
+    else:
+        bounds = footprint = np.full((len(box), 1), np.nan)
+    for e in files.values():
+        rows = range(e["first"], e["first"] + e.pop("tiles"))
+        e["boxes"] = [None if box[r][0] == -1 else box[r].tolist() for r in rows]
+        placed = [not np.isnan(bounds[r][0]) for r in rows]
+        e["bounds"] = [bounds[r].tolist() if p else None for r, p in zip(rows, placed)] \
+            if any(placed) else None
+        e["footprints"] = [footprint[r].tolist() if p else None for r, p in zip(rows, placed)] \
+            if any(placed) else None
+
+
 def as_format_1(out, old):
     """Copy index `out` into `old` as the earlier search.py wrote it: every tile's box, bounds
     and footprint as lists in its file's index.json entry, and how a GeoTIFF was read there too;
@@ -52,23 +71,11 @@ def as_format_1(out, old):
     manifest = json.load(open(os.path.join(out, "index.json")))
     npy = os.path.join(out, manifest["embeddings"])
     shutil.copy(npy, os.path.join(old, manifest["embeddings"]))
-    box = np.load(npy[:-4] + ".box.npy")
-    if "footprint" in manifest["columns"]:
-        bounds = np.load(npy[:-4] + ".bounds.npy")
-        footprint = np.load(npy[:-4] + ".footprint.npy")
-    else:
-        bounds = footprint = np.full((len(box), 1), np.nan)
     rasters = json.load(open(npy[:-4] + ".rasters.json")) if manifest.pop("rasters") else {}
     for rel, e in manifest["files"].items():
         if rel in rasters:  # how it was read: in the entry, as format 1 kept it
             e["raster"] = rasters[rel]
-        rows = range(e["first"], e["first"] + e.pop("tiles"))
-        e["boxes"] = [None if box[r][0] == -1 else box[r].tolist() for r in rows]
-        placed = [not np.isnan(bounds[r][0]) for r in rows]
-        e["bounds"] = [bounds[r].tolist() if p else None for r, p in zip(rows, placed)] \
-            if any(placed) else None
-        e["footprints"] = [footprint[r].tolist() if p else None for r, p in zip(rows, placed)] \
-            if any(placed) else None
+    entries_as_format_1(manifest["files"], npy, manifest["columns"])
     del manifest["format"], manifest["columns"]
     manifest["files"] = dict(reversed(manifest["files"].items()))  # rows are by "first" alone
     json.dump(manifest, open(os.path.join(old, "index.json"), "w"))
@@ -220,17 +227,7 @@ def test_migrate_converts_an_interrupted_runs_parts(built, tmp_path, monkeypatch
     for path in glob.glob(str(old / "parts" / "part-??????.json")):  # the parts as 1 wrote them
         part = json.load(open(path))
         npy = path[:-5]
-        box = np.load(npy + ".box.npy")
-        bounds = np.load(npy + ".bounds.npy") if os.path.exists(npy + ".bounds.npy") else None
-        for e in part["files"].values():
-            rows = range(e["first"], e["first"] + e.pop("tiles"))
-            e["boxes"] = [None if box[r][0] == -1 else box[r].tolist() for r in rows]
-            e["bounds"] = e["footprints"] = None if bounds is None else []
-            if bounds is not None:
-                fp = np.load(npy + ".footprint.npy")
-                e["bounds"] = [bounds[r].tolist() for r in rows]
-                e["footprints"] = [fp[r].tolist() for r in rows]
-        del part["columns"]
+        entries_as_format_1(part["files"], npy + ".npy", part.pop("columns"))
         json.dump(part, open(path, "w"))
         for name in glob.glob(npy + ".*.npy"):
             os.remove(name)
