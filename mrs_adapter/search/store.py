@@ -282,18 +282,23 @@ def next_part_number(folder: str, manifest: Dict) -> int:
 
 def saved_parts(folder: str, after: int) -> List[Tuple[int, Dict]]:
     """Complete saved parts of unfinished runs numbered >= after: [(number, its json)]."""
-    parts = []
-    for number in part_numbers(folder):
-        if number >= after:
-            path = part_path(folder, number, "json")
-            part = read_json(path)
-            if not isinstance(part, dict) or not isinstance(part.get("files"), dict) \
-                    or not isinstance(part.get("rows"), int):
-                raise damaged(path, "expected {files, rows, columns}")
-            _check_columns_listed(path, part.get("columns"))
-            check_files(path, part["files"], part["rows"])
-            parts.append((number, part))
-    return parts
+    return [(number, read_part(part_path(folder, number, "json")))
+            for number in part_numbers(folder) if number >= after]
+
+
+def read_part(path: str, format_1: bool = False) -> Dict:
+    """A part's json {files, rows, columns}, checked; with `format_1`, a part an earlier
+    search.py saved ({files, rows}, every tile's record in its entries) is taken too."""
+    part = read_json(path)
+    if not isinstance(part, dict) or not isinstance(part.get("files"), dict) \
+            or not isinstance(part.get("rows"), int):
+        raise damaged(path, "expected {files, rows, columns}")
+    if format_1 and "columns" not in part:
+        check_files_format_1(path, part["files"], part["rows"])
+    else:
+        _check_columns_listed(path, part.get("columns"))
+        check_files(path, part["files"], part["rows"])
+    return part
 
 
 def part_path(folder: str, number: int, ext: str) -> str:
@@ -521,14 +526,12 @@ def migrate(folder: str, log=print) -> Dict:
             return manifest
         before = os.path.getsize(index_json)
         for number in part_numbers(folder):
+            if number < manifest["next_part"]:
+                continue  # absorbed by the commit (removed by the next)
             path = part_path(folder, number, "json")
-            part = read_json(path)
-            if number < manifest["next_part"] or isinstance(part, dict) and "columns" in part:
-                continue  # absorbed by the commit (removed by the next), or converted already
-            if not isinstance(part, dict) or not isinstance(part.get("files"), dict) \
-                    or not isinstance(part.get("rows"), int):
-                raise damaged(path, "expected {files, rows}")
-            check_files_format_1(path, part["files"], part["rows"])
+            part = read_part(path, format_1=True)
+            if "columns" in part:
+                continue  # converted by a migrate that was killed before index.json
             columns = tile_store.columns_of_entries(part["files"])
             npy = part_path(folder, number, "npy")
             open_rows(npy, part["rows"], manifest["dim"], path)
