@@ -133,6 +133,12 @@ def rows_getter(parts) -> Callable[[np.ndarray], np.ndarray]:
     return get
 
 
+def float32(rows: np.ndarray) -> torch.Tensor:
+    """(n, E) float16 rows -> (n, E) float32, the same values: torch converts ~40x faster than
+    numpy does here (4,000 rows: 0.1 ms against 4 ms)."""
+    return torch.from_numpy(np.ascontiguousarray(rows)).float()
+
+
 def _new_index(faiss, kind: str, p: Dict, dim: int):
     """An empty, untrained faiss index of `kind` with parameters `p`, inner product."""
     if kind == "hnsw":
@@ -157,7 +163,7 @@ def _train(index, get, n_rows: int, p: Dict, log) -> int:
     decides the index's quality, and sampling keeps its cost independent of the rows."""
     start = time.time()
     rows = np.sort(np.random.default_rng(0).choice(n_rows, p["train_rows"], replace=False))
-    x = np.asarray(get(rows), dtype=np.float32)
+    x = float32(get(rows)).numpy()
     log(f"ANN: training on {len(rows):,} sampled rows")
     index.train(x)
     log(f"ANN: trained in {time.time() - start:.0f}s")
@@ -171,7 +177,7 @@ def _add(index, get, first: int, n_rows: int, log, every_s: float = 30.0):
         raise ValueError(f"the ANN index holds {index.ntotal:,} rows, expected {first:,}")
     start = last = time.time()
     for at in range(first, n_rows, BLOCK):
-        index.add(np.asarray(get(np.arange(at, min(at + BLOCK, n_rows))), dtype=np.float32))
+        index.add(float32(get(np.arange(at, min(at + BLOCK, n_rows)))).numpy())
         if time.time() - last >= every_s or index.ntotal == n_rows:
             last = time.time()
             log(f"ANN: {index.ntotal - first:,} / {n_rows - first:,} rows added "

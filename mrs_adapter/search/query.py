@@ -49,7 +49,7 @@ def top_k(embeddings: np.ndarray, query: np.ndarray, k: int, block: int = 1 << 1
                 approx[torch.from_numpy(~keep[start:start + block])] = -float("inf")
             kth = approx.topk(min(k, len(approx))).values[-1]
             near = torch.nonzero(approx >= max(kth - slack, -2)).flatten().numpy() + start
-            exact = torch.from_numpy(np.asarray(embeddings[near], dtype=np.float32)) @ q32
+            exact = ann.float32(embeddings[near]) @ q32
             best_rows = np.concatenate([best_rows, near])
             best_scores = np.concatenate([best_scores, exact.numpy()])
             order = np.lexsort((best_rows, -best_scores))[:k]
@@ -72,7 +72,7 @@ def at_least(embeddings: np.ndarray, query: np.ndarray, min_score: float, block:
             if keep is not None:
                 near &= torch.from_numpy(keep[start:start + block])
             near = torch.nonzero(near).flatten().numpy() + start
-            exact = (torch.from_numpy(np.asarray(embeddings[near], np.float32)) @ q32).numpy()
+            exact = (ann.float32(embeddings[near]) @ q32).numpy()
             found_rows.append(near[exact >= min_score])
             found_scores.append(exact[exact >= min_score])
     rows, scores = np.concatenate(found_rows), np.concatenate(found_scores)
