@@ -10,8 +10,11 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -143,6 +146,100 @@ def eval_script():
 def metric_keys():
     """The names of the paper's row that eval.py returns and writes."""
     return frozenset({"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR"})
+
+
+# ---- search.py ----
+
+SEARCH_TILE = ["--tile", "64", "--stride", "48", "--workers", "0", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def search_cli():
+    """search.py, loaded once as a module (a script, as eval.py is)."""
+    spec = importlib.util.spec_from_file_location("search_script", os.path.join(ROOT, "search.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def search_tile():
+    """The flags of the search tests' small tiling: 64 px tiles every 48, no workers, batches
+    of 8."""
+    return list(SEARCH_TILE)
+
+
+@pytest.fixture(scope="session")
+def search_index(search_cli):
+    """search_index(images, out, weights, *extra) -> the exit code of `search.py index` with the
+    small tiling (search_tile) and the CLIP weights file `weights`."""
+    def index(images, out, weights, *extra) -> int:
+        return search_cli.main(["index", str(images), "--out", str(out), "--clip", str(weights),
+                                *SEARCH_TILE, *extra])
+    return index
+
+
+@pytest.fixture(scope="session")
+def index_rows():
+    """index_rows(index folder) -> ([(image path, box or None)] a row, (rows, E) float32
+    embeddings)."""
+    from mrs_adapter.search.query import SearchIndex
+
+    def rows(out):
+        index = SearchIndex(str(out))
+        return ([index.entry(r) for r in range(len(index.embeddings))],
+                np.asarray(index.embeddings, dtype=np.float32))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def random_images():
+    """random_images(folder, {name: (width, height)}, seed=0) -> folder: images of uniform
+    random RGB noise, in sub-folders where the names say."""
+    def write(folder, sizes, seed: int = 0) -> str:
+        rng = np.random.default_rng(seed)
+        for name, (width, height) in sizes.items():
+            path = os.path.join(folder, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        return str(folder)
+    return write
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_weights(tmp_path_factory, make_tiny_clip):
+    """tiny_clip_weights(seed=0) -> the path of make_tiny_clip(seed)'s state_dict, written once
+    a session."""
+    folder, written = tmp_path_factory.mktemp("tiny_clip_weights"), {}
+
+    def path(seed: int = 0) -> str:
+        if seed not in written:
+            written[seed] = str(folder / f"tiny{seed}.pt")
+            torch.save(make_tiny_clip(seed).state_dict(), written[seed])
+        return written[seed]
+    return path
+
+
+# ---- a script under torchrun ----
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """torchrun(script, argv, cwd) -> the finished process (output captured): the repository's
+    `script` (train.py, search.py) under torchrun, 2 processes on this machine, a thread each,
+    300 s at most (a hang fails the test, not CI)."""
+    def run(script: str, argv, cwd):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node=2", os.path.join(ROOT, script), *argv]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
+                              cwd=str(cwd))
+    return run
+
+
+@pytest.fixture(scope="session")
+def error_lines():
+    """error_lines(stderr) -> the lines a launcher printed as `error: ...`."""
+    return lambda stderr: [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 # ---- one training step of train.py on a fixed batch ----

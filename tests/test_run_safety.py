@@ -5,7 +5,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -21,8 +20,6 @@ from mrs_adapter.data import load_splits
 from mrs_adapter.prepare import overlap
 from mrs_adapter.prepare.cli import main as prepare_main
 from mrs_adapter.run import distributed, files, resume
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_argv(demo, output, *extra):
@@ -344,33 +341,25 @@ def test_a_malformed_hash_cache_is_rebuilt_with_a_warning(two_datasets, tmp_path
 
 
 # every launcher: under torchrun a refusal is one error, and no process waits for the other
-def torchrun(argv, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(ROOT, "train.py"), *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=str(tmp_path))
-
-
-def errors(stderr):
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-def test_refusals_under_torchrun_are_one_error_and_no_wait(demo, finished_run, tmp_path):
+def test_refusals_under_torchrun_are_one_error_and_no_wait(
+        demo, finished_run, tmp_path, torchrun, error_lines):
     (finished_run / "seed2" / "last.pt").unlink()  # a check rank 0 makes alone (preflight)
     before = tree(finished_run)
-    proc = torchrun(train_argv(demo, finished_run, "--epochs", "2", "--resume"), tmp_path)
+    proc = torchrun("train.py", train_argv(demo, finished_run, "--epochs", "2", "--resume"),
+                    tmp_path)
     assert proc.returncode != 0
-    assert errors(proc.stderr) == [f"error: --resume: {finished_run / 'seed2'} holds best.pt and "
-                                   f"results.json but no last.pt, the checkpoint a run continues "
-                                   f"from; resuming would train this seed from scratch and "
-                                   f"replace them. Put last.pt back, or pass --overwrite to start "
-                                   f"the run again, or another --output"], proc.stderr
+    assert error_lines(proc.stderr) == [
+        f"error: --resume: {finished_run / 'seed2'} holds best.pt and results.json but no "
+        f"last.pt, the checkpoint a run continues from; resuming would train this seed from "
+        f"scratch and replace them. Put last.pt back, or pass --overwrite to start the run "
+        f"again, or another --output"], proc.stderr
     assert tree(finished_run) == before
     # a check every process makes alike, before the process group: one error too
-    proc = torchrun(train_argv(demo, tmp_path / "other", "--batch-size", "1"), tmp_path)
-    assert proc.returncode != 0 and len(errors(proc.stderr)) == 1, proc.stderr
-    assert errors(proc.stderr)[0].startswith("error: --batch-size 1: the hmmc loss needs at least")
+    proc = torchrun("train.py", train_argv(demo, tmp_path / "other", "--batch-size", "1"),
+                    tmp_path)
+    errors = error_lines(proc.stderr)
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: --batch-size 1: the hmmc loss needs at least")
 
 
 def together_worker(rank: int, init: str, out: str):

@@ -1,6 +1,5 @@
 """search.py: tiles, a query equal to a brute-force ranking, incremental and resumed indexes,
 unreadable files, and the refusal to mix models; tiny CLIPs and small generated images."""
-import importlib.util
 import json
 import os
 import signal
@@ -20,11 +19,6 @@ from mrs_adapter.search import index as search
 from mrs_adapter.search import query as search_query
 from mrs_adapter.tokenizer import tokenize
 
-_spec = importlib.util.spec_from_file_location(
-    "search_script", os.path.join(os.path.dirname(__file__), "..", "search.py"))
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
-TILE = ["--tile", "64", "--stride", "48", "--workers", "0", "--batch-size", "8"]
 SLACK = 2e-3  # float16 storage: a cosine of unit vectors moves by at most ~5e-4
 
 
@@ -52,26 +46,14 @@ IMAGES = [("a.png", (40, 30)), ("sub/big.TIF", (150, 100)), ("c.jpg", (64, 64)),
 
 
 @pytest.fixture(scope="module")
-def setup(make_tiny_clip, tmp_path_factory):
+def setup(tiny_clip_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    weights = [str(root / f"tiny{seed}.pt") for seed in (0, 1)]
-    for seed, path in enumerate(weights):
-        torch.save(make_tiny_clip(seed).state_dict(), path)
+    weights = [tiny_clip_weights(0), tiny_clip_weights(1)]
     images = str(root / "images")
     write_images(images, IMAGES)
     with open(os.path.join(images, "notes.txt"), "w") as f:
         f.write("not an image, not listed")
     return root, images, weights
-
-
-def index(images, out, weights, *extra) -> int:
-    return cli.main(["index", images, "--out", str(out), "--clip", weights, *TILE, *extra])
-
-
-def read_index(out):
-    idx = search_query.SearchIndex(str(out))
-    entries = [idx.entry(r) for r in range(len(idx.embeddings))]
-    return entries, np.asarray(idx.embeddings, dtype=np.float32)
 
 
 def test_tile_boxes_cover_the_image():
@@ -152,11 +134,13 @@ def brute_force(model, preprocess, images, query):
     return sorted(((s, *e) for s, e in zip(scores, entries)), key=lambda t: -t[0])
 
 
-def test_query_equals_brute_force_ranking(setup, trained_checkpoint, tmp_path):
+def test_query_equals_brute_force_ranking(
+        setup, trained_checkpoint, tmp_path, search_cli, search_tile):
     root, images, weights = setup
     checkpoint, model = trained_checkpoint(root, weights[0])
     out = tmp_path / "index"
-    assert cli.main(["index", images, "--out", str(out), "--checkpoint", checkpoint, *TILE]) == 0
+    assert search_cli.main(["index", images, "--out", str(out), "--checkpoint", checkpoint,
+                            *search_tile]) == 0
     _, preprocess, identity = search.load_model(checkpoint)  # brute force: the model as trained
     assert identity["method"] == "mrs_adapter" and identity["checkpoint_sha256"]
     text = "a red field beside a road"
@@ -164,8 +148,8 @@ def test_query_equals_brute_force_ranking(setup, trained_checkpoint, tmp_path):
     expected = brute_force(model, preprocess, images, query)
     assert len(expected) == 1 + 6 + 1 + 1 + 4  # a, big (6 tiles), c, d, e (4 tiles)
     assert expected[0][0] - expected[9][0] > 10 * SLACK  # the ranking is not a near-tie
-    hits = cli.main(["query", str(out), text, "--top", "10", "--json", str(tmp_path / "hits.json"),
-                     "--sheet", str(tmp_path / "sheet.png")])
+    hits = search_cli.main(["query", str(out), text, "--top", "10", "--json",
+                            str(tmp_path / "hits.json"), "--sheet", str(tmp_path / "sheet.png")])
     written = json.load(open(tmp_path / "hits.json"))  # hits + where they are (none here)
     assert written["query"] == f'text "{text}"' and written["hits"] == [
         dict(h, crs=None, bounds=None, footprint=None) for h in hits]
@@ -176,16 +160,17 @@ def test_query_equals_brute_force_ranking(setup, trained_checkpoint, tmp_path):
         assert abs(by_entry[(hit["path"], json.dumps(hit["box"]))] - hit["score"]) < SLACK
     assert Image.open(tmp_path / "sheet.png").size[0] > 0
     # by image: an image stored whole finds itself first
-    hits = cli.main(["query", str(out), "--image", os.path.join(images, "d.tiff"), "--top", "3"])
+    hits = search_cli.main(["query", str(out), "--image", os.path.join(images, "d.tiff"),
+                            "--top", "3"])
     assert hits[0]["path"] == os.path.join(images, "d.tiff") and hits[0]["box"] is None
     assert hits[0]["score"] == pytest.approx(1.0, abs=SLACK)
 
 
-def assert_equals_fresh_index(out, images, weights, tmp_path):
+def assert_equals_fresh_index(search_index, index_rows, out, images, weights, tmp_path):
     """`out` (decoded in the main process) equals a fresh index of `images` decoded in 2 loader
     processes (the default on CUDA): same entries per file, embeddings within float16 rounding."""
-    assert index(images, tmp_path / "fresh", weights, "--workers", "2") == 0
-    (entries, emb), (fresh_entries, fresh_emb) = read_index(out), read_index(tmp_path / "fresh")
+    assert search_index(images, tmp_path / "fresh", weights, "--workers", "2") == 0
+    (entries, emb), (fresh_entries, fresh_emb) = index_rows(out), index_rows(tmp_path / "fresh")
     # files in another order (a rerun appends its new files' rows), each file's rows in box order
     mine = sorted(range(len(entries)), key=lambda r: (entries[r][0], r))
     fresh = sorted(range(len(fresh_entries)), key=lambda r: (fresh_entries[r][0], r))
@@ -194,24 +179,25 @@ def assert_equals_fresh_index(out, images, weights, tmp_path):
     return entries
 
 
-def test_incremental_index_equals_a_fresh_one(setup, tmp_path, capsys):
+def test_incremental_index_equals_a_fresh_one(
+        setup, tmp_path, capsys, search_index, index_rows, search_cli):
     _, _, weights = setup
     images = str(tmp_path / "images")
     write_images(images, IMAGES)
     out = tmp_path / "incremental"
-    assert index(images, out, weights[0]) == 0
+    assert search_index(images, out, weights[0]) == 0
     os.remove(os.path.join(images, "c.jpg"))  # deleted
     write_images(images, [("d.tiff", (90, 80))], seed=50)  # changed (content, size)
     os.utime(os.path.join(images, "d.tiff"), ns=(1, 1))
     write_images(images, [("new/f.png", (130, 70))], seed=60)  # added
     capsys.readouterr()
-    assert index(images, out, weights[0]) == 0
+    assert search_index(images, out, weights[0]) == 0
     assert "indexing 2 new or changed of 5 images" in capsys.readouterr().out
-    entries = assert_equals_fresh_index(out, images, weights[0], tmp_path)
+    entries = assert_equals_fresh_index(search_index, index_rows, out, images, weights[0], tmp_path)
     assert not any(p.endswith("c.jpg") for p, _ in entries)
     exported = tmp_path / "emb.npy"
-    assert cli.main(["export", str(out), "--out", str(exported)]) == 0
-    np.testing.assert_array_equal(np.load(exported), read_index(out)[1].astype(np.float16))
+    assert search_cli.main(["export", str(out), "--out", str(exported)]) == 0
+    np.testing.assert_array_equal(np.load(exported), index_rows(out)[1].astype(np.float16))
     manifest = json.load(open(tmp_path / "emb.manifest.json"))
     assert [(e["path"], e["box"]) for e in manifest["entries"]] == entries
 
@@ -232,7 +218,7 @@ search.build_index(sys.argv[1], sys.argv[2], model, preprocess, identity, 64, 48
 """
 
 
-def test_killed_run_resumes(setup, tmp_path):
+def test_killed_run_resumes(setup, tmp_path, search_index, index_rows):
     _, images, weights = setup
     out = str(tmp_path / "killed")
     root = os.path.join(os.path.dirname(__file__), "..")
@@ -244,38 +230,39 @@ def test_killed_run_resumes(setup, tmp_path):
     result = search.build_index(images, out, model, preprocess, identity, 64, 48, batch_size=4)
     assert result["embedded"] == len(IMAGES) - 2  # continued after the two saved images
     assert not os.listdir(os.path.join(out, "parts"))
-    assert_equals_fresh_index(out, images, weights[0], tmp_path)
+    assert_equals_fresh_index(search_index, index_rows, out, images, weights[0], tmp_path)
 
 
-def test_unreadable_file_skipped_and_reported(setup, tmp_path, capsys):
+def test_unreadable_file_skipped_and_reported(setup, tmp_path, capsys, search_index, index_rows):
     _, _, weights = setup
     images = str(tmp_path / "images")
     write_images(images, IMAGES[:2])
     with open(os.path.join(images, "broken.TIF"), "wb") as f:
         f.write(b"II*\x00 truncated tiff")
-    assert index(images, tmp_path / "index", weights[0]) == 0
+    assert search_index(images, tmp_path / "index", weights[0]) == 0
     out = capsys.readouterr().out
     assert "1 unreadable file(s) skipped" in out and "broken.TIF" in out
-    entries, _ = read_index(tmp_path / "index")
+    entries, _ = index_rows(tmp_path / "index")
     assert {os.path.basename(p) for p, _ in entries} == {"a.png", "big.TIF"}
     only_broken = tmp_path / "only_broken"
     os.makedirs(only_broken)
     os.rename(os.path.join(images, "broken.TIF"), only_broken / "broken.TIF")
-    assert index(str(only_broken), tmp_path / "empty", weights[0]) == 1  # nothing indexed: exit 1
+    assert search_index(str(only_broken), tmp_path / "empty", weights[0]) == 1  # nothing: exit 1
 
 
-def test_index_of_another_model_is_refused(setup, tmp_path):
+def test_index_of_another_model_is_refused(setup, tmp_path, search_index, search_cli):
     _, images, weights = setup
     out = tmp_path / "index"
-    assert index(images, out, weights[0]) == 0
+    assert search_index(images, out, weights[0]) == 0
     with pytest.raises(ValueError, match="another model"):
-        index(images, out, weights[1])
+        search_index(images, out, weights[1])
     with pytest.raises(ValueError, match="another model"):
-        cli.main(["query", str(out), "a road", "--clip", weights[1]])
-    assert cli.main(["query", str(out), "a road", "--clip", weights[0]])  # the same model: accepted
+        search_cli.main(["query", str(out), "a road", "--clip", weights[1]])
+    assert search_cli.main(["query", str(out), "a road", "--clip", weights[0]])  # same model: ok
 
 
-def test_default_workers_decode_in_processes_only_beside_a_gpu(setup, tmp_path, monkeypatch):
+def test_default_workers_decode_in_processes_only_beside_a_gpu(
+        setup, tmp_path, monkeypatch, search_cli):
     _, images, weights = setup
     assert default_workers("cpu") == 0 and 1 <= default_workers("cuda:1") <= 8
     seen, build = [], search.build_index
@@ -285,6 +272,6 @@ def test_default_workers_decode_in_processes_only_beside_a_gpu(setup, tmp_path, 
         return build(*args, **kwargs)
 
     monkeypatch.setattr(search, "build_index", spy)
-    assert cli.main(["index", images, "--out", str(tmp_path / "i"), "--clip", weights[0],
-                     "--device", "cpu", "--tile", "64", "--stride", "48"]) == 0
+    assert search_cli.main(["index", images, "--out", str(tmp_path / "i"), "--clip", weights[0],
+                            "--device", "cpu", "--tile", "64", "--stride", "48"]) == 0
     assert seen == [0]

@@ -4,7 +4,6 @@ georeferencing and one all nodata; the rows equal an independent read of the cho
 stretch per scene, collar tiles are left out and counted, footprints equal pyproj on the affine,
 --gsd, GeoJSON, GeoParquet, refined queries, --within / --min-score / --map, and the errors
 without rasterio."""
-import importlib.util
 import json
 import os
 import sys
@@ -27,10 +26,6 @@ from mrs_adapter.search import query as search_query  # noqa: E402
 from mrs_adapter.search import readers  # noqa: E402
 from mrs_adapter.search.grid import tile_boxes  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "search_script", os.path.join(os.path.dirname(__file__), "..", "search.py"))
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
 TILE = ["--tile", "64", "--stride", "48", "--workers", "0", "--batch-size", "8"]
 W, H = 300, 260
 UTM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4500000.0)  # 10 m pixels, EPSG:32633 (UTM 33N)
@@ -65,10 +60,9 @@ def scene_data(seed=0):
 
 
 @pytest.fixture(scope="module")
-def geo(tmp_path_factory, make_tiny_clip):
+def geo(tmp_path_factory, make_tiny_clip, search_cli, tiny_clip_weights):
     root = tmp_path_factory.mktemp("geo")
-    weights = str(root / "tiny.pt")
-    torch.save(make_tiny_clip(0).state_dict(), weights)
+    weights = tiny_clip_weights(0)
     images = root / "images"
     images.mkdir()
     data, valid = scene_data()
@@ -81,7 +75,7 @@ def geo(tmp_path_factory, make_tiny_clip):
     write(images / "plain.tif", (data[1:4] // 12).astype(np.uint8), crs=None)
     write(images / "empty.tif", np.zeros((4, 200, 200), np.uint16), nodata=0)
     out = root / "index"
-    assert cli.main(["index", str(images), "--out", str(out), "--clip", weights, *TILE]) == 0
+    assert search_cli.main(["index", str(images), "--out", str(out), "--clip", weights, *TILE]) == 0
     return {"root": root, "images": str(images), "weights": weights, "out": str(out),
             "data": data, "valid": valid, "model": make_tiny_clip(0)}
 
@@ -140,10 +134,10 @@ def test_bands_stretch_and_collar_of_the_indexed_rows(geo, capsys):
     assert np.abs(rows[-1] - nir).max() > 1e-2  # the negative control: other bands differ
 
 
-def test_chosen_bands_are_the_ones_read_and_the_setting_is_kept(geo, tmp_path):
+def test_chosen_bands_are_the_ones_read_and_the_setting_is_kept(geo, tmp_path, search_cli):
     out = tmp_path / "bands"
     argv = ["index", geo["images"], "--out", str(out), "--clip", geo["weights"], *TILE]
-    assert cli.main(argv + ["--bands", "1", "2", "3", "--stretch", "0", "3000"]) == 0
+    assert search_cli.main(argv + ["--bands", "1", "2", "3", "--stretch", "0", "3000"]) == 0
     e, rows = rows_of(out, "utm.tif")
     assert e["raster"]["bands"] == [1, 2, 3] and e["raster"]["stretch"] == [[0, 3000]] * 3
     for box, row in zip(e["boxes"], rows):
@@ -152,12 +146,13 @@ def test_chosen_bands_are_the_ones_read_and_the_setting_is_kept(geo, tmp_path):
         np.testing.assert_allclose(row, want, atol=3e-3)
     assert manifest(out)["raster"]["bands"] == [1, 2, 3]
     with pytest.raises(ValueError, match=r"built with --bands 1 2 3, not \(not given\)"):
-        cli.main(argv)  # the same index, other bands: refused, not mixed
+        search_cli.main(argv)  # the same index, other bands: refused, not mixed
 
 
-def test_summary_counts_collar_tiles_and_files_without_coordinates(geo, tmp_path, capsys):
+def test_summary_counts_collar_tiles_and_files_without_coordinates(
+        geo, tmp_path, capsys, search_cli):
     out = tmp_path / "again"
-    cli.main(["index", geo["images"], "--out", str(out), "--clip", geo["weights"], *TILE])
+    search_cli.main(["index", geo["images"], "--out", str(out), "--clip", geo["weights"], *TILE])
     printed = capsys.readouterr().out
     files = manifest(out)["files"]
     dropped = sum(e["dropped"] for e in files.values())
@@ -174,10 +169,10 @@ def pyproj_ring(box):
     return [list(to_wgs84.transform(*(UTM @ c))) for c in corners]
 
 
-def test_footprints_equal_pyproj_and_the_geojson_is_rfc_7946(geo, tmp_path):
+def test_footprints_equal_pyproj_and_the_geojson_is_rfc_7946(geo, tmp_path, search_cli):
     path = tmp_path / "hits.geojson"
-    hits = cli.main(["query", geo["out"], "fields", "--top", "200", "--geojson", str(path),
-                     "--json", str(tmp_path / "hits.json")])
+    hits = search_cli.main(["query", geo["out"], "fields", "--top", "200", "--geojson", str(path),
+                            "--json", str(tmp_path / "hits.json")])
     located = [h for h in hits if h["path"].endswith("utm.tif")]
     assert located
     for hit in located:
@@ -203,7 +198,7 @@ def test_footprints_equal_pyproj_and_the_geojson_is_rfc_7946(geo, tmp_path):
         assert 14 < ring[0][0] < 16 and 40 < ring[0][1] < 41  # lon first: UTM 33N at 40.6 N
 
 
-def test_gsd_twice_native_gives_about_a_quarter_of_the_tiles(geo, tmp_path):
+def test_gsd_twice_native_gives_about_a_quarter_of_the_tiles(geo, tmp_path, search_cli):
     images = tmp_path / "one"
     images.mkdir()
     data = np.tile(geo["data"][:, :, 150:], (1, 3, 4))[:, :600, :560]  # no collar, 560 x 600
@@ -211,16 +206,18 @@ def test_gsd_twice_native_gives_about_a_quarter_of_the_tiles(geo, tmp_path):
     counts = []
     for gsd in ([], ["--gsd", "20"]):
         out = tmp_path / f"gsd{len(gsd)}"
-        cli.main(["index", str(images), "--out", str(out), "--clip", geo["weights"], *TILE, *gsd])
+        search_cli.main(["index", str(images), "--out", str(out), "--clip", geo["weights"],
+                         *TILE, *gsd])
         counts.append(manifest(out)["files"]["big.tif"]["tiles"])
     assert counts[0] == len(tile_boxes(560, 600, 64, 48))
     assert 0.15 < counts[1] / counts[0] < 0.35
     assert manifest(tmp_path / "gsd2")["raster"]["gsd"] == 20
 
 
-def test_geoparquet_holds_the_geo_metadata_and_the_npy_embeddings(geo, tmp_path):
+def test_geoparquet_holds_the_geo_metadata_and_the_npy_embeddings(geo, tmp_path, search_cli):
     parquet, npy = tmp_path / "emb.parquet", tmp_path / "emb.npy"
-    assert cli.main(["export", geo["out"], "--out", str(npy), "--geoparquet", str(parquet)]) == 0
+    assert search_cli.main(["export", geo["out"], "--out", str(npy), "--geoparquet",
+                            str(parquet)]) == 0
     table = pq.read_table(parquet)
     meta = json.loads(table.schema.metadata[b"geo"])
     assert meta["primary_column"] == "geometry" and meta["columns"]["geometry"]["encoding"] == \
@@ -236,13 +233,13 @@ def test_geoparquet_holds_the_geo_metadata_and_the_npy_embeddings(geo, tmp_path)
                                                    for e in entries)
 
 
-def test_refined_query_equals_a_brute_force_ranking_of_the_formula(geo, tmp_path):
+def test_refined_query_equals_a_brute_force_ranking_of_the_formula(geo, tmp_path, search_cli):
     first, features = tmp_path / "first.json", tmp_path / "first.geojson"
-    cli.main(["query", geo["out"], "a field", "--top", "10", "--json", str(first),
-              "--geojson", str(features)])
+    search_cli.main(["query", geo["out"], "a field", "--top", "10", "--json", str(first),
+                     "--geojson", str(features)])
     jpeg = os.path.join(geo["images"], "jpeg.tif")
-    hits = cli.main(["query", geo["out"], "a field", "--like", f"{first}:2,3",
-                     "--unlike", f"{features}:5", "--not", jpeg, "--top", "8"])
+    hits = search_cli.main(["query", geo["out"], "a field", "--like", f"{first}:2,3",
+                            "--unlike", f"{features}:5", "--not", jpeg, "--top", "8"])
     index = search_query.SearchIndex(geo["out"])
     emb = np.asarray(index.embeddings, np.float32)
     old = json.load(open(first))["hits"]
@@ -262,23 +259,23 @@ def test_refined_query_equals_a_brute_force_ranking_of_the_formula(geo, tmp_path
     assert [index.row_of(h["path"], h["box"]) for h in hits][:3] == order[:3].tolist()
 
 
-def test_within_min_score_and_map(geo, tmp_path):
-    everything = cli.main(["query", geo["out"], "a field", "--top", "500"])
+def test_within_min_score_and_map(geo, tmp_path, search_cli):
+    everything = search_cli.main(["query", geo["out"], "a field", "--top", "500"])
     placed = [h for h in everything if h["footprint"]]
     lon = sorted(p[0] for h in placed for p in h["footprint"])
     west, east = lon[0], lon[len(lon) // 3]  # the western third of the scene
     box = [west, 40.0, east, 41.0]
-    inside = cli.main(["query", geo["out"], "a field", "--top", "500", "--within",
-                       *map(str, box)])
+    inside = search_cli.main(["query", geo["out"], "a field", "--top", "500", "--within",
+                              *map(str, box)])
     assert inside and all(min(p[0] for p in h["footprint"]) <= east for h in inside)
     assert len(inside) == sum(min(p[0] for p in h["footprint"]) <= east for h in placed)
     threshold = everything[6]["score"]
-    above = cli.main(["query", geo["out"], "a field", "--min-score", str(threshold)])
+    above = search_cli.main(["query", geo["out"], "a field", "--min-score", str(threshold)])
     assert [h["score"] for h in above] == [h["score"] for h in everything
                                            if h["score"] >= threshold]
     picture, sheet = tmp_path / "hits.png", tmp_path / "sheet.png"
-    cli.main(["query", geo["out"], "a field", "--top", "5", "--map", str(picture),
-              "--sheet", str(sheet)])
+    search_cli.main(["query", geo["out"], "a field", "--top", "5", "--map", str(picture),
+                     "--sheet", str(sheet)])
     with Image.open(picture) as image:
         assert image.text["written_by"] == "mrs-adapter search.py output"
         assert image.width > 64
@@ -287,7 +284,7 @@ def test_within_min_score_and_map(geo, tmp_path):
 
 
 def test_without_rasterio_a_four_band_file_is_the_error_and_plain_images_index(
-        geo, tmp_path, monkeypatch, capsys):
+        geo, tmp_path, monkeypatch, capsys, search_cli):
     images = tmp_path / "mixed"
     images.mkdir()
     write(images / "four.tif", geo["data"][:, :100, :100], nodata=0)
@@ -296,8 +293,8 @@ def test_without_rasterio_a_four_band_file_is_the_error_and_plain_images_index(
     monkeypatch.setitem(sys.modules, "rasterio", None)  # `import rasterio` raises ImportError
     assert not readers.has_rasterio()
     capsys.readouterr()
-    assert cli.main(["index", str(images), "--out", str(tmp_path / "i"), "--clip",
-                     geo["weights"], *TILE]) == 0
+    assert search_cli.main(["index", str(images), "--out", str(tmp_path / "i"), "--clip",
+                            geo["weights"], *TILE]) == 0
     printed = capsys.readouterr().out
     files = manifest(tmp_path / "i")["files"]
     assert list(files) == ["photo.png"]  # the plain image is indexed
@@ -305,4 +302,4 @@ def test_without_rasterio_a_four_band_file_is_the_error_and_plain_images_index(
     assert "a 4-band 16-bit TIFF" in line
     assert line.endswith('needs rasterio: pip install -e ".[geo]"')
     with pytest.raises(SystemExit, match=r"four.tif: reading .* needs rasterio"):
-        cli.cli(["query", str(tmp_path / "i"), "--image", str(images / "four.tif")])
+        search_cli.cli(["query", str(tmp_path / "i"), "--image", str(images / "four.tif")])
