@@ -3,7 +3,6 @@ that index.json's per-tile lists answered, on the demo (its images and its GeoTI
 index of the earlier format is refused with the command that converts it, and `migrate`
 converts it (an interrupted run's parts too) into what a fresh index holds."""
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -19,18 +18,13 @@ from mrs_adapter.search.hits import within_mask
 pytest.importorskip("rasterio")
 from mrs_adapter.demo.geotiff import mosaic, write_mosaic  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-_spec = importlib.util.spec_from_file_location("search_cli_columns",
-                                               os.path.join(ROOT, "search.py"))
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
 TILE = ["--tile", "64", "--stride", "48", "--workers", "0", "--batch-size", "16"]
 TEXTS = ["a red building beside a road", "a green field", "a dark blue lake"]
 COLUMNS = 2  # the mosaic: 2 x 2 demo scenes, 512 px
 
 
 @pytest.fixture(scope="module")
-def built(demo, tmp_path_factory):
+def built(demo, tmp_path_factory, search_cli):
     """(images, backbone, the index of 40 demo images and the demo GeoTIFF)."""
     root, backbone = demo
     images = tmp_path_factory.mktemp("columns") / "images"
@@ -40,7 +34,8 @@ def built(demo, tmp_path_factory):
         shutil.copy(os.path.join(root, "demo_images", name), images / "demo" / name)
     write_mosaic(str(images / "mosaic.tif"), COLUMNS, COLUMNS, seed=3)
     out = images.parent / "index"
-    assert cli.main(["index", str(images), "--out", str(out), "--clip", backbone, *TILE]) == 0
+    assert search_cli.main(["index", str(images), "--out", str(out), "--clip", backbone,
+                            *TILE]) == 0
     return str(images), backbone, str(out)
 
 
@@ -172,7 +167,8 @@ def test_the_columns_answer_the_hits_index_json_answered_on_the_demo(built, tmp_
         index.hit(row, 3 + i, i) for i, row in enumerate(rows)]
 
 
-def test_an_index_of_the_earlier_format_is_refused_then_migrated(built, tmp_path, capsys):
+def test_an_index_of_the_earlier_format_is_refused_then_migrated(
+        built, tmp_path, capsys, search_cli):
     images, backbone, out = built
     old = str(tmp_path / "old")
     as_format_1(out, old)
@@ -181,10 +177,10 @@ def test_an_index_of_the_earlier_format_is_refused_then_migrated(built, tmp_path
                  ["index", images, "--out", old, "--clip", backbone, *TILE]):
         with pytest.raises(SystemExit, match=rf"error: index {old} was written by an earlier "
                                              rf"search.py.*run `python search.py migrate {old}`"):
-            cli.cli(argv)
+            search_cli.cli(argv)
     before = os.path.getsize(os.path.join(old, "index.json"))
     capsys.readouterr()
-    assert cli.main(["migrate", old]) == 0
+    assert search_cli.main(["migrate", old]) == 0
     printed = capsys.readouterr().out
     assert "moved from index.json into columns (box, bounds, footprint)" in printed
     text = open(os.path.join(old, "index.json")).read()
@@ -200,11 +196,11 @@ def test_an_index_of_the_earlier_format_is_refused_then_migrated(built, tmp_path
     assert len(json.load(open(fresh))) == 41  # the demo's .tif images and the mosaic
     assert json.load(open(os.path.join(old, "index.json")))["files"] == \
         json.load(open(os.path.join(out, "index.json")))["files"]  # as dicts: in any order
-    assert cli.main(["migrate", old]) == 0  # again: nothing to do
+    assert search_cli.main(["migrate", old]) == 0  # again: nothing to do
     assert "of format 2 already: nothing to do" in capsys.readouterr().out
 
 
-def test_migrate_converts_an_interrupted_runs_parts(built, tmp_path, monkeypatch):
+def test_migrate_converts_an_interrupted_runs_parts(built, tmp_path, monkeypatch, search_cli):
     """A format-1 index with the saved parts of a killed run: migrate converts the parts too,
     and the next run commits them without embedding them again."""
     images, backbone, out = built
@@ -212,14 +208,14 @@ def test_migrate_converts_an_interrupted_runs_parts(built, tmp_path, monkeypatch
     shutil.copytree(os.path.join(images, "demo"), mine / "demo")
     index = tmp_path / "index"
     argv = ["index", str(mine), "--out", str(index), "--clip", backbone, *TILE]
-    assert cli.main(argv) == 0
+    assert search_cli.main(argv) == 0
     shutil.copy(os.path.join(images, "mosaic.tif"), mine / "later.tif")  # new since
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # after the parts are saved, before the commit
     monkeypatch.setattr(search, "commit", killed)
     with pytest.raises(KeyboardInterrupt):
-        cli.main(argv + ["--save-every", "1"])
+        search_cli.main(argv + ["--save-every", "1"])
     monkeypatch.undo()
     old = tmp_path / "old"
     as_format_1(index, old)
@@ -231,7 +227,7 @@ def test_migrate_converts_an_interrupted_runs_parts(built, tmp_path, monkeypatch
         json.dump(part, open(path, "w"))
         for name in glob.glob(npy + ".*.npy"):
             os.remove(name)
-    assert cli.main(["migrate", str(old)]) == 0
+    assert search_cli.main(["migrate", str(old)]) == 0
     calls, encode = [], search.encode_images
     monkeypatch.setattr(search, "encode_images", lambda *a: calls.append(1) or encode(*a))
     result = search.build_index(str(mine), str(old), *search.load_model(None, backbone),
@@ -239,7 +235,8 @@ def test_migrate_converts_an_interrupted_runs_parts(built, tmp_path, monkeypatch
     assert result["embedded"] == 0 and not calls  # the parts were used, nothing embedded
     monkeypatch.undo()
     fresh = tmp_path / "fresh"
-    assert cli.main(["index", str(mine), "--out", str(fresh), "--clip", backbone, *TILE]) == 0
+    assert search_cli.main(["index", str(mine), "--out", str(fresh), "--clip", backbone,
+                            *TILE]) == 0
     a, b = search_query.SearchIndex(str(old)), search_query.SearchIndex(str(fresh))
     for rel in b.manifest["files"]:
         assert a.boxes(rel) == b.boxes(rel)
@@ -253,7 +250,7 @@ def test_migrate_converts_an_interrupted_runs_parts(built, tmp_path, monkeypatch
             assert a.hit(row_a, 1, 0)["footprint"] == b.hit(row_b, 1, 0)["footprint"]
 
 
-def test_raster_records_are_read_only_to_draw_hits(built, tmp_path):
+def test_raster_records_are_read_only_to_draw_hits(built, tmp_path, search_cli):
     """How each GeoTIFF was read is kept apart from index.json: a plain query never reads it,
     --map does (and names the file when it is gone)."""
     _, _, out = built
@@ -262,40 +259,8 @@ def test_raster_records_are_read_only_to_draw_hits(built, tmp_path):
     records, = glob.glob(str(copy / "embeddings-*.rasters.json"))
     assert '"valid_fraction"' not in (copy / "index.json").read_text()  # a record's key
     os.remove(records)
-    assert len(cli.main(["query", str(copy), "a green field", "--top", "3"])) == 3
+    assert len(search_cli.main(["query", str(copy), "a green field", "--top", "3"])) == 3
     with pytest.raises(SystemExit, match=rf"{records} is missing, though .*index.json lists it"):
-        cli.cli(["query", str(copy), "a green field", "--map", str(tmp_path / "map.png")])
+        search_cli.cli(["query", str(copy), "a green field", "--map", str(tmp_path / "map.png")])
     assert not os.path.exists(tmp_path / "map.png")
 
-
-def test_will_need_asks_for_the_pages_the_rows_lie_on():
-    """The pages of rows 0, 3 and 9 of 1,024-byte rows after a 128-byte header: row 0 on page 0,
-    row 3 (bytes 3,200-4,223) across pages 0 and 1, row 9 (9,344-10,367) on page 2; asked for a
-    run of adjacent pages at a time."""
-    import mmap
-
-    from mrs_adapter.search.tile_store import will_need
-
-    class Mapping:
-        def __init__(self):
-            self.asked = []
-
-        def madvise(self, option, start, length):
-            self.asked.append((option, start, length))
-
-    class Mapped:  # what np.memmap exposes of itself
-        offset, strides, _mmap = 128, (1024,), Mapping()
-
-    page = mmap.PAGESIZE
-    if page != 4096:
-        pytest.skip("the expected pages assume 4 KiB pages")
-    def pages_asked(rows):
-        Mapped._mmap.asked = []
-        will_need(Mapped, np.array(rows))
-        assert all(option == mmap.MADV_WILLNEED for option, _, _ in Mapped._mmap.asked)
-        return sorted(p for _, start, length in Mapped._mmap.asked
-                      for p in range(start // page, (start + length) // page))
-    assert pages_asked([9, 0, 3]) == [0, 1, 2]
-    assert pages_asked([0, 9]) == [0, 2]  # not the page between them
-    assert len(Mapped._mmap.asked) == 2  # a call per run of adjacent pages
-    will_need(np.zeros((4, 4)), np.array([1]))  # an array in memory: nothing to ask

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write, write_json
+from .pages import take
 
 ANN_JSON = "ann.json"
 WRITTEN_BY = "mrs-adapter search.py ann"
@@ -121,14 +122,14 @@ def _open_parts(parts: Sequence[Tuple[str, int]]) -> List[np.ndarray]:
 
 def rows_getter(parts) -> Callable[[np.ndarray], np.ndarray]:
     """[(npy path, rows)] or [memmaps] -> get(rows (n,) int64 ascending) -> (n, E) float16,
-    rows numbered consecutively across the parts."""
+    rows numbered consecutively across the parts, read as a query reads them (pages.take)."""
     maps = [p if isinstance(p, np.ndarray) else np.load(p[0], mmap_mode="r") for p in parts]
     firsts = np.cumsum([0] + [len(m) for m in maps])
 
     def get(rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         at = np.searchsorted(firsts, rows, side="right") - 1
-        return np.concatenate([maps[j][rows[at == j] - firsts[j]] for j in np.unique(at)]
+        return np.concatenate([take(maps[j], rows[at == j] - firsts[j]) for j in np.unique(at)]
                               or [np.empty((0, maps[0].shape[1]), np.float16)])
     return get
 

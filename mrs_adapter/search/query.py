@@ -17,9 +17,10 @@ from . import ann
 from .hits import within_mask
 from .index import encode_images
 from .outputs import written_by_us
+from .pages import take, will_need
 from .readers import choose_reader
 from .store import open_columns, open_rows, read_manifest, read_rasters, write_npy
-from .tile_store import NO_BOX, box_of, place_of, will_need
+from .tile_store import NO_BOX, box_of, place_of
 from .tiling import RasterOptions, picture
 
 HIT = ("rank", "score", "path", "box")  # one hit of a query, as --json writes it
@@ -126,7 +127,7 @@ class SearchIndex:
 
     def hits(self, rows, scores, first_rank: int = 1) -> List[Dict]:
         """The hits of `rows` (with their `scores`), ranked from `first_rank`: each column read
-        once for all of them, its pages asked of the kernel together (tile_store.will_need)."""
+        once for all of them, its pages asked of the kernel together (pages.will_need)."""
         rows = np.asarray(rows, np.int64)
         order = np.argsort(rows, kind="stable")
         records = {}
@@ -146,9 +147,9 @@ class SearchIndex:
         return found
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
-        """(n, E) float16 embeddings of `rows` (ascending), their pages asked for together."""
-        will_need(self.embeddings, rows)
-        return self.embeddings[rows]
+        """(n, E) float16 embeddings of `rows` (ascending), their pages asked for together
+        (pages.take)."""
+        return take(self.embeddings, rows)
 
     def raster_record(self, rel: str) -> Optional[Dict]:
         """How the GeoTIFF `rel` was read (raster.Scene.record()), or None (a plain image); the

@@ -25,7 +25,6 @@ The columns and the records are written before the index.json (or part .json) th
 which stays the commit point. Indexes written before the columns existed (format 1: every tile's
 box, bounds and footprint in index.json) are converted by `search.py migrate` (store.migrate).
 """
-import mmap
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -103,26 +102,6 @@ def split_records(files: Dict[str, Dict]):
     records = {rel: e["raster"] for rel, e in files.items() if e.get("raster") is not None}
     return {rel: {k: v for k, v in e.items() if k != "raster"} for rel, e in files.items()}, \
         records
-
-
-def will_need(array: np.ndarray, rows: np.ndarray):
-    """Ask the kernel for the pages holding `rows` of a memory-mapped array all at once
-    (madvise WILLNEED), so that reading them from a cold disk waits about once, not once a row:
-    the hits' records, the ANN's candidates. Nothing is done for an array in memory, or where
-    the platform has no madvise."""
-    mm = getattr(array, "_mmap", None)  # np.memmap's mapping, which starts at a granularity
-    if mm is None or not hasattr(mm, "madvise") or not len(rows):  # boundary before .offset
-        return
-    start = array.offset % mmap.ALLOCATIONGRANULARITY + np.sort(np.asarray(rows, np.int64)) * \
-        array.strides[0]
-    first = start // mmap.PAGESIZE
-    last = (start + array.strides[0] - 1) // mmap.PAGESIZE
-    # one call per run of adjacent pages: a call costs ~1 us even where the pages are in memory
-    new_run = np.concatenate([[True], first[1:] > np.maximum.accumulate(last)[:-1] + 1])
-    runs = np.flatnonzero(new_run)
-    ends = np.maximum.reduceat(last, runs)
-    for a, b in zip(first[runs], ends):
-        mm.madvise(mmap.MADV_WILLNEED, int(a) * mmap.PAGESIZE, int(b - a + 1) * mmap.PAGESIZE)
 
 
 def write_column(path: str, name: str, chunks: Iterable[np.ndarray], n_rows: int):
