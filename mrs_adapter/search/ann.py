@@ -29,9 +29,10 @@ Which index (`choose`), for rows of dim E (CLIP: 512):
     cost 3x the time for 0.7% less error).
   OPQ (a learned rotation) is not used: it balances the variance among sub-vectors, which 4
   dimensions a sub-quantizer already make small, and its training is slow on 2 cores.
-  Measured (`speed_bench.py --only scale`, 2 cores shared with other work): 1M rows: recall@20
-  1.0, 12 ms a query, built in 171s; 10M: recall@20 0.999 (worst query 0.95), 35 ms (brute
-  force: 407 ms), built in 2,090s (train 779s, add ~7k rows/s); ~1,165 bytes a tile on disk.
+  Measured (`speed_bench.py --only scale`, 2 cores): 1M rows: recall@20 1.0, 14 ms a query
+  (the ANN opened, searched, its candidates re-scored), built in 71 s; 10M: recall@20 0.999
+  (worst query 0.95), 32 ms (brute force: 393 ms), built in 1,182 s (train 364 s, add ~12k
+  rows/s); ~1,163 bytes a tile on disk. docs/scale.md has the end-to-end figures.
 
 On disk, in the index folder: ann-<n>.faiss, then ann.json (the commit point, written last)
 naming it with the parts it covers (file name, rows, size, mtime_ns), kind and parameters.
