@@ -133,13 +133,19 @@ def as_torchscript_archive():
 
 # ---- eval.py ----
 
-@pytest.fixture(scope="session")
-def eval_script():
-    """eval.py, loaded once as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("eval_script", os.path.join(ROOT, "eval.py"))
+def _script(name: str):
+    """The repository's script `name` (eval.py, search.py: not part of the package) loaded as a
+    module."""
+    spec = importlib.util.spec_from_file_location(f"{name[:-3]}_script", os.path.join(ROOT, name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def eval_script():
+    """eval.py, loaded once as a module."""
+    return _script("eval.py")
 
 
 @pytest.fixture(scope="session")
@@ -155,11 +161,8 @@ SEARCH_TILE = ["--tile", "64", "--stride", "48", "--workers", "0", "--batch-size
 
 @pytest.fixture(scope="session")
 def search_cli():
-    """search.py, loaded once as a module (a script, as eval.py is)."""
-    spec = importlib.util.spec_from_file_location("search_script", os.path.join(ROOT, "search.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """search.py, loaded once as a module."""
+    return _script("search.py")
 
 
 @pytest.fixture(scope="session")
