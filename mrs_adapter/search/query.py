@@ -17,7 +17,7 @@ from . import ann
 from .hits import within_mask
 from .index import encode_images
 from .outputs import written_by_us
-from .pages import take, will_need
+from .pages import take
 from .readers import choose_reader
 from .store import open_columns, open_rows, read_manifest, read_rasters, write_npy
 from .tile_store import NO_BOX, box_of, place_of
@@ -127,14 +127,13 @@ class SearchIndex:
 
     def hits(self, rows, scores, first_rank: int = 1) -> List[Dict]:
         """The hits of `rows` (with their `scores`), ranked from `first_rank`: each column read
-        once for all of them, its pages asked of the kernel together (pages.will_need)."""
+        once for all of them, its pages asked of the kernel together (pages.take)."""
         rows = np.asarray(rows, np.int64)
         order = np.argsort(rows, kind="stable")
         records = {}
         for name, column in self.columns.items():
-            will_need(column, rows[order])
             records[name] = np.empty((len(rows), *column.shape[1:]), column.dtype)
-            records[name][order] = column[rows[order]]
+            records[name][order] = take(column, rows[order])
         found = []
         for i, (row, score) in enumerate(zip(rows, scores)):
             rel, e = self._locate(row)
